@@ -1,0 +1,1 @@
+"""Triton kernels behind the CUDA backend (importable without a GPU; run on CPU under TRITON_INTERPRET=1)."""

@@ -1,0 +1,21 @@
+"""Device abstraction: streams, events, pinned buffers, async copies and batched block ops per accelerator.
+
+Use `get_backend()` to obtain the `Backend` for this process; see `ucm.device.backend` for the contract.
+"""
+
+from ucm.device.backend import Backend, CopyHandle
+from ucm.device.pinned import PinnedBufferPool
+from ucm.device.reference import as_page_tensors, bytes_per_block, page_nbytes
+from ucm.device.registry import backend_class, get_backend, registered_backends
+
+__all__ = [
+    "Backend",
+    "CopyHandle",
+    "PinnedBufferPool",
+    "as_page_tensors",
+    "backend_class",
+    "bytes_per_block",
+    "get_backend",
+    "page_nbytes",
+    "registered_backends",
+]

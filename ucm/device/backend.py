@@ -1,0 +1,185 @@
+"""The device-abstraction contract: one `Backend` per accelerator kind.
+
+Everything above this layer (stores, sparse algorithms, the vLLM connector) talks to a `Backend` only.
+Streams and events use PyTorch's device-generic API (`torch.Stream`, `torch.Event`, `torch.accelerator`), so
+CUDA and Ascend (PrivateUse1 "npu") share this code; a backend subclass overrides only what truly differs
+(faster kernels, pinned-memory or event quirks). The block primitives default to `ucm.device.reference`.
+
+Who calls what:
+- stores: `gather_blocks` / `scatter_blocks` on a side stream, pinned buffers, `CopyHandle` polling;
+- sparse algorithms: `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ucm.device import reference
+from ucm.errors import BackendUnavailableError
+
+Cache = torch.Tensor | Sequence[torch.Tensor]
+
+
+class CopyHandle:
+    """An asynchronous operation in flight. Keep it until `done()`: it keeps its tensors alive."""
+
+    def __init__(self, event: Any | None = None, keepalive: tuple = ()):
+        self._event = event
+        self._keepalive = keepalive
+
+    def done(self) -> bool:
+        """True once the work has finished on the device (non-blocking)."""
+        if self._event is None or self._event.query():
+            self._keepalive = ()
+            return True
+        return False
+
+    def wait(self) -> None:
+        """Block the calling thread until the work has finished."""
+        if self._event is not None:
+            self._event.synchronize()
+        self._keepalive = ()
+
+
+class Backend:
+    """One accelerator kind. Subclasses set `name`, `device_type` and may override any primitive."""
+
+    name: ClassVar[str] = ""
+    device_type: ClassVar[str] = ""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this backend can run here, else a sentence saying why not."""
+        return None
+
+    def __init__(self, device_index: int | None = None):
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(self.name, reason)
+        if device_index is None:
+            device_index = torch.accelerator.current_device_index()
+        self.device = torch.device(self.device_type, device_index)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"
+
+    # ------------------------------------------------------------------ 1. streams and events
+    def new_stream(self) -> torch.Stream:
+        """A new side stream on this device."""
+        return torch.Stream(device=self.device)
+
+    def current_stream(self) -> torch.Stream:
+        """The stream compute is currently queued on."""
+        return torch.accelerator.current_stream(self.device)
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: torch.Stream | None) -> Iterator[None]:
+        """Queue the work of the `with` body on `stream` (None: the current stream)."""
+        if stream is None:
+            yield
+            return
+        with stream:
+            yield
+
+    def record_event(self, stream: torch.Stream | None = None) -> Any:
+        """An event marking all work queued so far on `stream` (default: current stream)."""
+        event = torch.Event(device=self.device)
+        event.record(stream if stream is not None else self.current_stream())
+        return event
+
+    def wait_event(self, event: Any, stream: torch.Stream | None = None) -> None:
+        """Make `stream` (default: current) wait, on the device, for `event`."""
+        (stream if stream is not None else self.current_stream()).wait_event(event)
+
+    def synchronize(self) -> None:
+        """Block until all work on this device has finished."""
+        torch.accelerator.synchronize(self.device)
+
+    # ------------------------------------------------------------------ 2. pinned host memory
+    def alloc_pinned(self, nbytes: int) -> torch.Tensor:
+        """A page-locked host uint8 buffer of `nbytes` (use `PinnedBufferPool` to reuse them)."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    # ------------------------------------------------------------------ 3. asynchronous copies
+    def _ordered_side(self, stream: torch.Stream | None) -> contextlib.AbstractContextManager:
+        """Enter `stream` after making it wait for the work already queued on the current stream."""
+        if stream is not None:
+            self.wait_event(self.record_event(), stream)
+        return self.use_stream(stream)
+
+    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.Stream | None = None) -> CopyHandle:
+        """dst.copy_(src) for any H2D / D2H / D2D pair, queued on `stream` after the current stream's work."""
+        with self._ordered_side(stream):
+            dst.copy_(src, non_blocking=True)
+            event = self.record_event(stream)
+        return CopyHandle(event, (dst, src))
+
+    # ------------------------------------------------------------------ 4. batched block gather / scatter
+    def gather_blocks(
+        self, cache: Cache, block_ids: torch.Tensor, out: torch.Tensor, stream: torch.Stream | None = None
+    ) -> CopyHandle:
+        """Copy a list of blocks out of a paged cache into a block buffer, as one batched operation.
+
+        `cache` is a page tensor, a (k, v) tuple or a list of layers (see `ucm.device.reference`); `out` is a
+        uint8 ``[n, bytes_per_block]`` buffer on the host (pinned) or a device. Row i receives block
+        ``block_ids[i]``. Queued on `stream` after the current stream's work; wait on the handle before reading.
+        """
+        pages = reference.as_page_tensors(cache)
+        with self._ordered_side(stream):
+            self._gather(pages, block_ids, out)
+            event = self.record_event(stream)
+        return CopyHandle(event, (pages, block_ids, out))
+
+    def scatter_blocks(
+        self, src: torch.Tensor, cache: Cache, block_ids: torch.Tensor, stream: torch.Stream | None = None
+    ) -> CopyHandle:
+        """Copy row i of a block buffer into block ``block_ids[i]`` of a paged cache (ids distinct)."""
+        pages = reference.as_page_tensors(cache)
+        with self._ordered_side(stream):
+            self._scatter(src, pages, block_ids)
+            event = self.record_event(stream)
+        return CopyHandle(event, (pages, block_ids, src))
+
+    def _gather(self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
+        reference.gather_blocks(pages, block_ids, out)
+
+    def _scatter(self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor) -> None:
+        reference.scatter_blocks(src, pages, block_ids)
+
+    # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
+    def topk_masked(
+        self,
+        scores: torch.Tensor,
+        k: int | torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row the k best eligible indices, ascending, -1 padded; see `reference.topk_masked`."""
+        return reference.topk_masked(scores, k, lengths, exclude)
+
+    def block_means(
+        self, k_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 mean of K per block and KV head; see `reference.block_means`."""
+        return reference.block_means(k_cache, block_ids, num_tokens)
+
+    def block_scores(self, query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor) -> torch.Tensor:
+        """GQA-reduced score of every block of every request; see `reference.block_scores`."""
+        return reference.block_scores(query, reps, cu_blocks)
+
+    def select_blocks(
+        self,
+        query: torch.Tensor,
+        reps: torch.Tensor,
+        cu_blocks: torch.Tensor,
+        k: int | torch.Tensor,
+        exclude: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring + top-k in one call (a backend may fuse them): the k best candidate blocks per request."""
+        scores = self.block_scores(query, reps, cu_blocks)
+        lengths = cu_blocks[1:] - cu_blocks[:-1]
+        return self.topk_masked(scores, k, lengths.to(scores.device), exclude)
