@@ -120,35 +120,50 @@ class Backend:
 
     # ------------------------------------------------------------------ 4. batched block gather / scatter
     def gather_blocks(
-        self, cache: Cache, block_ids: torch.Tensor, out: torch.Tensor, stream: torch.Stream | None = None
+        self,
+        cache: Cache,
+        block_ids: torch.Tensor,
+        out: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        stream: torch.Stream | None = None,
     ) -> CopyHandle:
         """Copy a list of blocks out of a paged cache into a block buffer, as one batched operation.
 
         `cache` is a page tensor, a (k, v) tuple or a list of layers (see `ucm.device.reference`); `out` is a
-        uint8 ``[n, bytes_per_block]`` buffer on the host (pinned) or a device. Row i receives block
-        ``block_ids[i]``. Queued on `stream` after the current stream's work; wait on the handle before reading.
+        uint8 ``[rows, bytes_per_block]`` buffer on the host (pinned) or a device. Row ``rows[i]`` (default i)
+        receives block ``block_ids[i]``. Queued on `stream` after the current stream's work; wait on the
+        handle before reading `out`.
         """
         pages = reference.as_page_tensors(cache)
         with self._ordered_side(stream):
-            self._gather(pages, block_ids, out)
+            self._gather(pages, block_ids, out, rows)
             event = self.record_event(stream)
-        return CopyHandle(event, (pages, block_ids, out))
+        return CopyHandle(event, (pages, block_ids, out, rows))
 
     def scatter_blocks(
-        self, src: torch.Tensor, cache: Cache, block_ids: torch.Tensor, stream: torch.Stream | None = None
+        self,
+        src: torch.Tensor,
+        cache: Cache,
+        block_ids: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        stream: torch.Stream | None = None,
     ) -> CopyHandle:
-        """Copy row i of a block buffer into block ``block_ids[i]`` of a paged cache (ids distinct)."""
+        """Copy row ``rows[i]`` (default i) of a block buffer into block ``block_ids[i]`` (ids distinct)."""
         pages = reference.as_page_tensors(cache)
         with self._ordered_side(stream):
-            self._scatter(src, pages, block_ids)
+            self._scatter(src, pages, block_ids, rows)
             event = self.record_event(stream)
-        return CopyHandle(event, (pages, block_ids, src))
+        return CopyHandle(event, (pages, block_ids, src, rows))
 
-    def _gather(self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
-        reference.gather_blocks(pages, block_ids, out)
+    def _gather(
+        self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        reference.gather_blocks(pages, block_ids, out, rows)
 
-    def _scatter(self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor) -> None:
-        reference.scatter_blocks(src, pages, block_ids)
+    def _scatter(
+        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        reference.scatter_blocks(src, pages, block_ids, rows)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
     def topk_masked(

@@ -50,36 +50,57 @@ def bytes_per_block(pages: Sequence[torch.Tensor]) -> int:
     return sum(page_nbytes(p) for p in pages)
 
 
-def _check_buffer(buf: torch.Tensor, n: int, width: int, name: str) -> None:
-    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[0] < n or buf.shape[1] != width:
+def check_block_buffer(buf: torch.Tensor, pages: Sequence[torch.Tensor], min_rows: int, name: str) -> int:
+    """Validate a block buffer for these page tensors; returns its row width (bytes per block)."""
+    width = bytes_per_block(pages)
+    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[0] < min_rows or buf.shape[1] != width:
         raise UcmConfigError(
-            name, f"{buf.dtype} {tuple(buf.shape)}", f"a torch.uint8 tensor of shape [>= {n}, {width}]"
+            name, f"{buf.dtype} {tuple(buf.shape)}", f"a torch.uint8 tensor of shape [>= {min_rows}, {width}]"
         )
+    if buf.stride(1) != 1:
+        raise UcmConfigError(f"{name} strides", tuple(buf.stride()), "contiguous rows (stride 1 along dim 1)")
+    return width
 
 
-def gather_blocks(pages: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """out[i] = bytes of block ``block_ids[i]`` of every page tensor, concatenated."""
+def _min_rows(block_ids: torch.Tensor, rows: torch.Tensor | None) -> int:
+    if rows is None:
+        return block_ids.numel()
+    if rows.numel() != block_ids.numel():
+        raise UcmConfigError("rows", f"{rows.numel()} entries", f"one row per block id ({block_ids.numel()})")
+    return int(rows.max()) + 1 if rows.numel() else 0
+
+
+def gather_blocks(
+    pages: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
+    """out[rows[i]] = bytes of block ``block_ids[i]`` of every page tensor, concatenated (rows default 0..n-1)."""
     n = block_ids.numel()
-    _check_buffer(out, n, bytes_per_block(pages), "gather_blocks out")
+    check_block_buffer(out, pages, _min_rows(block_ids, rows), "gather_blocks out")
     offset = 0
     for page in pages:
         nbytes = page_nbytes(page)
         if n:
-            rows = page.index_select(0, block_ids.to(page.device)).reshape(n, -1).view(torch.uint8)
-            out[:n, offset : offset + nbytes].copy_(rows, non_blocking=True)
+            data = page.index_select(0, block_ids.to(page.device)).reshape(n, -1).view(torch.uint8)
+            if rows is None:
+                out[:n, offset : offset + nbytes].copy_(data, non_blocking=True)
+            else:
+                out[:, offset : offset + nbytes].index_copy_(0, rows.to(out.device), data.to(out.device))
         offset += nbytes
 
 
-def scatter_blocks(src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor) -> None:
-    """Block ``block_ids[i]`` of every page tensor = row i of ``src`` (block ids must be distinct)."""
+def scatter_blocks(
+    src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
+    """Block ``block_ids[i]`` of every page tensor = row ``rows[i]`` of ``src`` (block ids must be distinct)."""
     n = block_ids.numel()
-    _check_buffer(src, n, bytes_per_block(pages), "scatter_blocks src")
+    check_block_buffer(src, pages, _min_rows(block_ids, rows), "scatter_blocks src")
     offset = 0
     for page in pages:
         nbytes = page_nbytes(page)
         if n:
-            rows = src[:n, offset : offset + nbytes].to(page.device, non_blocking=True).contiguous()
-            page.index_copy_(0, block_ids.to(page.device), rows.view(page.dtype).view(n, *page.shape[1:]))
+            chunk = src[:n] if rows is None else src.index_select(0, rows.to(src.device))
+            data = chunk[:, offset : offset + nbytes].to(page.device, non_blocking=True).contiguous()
+            page.index_copy_(0, block_ids.to(page.device), data.view(page.dtype).view(n, *page.shape[1:]))
         offset += nbytes
 
 
