@@ -24,7 +24,7 @@ class NpuBackend(Backend):
         import torch_npu  # noqa: F401  (registers torch.npu)
 
         if not torch.npu.is_available():
-            return "torch_npu is installed but reports no NPU device (check the CANN driver and ASCEND_RT_VISIBLE_DEVICES)"
+            return "torch_npu reports no NPU device (check the CANN driver and ASCEND_RT_VISIBLE_DEVICES)"
         return None
 
 

@@ -36,7 +36,7 @@ def page_nbytes(page: torch.Tensor) -> int:
         raise UcmConfigError("page tensor shape", tuple(page.shape), "at least one dimension (blocks along dim 0)")
     inner = page.shape[1:]
     expected = 1
-    for size, stride in zip(reversed(inner), reversed(page.stride()[1:])):
+    for size, stride in zip(reversed(inner), reversed(page.stride()[1:]), strict=True):
         if size != 1 and stride != expected:
             raise UcmConfigError(
                 "page tensor strides", tuple(page.stride()), "each block's page contiguous (blocks along dim 0)"
