@@ -1,0 +1,205 @@
+"""The KV store contract: one asynchronous interface for every store (DRAM, shared filesystem, ...).
+
+Who calls what, and when (the connector owns one store per worker; the scheduler side may own a second
+instance on the same storage just to `lookup`):
+
+- scheduler side, when a request arrives: ``lookup_prefix(ids)`` -> how many leading blocks can be loaded
+  (ids from `ucm.store.naming.block_ids_for_tokens`).
+- worker side, during/after prefill: ``dump(ids, BlockPages(kv_caches, slots))`` -> `StoreTask`; poll
+  ``task.done()`` from ``get_finished`` and keep the source blocks unchanged until it is done.
+- worker side, on a prefix hit or when the sparse algorithm needs blocks back: ``load(ids, BlockPages(...))``
+  -> `StoreTask`; ``task.wait()`` before the forward that reads those pages. A load may cover a sub-range of
+  the stored row (e.g. one layer) via ``BlockPages.row_offset``.
+- anyone: ``stats()`` for metrics, ``close()`` at shutdown.
+
+A *stored block* is one vLLM block for all layers of one worker: the bytes of one row of a `ucm.device` block
+buffer (uint8, the pages of every listed page tensor concatenated in order; a layer cache is a tensor or a
+(k, v) tuple, a list of layers is flattened in order). Its width is the store's ``kv_block_size``.
+
+Guarantees of every implementation:
+- every method is safe to call from several threads at once;
+- a block becomes visible to ``lookup`` only once its whole content is written (published); a dump that fails or
+  is interrupted (even by killing the process) never becomes visible;
+- a load never hands out bytes that differ from what was dumped: a block that is missing, evicted, corrupt or
+  unreadable is reported in ``task.failed_ids`` and its destination pages are not written;
+- device copies go through `ucm.device.Backend` (batched gather/scatter on a side stream), ordered after the work
+  already queued on the calling thread's current stream when ``dump``/``load`` is called.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ucm.device import Backend, as_page_tensors, bytes_per_block
+from ucm.device.backend import Cache
+from ucm.errors import UcmConfigError
+from ucm.store.errors import StoreTransferError
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPages:
+    """Where blocks live in device memory: a paged KV cache plus one cache slot (page index) per block id.
+
+    ``cache``: a page tensor, a (k, v) tuple, or a list of layers (each a tensor or a (k, v) tuple); pages along
+    dim 0, one page contiguous. ``slots``: int64 tensor, ``slots[i]`` is the page index of the i-th block id.
+    ``row_offset``: byte offset of these pages inside the stored row (loads only; dumps are always whole rows
+    with offset 0). Example: to load only layer L of a model whose layers all have ``p`` bytes per page, pass
+    ``BlockPages(kv_caches[L], slots, row_offset=L * p)``.
+    """
+
+    cache: Cache
+    slots: torch.Tensor
+    row_offset: int = 0
+
+    @property
+    def pages(self) -> list[torch.Tensor]:
+        """The flattened page tensors, in row order."""
+        return as_page_tensors(self.cache)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one block's pages here (= the covered sub-range of a stored row)."""
+        return bytes_per_block(self.pages)
+
+    def check(self, num_ids: int, kv_block_size: int, whole_row: bool) -> None:
+        """Raise `UcmConfigError` unless these pages fit `num_ids` blocks of a `kv_block_size`-byte row."""
+        if self.slots.dtype != torch.int64 or self.slots.dim() != 1 or self.slots.numel() != num_ids:
+            raise UcmConfigError(
+                "BlockPages.slots", f"{self.slots.dtype} {tuple(self.slots.shape)}", f"int64 [{num_ids}]"
+            )
+        width = self.row_bytes
+        if whole_row and (self.row_offset != 0 or width != kv_block_size):
+            raise UcmConfigError(
+                "dump source", f"{width} B per block at offset {self.row_offset}",
+                f"whole rows: offset 0 and kv_block_size={kv_block_size} B per block",
+            )
+        if self.row_offset < 0 or self.row_offset + width > kv_block_size:
+            raise UcmConfigError(
+                "load destination", f"{width} B per block at offset {self.row_offset}",
+                f"a sub-range of the {kv_block_size} B row",
+            )
+
+
+class StoreTask(abc.ABC):
+    """One `dump` or `load` in flight. Thread-safe; keep it until `done()` (it keeps its tensors alive)."""
+
+    op: ClassVar[str] = ""
+
+    def __init__(self, block_ids: Sequence[str]):
+        self.block_ids = list(block_ids)
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once every block of the task has finished, successfully or not (non-blocking)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done. Raises `StoreLoadError` / `StoreDumpError` naming the failed block ids (the other
+        blocks completed), or `TimeoutError` when `timeout` seconds pass first."""
+
+    @property
+    @abc.abstractmethod
+    def failed_ids(self) -> list[str]:
+        """Ids that failed so far, in request order (final once `done()`)."""
+
+    @property
+    @abc.abstractmethod
+    def failure_reasons(self) -> dict[str, str]:
+        """Failed id -> a sentence saying why."""
+
+    def _raise_if_failed(self, error_type: type[StoreTransferError]) -> None:
+        failed = self.failed_ids
+        if failed:
+            raise error_type(failed, self.failure_reasons)
+
+
+@dataclasses.dataclass
+class StoreStats:
+    """Counters since the store was created (sizes: bytes). ``used_bytes``/``stored_blocks`` are the current
+    content as this process sees it; ``capacity_bytes`` is None when unbounded."""
+
+    blocks_dumped: int = 0
+    bytes_dumped: int = 0
+    dumps_skipped: int = 0  # already stored (or being stored) when dump was called
+    blocks_loaded: int = 0
+    bytes_loaded: int = 0
+    lookup_hits: int = 0
+    lookup_misses: int = 0
+    evictions: int = 0
+    dump_failures: int = 0
+    load_failures: int = 0
+    used_bytes: int = 0
+    stored_blocks: int = 0
+    capacity_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
+
+
+class KVStoreBase(abc.ABC):
+    """A KV block store. Subclasses set `name` and `config_fields`, and implement the abstract methods.
+
+    Constructed by `ucm.store.create_store(name, config, backend)`; ``config`` is the user's
+    ``ucm_connector_config`` mapping, validated by `ucm.store.config` against `config_fields`.
+    """
+
+    name: ClassVar[str] = ""
+    #: field -> one-line description of accepted values (used in error messages and docs/stores.md)
+    config_fields: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, config: Mapping[str, Any], backend: Backend):
+        self.backend = backend
+        self.kv_block_size: int = int(config["kv_block_size"])
+
+    # ------------------------------------------------------------------ queries (scheduler and worker side)
+    @abc.abstractmethod
+    def lookup(self, block_ids: Sequence[str]) -> list[bool]:
+        """Per id, whether the block is published (loadable now). Cheap; counts hits/misses in `stats`."""
+
+    def lookup_prefix(self, block_ids: Sequence[str]) -> int:
+        """Number of leading ids that are all published (stops at the first miss).
+
+        Called by the connector's scheduler side to size the external prefix hit."""
+        count = 0
+        for hit in self.lookup(block_ids):
+            if not hit:
+                break
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ transfers (worker side)
+    @abc.abstractmethod
+    def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
+        """Copy whole rows ``source`` (slot i -> block_ids[i]) into the store and publish each block once durable.
+
+        Asynchronous: returns at once with a task. Ids already stored (or being stored) are skipped (counted as
+        success). The source pages must not be overwritten until the task is done. Failures (no space,
+        read-only or missing directory, store full of blocks being loaded) are reported by the task per id."""
+
+    @abc.abstractmethod
+    def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
+        """Copy stored rows (or the sub-range ``destination.row_offset`` .. + ``row_bytes``) into the destination
+        pages (block_ids[i] -> slot i; slots distinct). Asynchronous; the task's `wait()` raises `StoreLoadError`
+        naming blocks that were missing, evicted or failed verification; only those pages are left unwritten.
+        A block being loaded is never evicted."""
+
+    # ------------------------------------------------------------------ housekeeping
+    @abc.abstractmethod
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters (see `StoreStats`)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Wait for tasks in flight, release threads and pinned memory. Idempotent; later calls raise
+        `StoreClosedError`."""
+
+    def __enter__(self) -> KVStoreBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
