@@ -1,0 +1,54 @@
+"""Per-method sparse configuration: the validated form of ``ucm_sparse_config`` (`EsaConfig` for ESA).
+
+Called by `ucm.sparse.registry.create_sparse`; a bad field raises one `UcmConfigError` naming the field, the
+value and what is allowed. Defaults are UCM's published ESA setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ucm.errors import UcmConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class EsaConfig:
+    """ESA's knobs, in blocks (one block = the engine's KV block size).
+
+    init_window_sz: leading "sink" blocks always resident. local_window_sz: last prompt blocks always resident
+    (>= 1: decode writes into the last prompt block when the prompt is ragged). min_blocks: prompts with fewer
+    blocks stay dense. sparse_ratio: share of the candidate blocks (between the two windows) kept in decode.
+    retrieval_stride: decode steps between two retrievals.
+    """
+
+    init_window_sz: int = 1
+    local_window_sz: int = 2
+    min_blocks: int = 4
+    sparse_ratio: float = 0.2
+    retrieval_stride: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int("init_window_sz", self.init_window_sz, 0)
+        _check_int("local_window_sz", self.local_window_sz, 1)
+        _check_int("min_blocks", self.min_blocks, 1)
+        _check_int("retrieval_stride", self.retrieval_stride, 1)
+        ratio = self.sparse_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise UcmConfigError("ucm_sparse_config.ESA.sparse_ratio", ratio, "a number in (0, 1]")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> EsaConfig:
+        """Build from the user's ``ucm_sparse_config["ESA"]`` mapping (None or {} -> defaults)."""
+        values = dict(values or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in values:
+            if name not in known:
+                raise UcmConfigError("ucm_sparse_config.ESA field", name, known)
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UcmConfigError(f"ucm_sparse_config.ESA.{name}", value, f"an integer >= {minimum}")

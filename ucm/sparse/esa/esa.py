@@ -1,0 +1,361 @@
+"""ESA (block-mean retrieval sparse attention): the `UcmSparseBase` the engine integration drives for "ESA".
+
+Scheduler role: the budget (`ucm.sparse.budget`): prefill is dense; at the first decode step a sparse request
+keeps its sink window, k work slots, its local window and the blocks of generated tokens.
+
+Worker role, per request and per layer (each layer has its own KV tensor, so each layer has its own selection):
+- last prefill chunk (`attention_finished`): block representations (mean K per block and KV head) of the
+  candidate blocks, kept on the device until the request ends, and an initial selection scored with the last
+  prompt token's query;
+- decode (`attention_begin`): the pipeline of `ucm.sparse.esa.schedule` — retrieval (scores + top-k through the
+  device layer) on a side stream, delta loads of newly selected blocks from the store into the work slots
+  (offload mode), waited just before the attention that reads them; returns the layer's sparse block table and
+  sequence lengths. In resident mode (no offload) the selection only rewrites the block table.
+- a failed load never reaches the attention: the slot keeps the block it held (the store leaves failed pages
+  unwritten) and the failure is reported in `SparseStepStats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ucm.device import Backend, as_page_tensors, get_backend, page_nbytes
+from ucm.device.backend import Cache
+from ucm.errors import UcmConfigError
+from ucm.sparse.base import (
+    BlockPlan,
+    SparseAttentionView,
+    SparseBatch,
+    SparseRequestStep,
+    SparseRequestView,
+    SparseStepStats,
+    UcmSparseBase,
+    UcmSparseRole,
+)
+from ucm.sparse.budget import WindowLayout, plan_blocks, window_layout
+from ucm.sparse.config import EsaConfig
+from ucm.sparse.esa.retriever import EsaRetriever, Retrieval
+from ucm.sparse.esa.schedule import EsaSchedule
+
+
+@dataclass
+class _LayerState:
+    """One layer of one request on the worker."""
+
+    reps: torch.Tensor | None = None  # [num_candidates, num_kv_heads, head_dim], cache dtype
+    slots: list[int] = field(default_factory=list)  # offload: logical position held by work slot j, -1 = none
+    selected: list[int] = field(default_factory=list)  # resident: selected logical positions
+    pending: Retrieval | None = None  # submitted, not consumed yet
+    loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
+    load_task: Any = None  # the store task of `loading`
+    prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
+
+
+@dataclass
+class _RequestState:
+    layout: WindowLayout
+    layers: list[_LayerState]
+    first_decode_computed: int | None = None  # num_computed_tokens at the first decode step (d = 0)
+
+    def decode_step(self, step: SparseRequestStep) -> int:
+        return step.num_computed_tokens - (self.first_decode_computed or 0)
+
+
+class Esa(UcmSparseBase):
+    """ESA for both roles. ``offload``: the KV of dropped blocks lives in ``store`` (the scheduler frees them);
+    both roles must be given the same value. ``backend``/``store`` are used by the worker only."""
+
+    name = "ESA"
+    config_class = EsaConfig
+
+    def __init__(
+        self,
+        config: EsaConfig,
+        role: UcmSparseRole,
+        block_size: int,
+        *,
+        backend: Backend | None = None,
+        store: Any = None,
+        offload: bool = True,
+    ):
+        super().__init__(config, role, block_size)
+        self.offload = bool(offload)
+        self.schedule = EsaSchedule(config.retrieval_stride)
+        self.store = store
+        self._requests: dict[str, _RequestState] = {}
+        self._layer_index: dict[str, int] = {}
+        self._caches: list[Cache] = []
+        self._key_views: list[torch.Tensor] = []
+        self._row_offsets: list[int] = []
+        self._batch: SparseBatch | None = None
+        self._stats = SparseStepStats()
+        if role is UcmSparseRole.WORKER:
+            if self.offload and store is None:
+                raise UcmConfigError("store", None, "a KV store (ucm.store) when ESA offloads (offload=True)")
+            self.backend = backend if backend is not None else get_backend()
+            self.retriever = EsaRetriever(self.backend)
+
+    # ============================================================== scheduler side
+    def block_plan(self, request: SparseRequestView, num_new_tokens: int = 1) -> BlockPlan:
+        return plan_blocks(
+            request.num_prompt_tokens,
+            request.num_computed_tokens,
+            request.num_computed_tokens + num_new_tokens,
+            self.block_size,
+            self.config,
+            self.offload,
+        )
+
+    def request_finished(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    # ============================================================== worker side
+    def register_kv_caches(
+        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        offset = 0
+        for index, (layer, cache) in enumerate(kv_caches.items()):
+            key_view = (key_views or {}).get(layer)
+            if key_view is None:
+                if isinstance(cache, torch.Tensor):
+                    raise UcmConfigError(
+                        f"key_views[{layer!r}]", None,
+                        "a K view [num_blocks, block_size, num_kv_heads, head_dim] for a single-tensor cache",
+                    )
+                key_view = cache[0]
+            if key_view.dim() != 4 or key_view.shape[1] != self.block_size:
+                raise UcmConfigError(
+                    f"key_views[{layer!r}] shape", tuple(key_view.shape),
+                    f"[num_blocks, block_size={self.block_size}, num_kv_heads, head_dim]",
+                )
+            self._layer_index[layer] = index
+            self._caches.append(cache)
+            self._key_views.append(key_view)
+            self._row_offsets.append(offset)
+            offset += sum(page_nbytes(p) for p in as_page_tensors(cache))
+
+    def execute_begin(self, batch: SparseBatch) -> None:
+        self._batch = batch
+        for step in batch.requests:
+            state = self._requests.get(step.req_id)
+            if state is not None and (step.resumed or not step.is_decode):
+                # a (re-)prefill: the request's blocks are being recomputed, rebuild its state at its end
+                del self._requests[step.req_id]
+                state = None
+            layout = window_layout(step.num_prompt_tokens, batch.block_size, self.config)
+            if not layout.sparse:
+                continue
+            if step.finishes_prefill:
+                self._requests[step.req_id] = _RequestState(layout, [_LayerState() for _ in self._caches])
+                continue
+            if not step.is_decode:
+                continue
+            if state is None:
+                # no representations (e.g. the prompt was never prefilled here): attend to the budget's blocks
+                state = _RequestState(layout, [_LayerState() for _ in self._caches])
+                self._requests[step.req_id] = state
+            if state.first_decode_computed is None:
+                state.first_decode_computed = step.num_computed_tokens
+                work = list(range(layout.sink_end, layout.sink_end + layout.num_work))
+                for layer_state in state.layers:
+                    layer_state.slots = list(work)
+                    layer_state.selected = list(work)
+            if state.decode_step(step) == 0:
+                for index, layer_state in enumerate(state.layers):
+                    self._consume(step, state, index, layer_state)
+
+    def attention_begin(
+        self,
+        layer_name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: Cache,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> SparseAttentionView | None:
+        batch = self._batch
+        if batch is None or not self._requests:
+            return None
+        index = self._layer(layer_name)
+        rows: list[int] = []
+        tables: list[list[int]] = []
+        lengths: list[int] = []
+        for row, step in enumerate(batch.requests):
+            state = self._requests.get(step.req_id)
+            if state is None:
+                continue
+            layer_state = state.layers[index]
+            if step.finishes_prefill:
+                last = step.query_start + (step.num_prompt_tokens - 1 - step.num_computed_tokens)
+                layer_state.prefill_query = query[last].detach().clone()
+                continue
+            if not step.is_decode:
+                continue
+            d = state.decode_step(step)
+            if self.schedule.is_wait(d):
+                self._wait_loads(step, layer_state)
+            if d > 0 and self.schedule.is_consume(d):
+                self._consume(step, state, index, layer_state)
+            if self.schedule.is_submit(d) and layer_state.reps is not None:
+                q = query[step.query_start + step.num_scheduled_tokens - 1]
+                layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work)
+                self._stats.retrievals += 1
+            table, length = self._sparse_row(step, state.layout, layer_state)
+            rows.append(row)
+            tables.append(table)
+            lengths.append(length)
+            self._stats.resident_blocks += len(table)
+            self._stats.full_blocks += -(-step.seq_len // self.block_size)
+        if not rows:
+            return None
+        return self._view(block_table, seq_lens, rows, tables, lengths)
+
+    def attention_finished(
+        self,
+        layer_name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_output: torch.Tensor,
+        kv_cache: Cache,
+    ) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        index = self._layer(layer_name)
+        for step in batch.requests:
+            state = self._requests.get(step.req_id)
+            if state is None or not step.finishes_prefill:
+                continue
+            layer_state = state.layers[index]
+            layout = state.layout
+            candidates = step.block_ids[layout.sink_end : layout.local_start]
+            ids = torch.tensor(candidates, dtype=torch.int64, device=self._key_views[index].device)
+            layer_state.reps = self.retriever.representations(self._key_views[index], ids)
+            if layer_state.prefill_query is not None:
+                layer_state.pending = self.retriever.submit(layer_state.prefill_query, layer_state.reps,
+                                                            layout.num_work)
+                layer_state.prefill_query = None
+                self._stats.retrievals += 1
+
+    def execute_finished(self) -> SparseStepStats:
+        if self._batch is not None:
+            self._stats.sparse_requests = sum(
+                1 for s in self._batch.requests if s.req_id in self._requests and s.is_decode
+            )
+        stats, self._stats = self._stats, SparseStepStats()
+        self._batch = None
+        return stats
+
+    # ------------------------------------------------------------------ worker internals
+    def _layer(self, layer_name: str) -> int:
+        if layer_name not in self._layer_index:
+            raise UcmConfigError("layer_name", layer_name, sorted(self._layer_index) or "a registered layer")
+        return self._layer_index[layer_name]
+
+    def _consume(self, step: SparseRequestStep, state: _RequestState, index: int, layer_state: _LayerState) -> None:
+        """Take the layer's finished retrieval; offload: start loading the newly selected blocks (delta)."""
+        if layer_state.pending is None:
+            return
+        picked = self.retriever.result(layer_state.pending)
+        layer_state.pending = None
+        layout = state.layout
+        selected = [layout.sink_end + c for c in picked]
+        if not self.offload:
+            layer_state.selected = selected
+            return
+        if layer_state.load_task is not None:
+            self._wait_loads(step, layer_state)
+        wanted = set(selected)
+        held = {pos for pos in layer_state.slots if pos in wanted}
+        needed = [pos for pos in selected if pos not in held]
+        free = [j for j, pos in enumerate(layer_state.slots) if pos not in wanted]
+        assignment = list(zip(free, needed, strict=False))  # |free| >= |needed|
+        if not assignment:
+            return
+        hashes = step.block_hashes or ()
+        loadable = [(j, pos) for j, pos in assignment if pos < len(hashes)]
+        # a position without a stored copy named cannot be loaded: its slot keeps what it holds
+        self._stats.load_failures += len(assignment) - len(loadable)
+        if not loadable:
+            return
+        from ucm.store.base import BlockPages
+
+        slots = torch.tensor(
+            [step.block_ids[layout.sink_end + j] for j, _ in loadable], dtype=torch.int64,
+            device=self._key_views[index].device,
+        )
+        pages = BlockPages(self._caches[index], slots, row_offset=self._row_offsets[index])
+        layer_state.load_task = self.store.load([hashes[pos] for _, pos in loadable], pages)
+        for j, pos in loadable:
+            layer_state.loading[j] = (pos, layer_state.slots[j])
+            layer_state.slots[j] = -1  # being written: not attended until the wait
+        self._stats.blocks_loaded += len(loadable)
+
+    def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
+        """Wait for the layer's loads; a failed block leaves its slot with the block it held before."""
+        task = layer_state.load_task
+        if task is None:
+            return
+        layer_state.load_task = None
+        failed: set[str] = set()
+        unknown_failure = False
+        try:
+            task.wait()
+        except Exception:  # the task names the failed ids; anything else: trust none of the slots
+            failed = set(getattr(task, "failed_ids", None) or ())
+            unknown_failure = not failed
+        hashes = step.block_hashes or ()
+        for j, (pos, old) in layer_state.loading.items():
+            if unknown_failure:
+                layer_state.slots[j] = -1
+                self._stats.load_failures += 1
+            elif hashes[pos] in failed:
+                layer_state.slots[j] = old
+                self._stats.load_failures += 1
+                self._stats.failed_block_hashes.append(hashes[pos])
+            else:
+                layer_state.slots[j] = pos
+        layer_state.loading = {}
+
+    def _sparse_row(
+        self, step: SparseRequestStep, layout: WindowLayout, layer_state: _LayerState
+    ) -> tuple[list[int], int]:
+        """The layer's block-table row (sink, work, local + tail; the partial last block last) and its length."""
+        bs = self.block_size
+        ids = step.block_ids
+        total = -(-step.seq_len // bs)
+        if self.offload:
+            work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
+        else:
+            work = [ids[pos] for pos in layer_state.selected]
+        row = [ids[p] for p in range(layout.sink_end)] + work + [ids[p] for p in range(layout.local_start, total)]
+        length = (len(row) - 1) * bs + step.seq_len - (total - 1) * bs
+        return row, length
+
+    def _view(
+        self,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        rows: list[int],
+        tables: list[list[int]],
+        lengths: list[int],
+    ) -> SparseAttentionView:
+        width = block_table.shape[1]
+        host = torch.zeros(len(rows), width, dtype=block_table.dtype)
+        for i, table in enumerate(tables):
+            host[i, : len(table)] = torch.tensor(table, dtype=block_table.dtype)
+        new_table = block_table.clone()
+        new_lens = seq_lens.clone()
+        row_ids = torch.tensor(rows, dtype=torch.int64, device=block_table.device)
+        new_table.index_copy_(0, row_ids, host.to(block_table.device, non_blocking=True))
+        new_lens.index_copy_(
+            0, row_ids.to(seq_lens.device), torch.tensor(lengths, dtype=seq_lens.dtype).to(seq_lens.device)
+        )
+        max_len = max(lengths + [int(seq_lens.max())]) if len(rows) < seq_lens.numel() else max(lengths)
+        return SparseAttentionView(new_table, new_lens, max_len)

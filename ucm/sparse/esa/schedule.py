@@ -1,0 +1,49 @@
+"""ESA's retrieval pipeline schedule: at which decode step a retrieval is submitted, consumed and its loads waited.
+
+Owned by the ESA worker (`ucm.sparse.esa.esa.Esa`), per request (requests of one batch are at different steps).
+``d`` counts a request's decode steps: d = 0 is its first decode step (the step where the budget shrinks it).
+
+- d = 0: the *initial* selection, scored at the end of prefill with the last prompt token's query, is applied:
+  its loads (offload mode) are submitted for all layers at `execute_begin` and each layer waits for its own just
+  before its attention (the only step that waits for loads submitted in the same step).
+- submit at d >= 2 with (d - 2) % s == 0: score the candidates with this step's query on a side stream, overlapped
+  with the rest of the step;
+- consume at submit + max(1, s - 2): read the top-k, start loading the blocks not already resident (delta) into
+  the work slots that held unselected blocks. Slots being written are left out of the attention until the wait;
+- wait at consume + 1: wait for the layer's loads just before its attention; the new blocks are attended from
+  this step on.
+
+For s >= 3 this is UCM's schedule: submit at d = 2 (mod s), consume at d = 0, wait at d = 1. For s = 1 and 2 the
+pipeline runs every step / every other step with the same one-step lag between stages.
+"""
+
+from __future__ import annotations
+
+from ucm.errors import UcmConfigError
+
+
+class EsaSchedule:
+    """The pipeline stages of decode step ``d`` for retrieval stride ``stride``."""
+
+    def __init__(self, stride: int):
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise UcmConfigError("retrieval_stride", stride, "an integer >= 1")
+        self.stride = stride
+        self.lag = max(1, stride - 2)
+
+    def is_submit(self, d: int) -> bool:
+        return d >= 2 and (d - 2) % self.stride == 0
+
+    def is_consume(self, d: int) -> bool:
+        return d - self.lag >= 2 and self.is_submit(d - self.lag)
+
+    def is_wait(self, d: int) -> bool:
+        """True when loads submitted at a consume step are waited (d = 0 waits the initial loads, too)."""
+        return d == 0 or self.is_consume(d - 1)
+
+    def stages(self, d: int) -> tuple[str, ...]:
+        """The stages of step d in the order the worker runs them: wait, consume, submit."""
+        return tuple(
+            name for name, hit in (("wait", self.is_wait(d)), ("consume", self.is_consume(d)),
+                                   ("submit", self.is_submit(d))) if hit
+        )
