@@ -18,4 +18,6 @@ if [ ! -f "$STAMP" ]; then
   "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   touch "$STAMP"
 fi
+# xxhash: the UcmNfsStore block checksum (xxh3 at memory speed; the store falls back to zlib crc32 without it).
+"$VENV/bin/python" -c "import xxhash" 2>/dev/null || "$PIP" install -q xxhash
 "$PIP" install -q --no-deps --no-build-isolation -e .

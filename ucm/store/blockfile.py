@@ -1,0 +1,137 @@
+"""The on-disk format of one stored block (UcmNfsStore): a fixed 4 KiB header, then the payload.
+
+Owned by `ucm.store.nfs`, which writes a block to a temporary name and publishes it by rename; `read_block`
+verifies everything before the payload may be used. Header (little-endian), then zero padding to 4096 bytes:
+
+    magic "UCMKVBLK" | u32 format version | u32 header size | u64 payload size | u32 checksum algorithm |
+    u32 flags (0) | u64 payload checksum | u32 id length | 128 B block id (ASCII, zero padded) | u32 crc32 of all
+    preceding header bytes
+
+The 4 KiB header keeps the payload aligned for O_DIRECT. Checksum algorithms: 1 = xxh3_64 (needs the `xxhash`
+package), 2 = crc32 (zlib).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+
+try:  # xxh3 runs at memory speed; zlib's crc32 is the always-available fallback
+    import xxhash
+except ImportError:  # pragma: no cover - depends on the environment
+    xxhash = None
+
+MAGIC = b"UCMKVBLK"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+ALIGN = 4096
+_FIELDS = struct.Struct("<8sIIQIIQI128s")
+_HEADER_CRC = struct.Struct("<I")
+
+CHECKSUMS: dict[str, int] = {"xxh3_64": 1, "crc32": 2}
+
+
+def available_checksums() -> list[str]:
+    return [name for name in CHECKSUMS if name != "xxh3_64" or xxhash is not None]
+
+
+def default_checksum() -> str:
+    return "xxh3_64" if xxhash is not None else "crc32"
+
+
+def _checksum_fn(algo: int) -> Callable[[memoryview], int] | None:
+    if algo == 1:
+        return xxhash.xxh3_64_intdigest if xxhash is not None else None
+    if algo == 2:
+        return zlib.crc32
+    return None
+
+
+class BlockFileError(Exception):
+    """A block file cannot be used; the message says why (missing, truncated, checksum mismatch, ...)."""
+
+
+_local = threading.local()
+
+
+def header_buffer() -> memoryview:
+    """A page-aligned, per-thread scratch buffer of HEADER_SIZE bytes (O_DIRECT needs aligned memory)."""
+    buf = getattr(_local, "header", None)
+    if buf is None:
+        buf = _local.header = memoryview(mmap.mmap(-1, HEADER_SIZE))
+    return buf
+
+
+def fill_header(buf: memoryview, block_id: str, payload: memoryview, checksum: str) -> None:
+    """Write the header of `payload` into `buf` (HEADER_SIZE bytes)."""
+    algo = CHECKSUMS[checksum]
+    digest = _checksum_fn(algo)(payload)
+    raw = block_id.encode("ascii")
+    buf[:] = bytes(HEADER_SIZE)
+    _FIELDS.pack_into(buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, payload.nbytes, algo, 0, digest, len(raw), raw)
+    _HEADER_CRC.pack_into(buf, _FIELDS.size, zlib.crc32(buf[: _FIELDS.size]))
+
+
+def check_block(header: memoryview, payload: memoryview, block_id: str, file_size: int) -> None:
+    """Raise `BlockFileError` unless header + payload are a complete, intact copy of block `block_id`."""
+    expected = HEADER_SIZE + payload.nbytes
+    if file_size != expected:
+        raise BlockFileError(f"truncated or wrong size: {file_size} B, expected {expected} B")
+    magic, version, header_size, size, algo, _flags, digest, id_len, raw = _FIELDS.unpack_from(header, 0)
+    if magic != MAGIC:
+        raise BlockFileError("not a UCM block file (bad magic)")
+    (header_crc,) = _HEADER_CRC.unpack_from(header, _FIELDS.size)
+    if header_crc != zlib.crc32(header[: _FIELDS.size]):
+        raise BlockFileError("header checksum mismatch")
+    if version != FORMAT_VERSION or header_size != HEADER_SIZE:
+        raise BlockFileError(f"unsupported format version {version} (header {header_size} B)")
+    if raw[:id_len].decode("ascii", "replace") != block_id:
+        raise BlockFileError(f"file holds block {raw[:id_len].decode('ascii', 'replace')!r}")
+    if size != payload.nbytes:
+        raise BlockFileError(f"payload is {size} B, the store's kv_block_size is {payload.nbytes} B")
+    fn = _checksum_fn(algo)
+    if fn is None:
+        raise BlockFileError(f"checksum algorithm {algo} is not available here (install xxhash)")
+    if fn(payload) != digest:
+        raise BlockFileError("payload checksum mismatch")
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first `n` bytes from a list of buffers (after a short read or write)."""
+    out = []
+    for buf in bufs:
+        if n >= buf.nbytes:
+            n -= buf.nbytes
+        else:
+            out.append(buf[n:])
+            n = 0
+    return out
+
+
+def write_all(fd: int, bufs: list[memoryview]) -> None:
+    """Write every byte of `bufs` at the current position (one writev per pass; retries short writes)."""
+    bufs = [b for b in bufs if b.nbytes]
+    while bufs:
+        written = os.writev(fd, bufs)
+        if written <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        bufs = _advance(bufs, written)
+
+
+def read_all(fd: int, bufs: list[memoryview]) -> int:
+    """Fill `bufs` from offset 0 (one preadv per pass); returns the bytes read (< total only at end of file)."""
+    total, pos = 0, 0
+    bufs = [b for b in bufs if b.nbytes]
+    while bufs:
+        got = os.preadv(fd, bufs, pos)
+        if got <= 0:
+            break
+        total += got
+        pos += got
+        bufs = _advance(bufs, got)
+    return total

@@ -1,0 +1,436 @@
+"""UcmNfsStore: KV blocks as files in one or several directories that several engines (and machines) may share.
+
+Built by `ucm.store.create_store("UcmNfsStore", ...)`; used by the connector's worker side (and its scheduler
+side, for `lookup`). Layout: ``<storage dir>/<first 2 hex digits>/<block id>.kv``; a block's directory is
+picked by its id's hash, so blocks spread over all ``storage_backends``. File names come only from validated hex
+ids, so an id can never name a path outside the tree.
+
+Writes: gather the pages into a pinned staging buffer (one batched device copy per chunk), then per block a
+temporary file ``.tmp-<id>-<host>-<pid>-...`` in the same directory, header + payload in one ``writev``, fsync,
+``rename`` onto the final name (atomic: readers see no file or a whole one; two engines writing the same block
+both rename a complete file, the last one stays). Reads: one ``preadv`` into staging, verify header, size and
+checksum (`ucm.store.blockfile`), then one batched scatter of the verified rows; a bad block is reported failed
+and its file removed. All I/O runs on a thread pool of ``io_threads``.
+
+Capacity: with ``max_storage_size`` set, a garbage collection pass deletes the least recently accessed blocks
+(loads refresh a file's atime explicitly, so ``noatime``/``relatime`` mounts work) down to 90% of the bound; the
+same pass deletes temporary files older than ``stale_temp_seconds`` left by crashed writers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ucm.device import Backend, PinnedBufferPool
+from ucm.errors import UcmConfigError
+from ucm.store import blockfile
+from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
+from ucm.store.config import get_bool, get_choice, get_float, get_int
+from ucm.store.errors import StoreClosedError
+from ucm.store.naming import check_block_id
+from ucm.store.task import ThreadTask
+
+SUFFIX = ".kv"
+TEMP_PREFIX = ".tmp-"
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_GC_LOW_WATERMARK = 0.9
+_ATIME_REFRESH_S = 60.0
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+class NfsStore(KVStoreBase):
+    name = "UcmNfsStore"
+    config_fields = {
+        "storage_backends": "an existing directory path, or a list of them (same list on every engine)",
+        "kv_block_size": "int bytes of one stored block = one vLLM block of all layers of the worker (required)",
+        "max_storage_size": "int bytes bound on all block files of all directories, or null for unbounded",
+        "io_threads": "int >= 1 I/O threads (default 4)",
+        "staging_bytes": "int bytes of pinned staging memory per I/O thread (default 64 MiB, >= kv_block_size)",
+        "o_direct": "bool, bypass the page cache (default false; needs kv_block_size % 4096 == 0)",
+        "fsync": "bool, fsync each block file and its directory before publishing (default true)",
+        "checksum": f"payload checksum, one of {blockfile.available_checksums()} (default "
+        f"{blockfile.default_checksum()!r})",
+        "stale_temp_seconds": "number, age after which a temporary file is a crashed writer's leftover (default 600)",
+    }
+
+    def __init__(self, config: Mapping[str, Any], backend: Backend):
+        block = get_int(config, "kv_block_size")
+        self._roots = self._check_roots(config.get("storage_backends"))
+        self.max_storage_size = get_int(config, "max_storage_size", None)
+        if self.max_storage_size is not None and self.max_storage_size < blockfile.HEADER_SIZE + block:
+            minimum = blockfile.HEADER_SIZE + block
+            raise UcmConfigError("max_storage_size", self.max_storage_size, f"null or >= one block file ({minimum} B)")
+        self.io_threads = get_int(config, "io_threads", 4)
+        staging = get_int(config, "staging_bytes", 64 << 20)
+        if staging < block:
+            raise UcmConfigError("staging_bytes", staging, f"an int >= kv_block_size ({block} B)")
+        self.o_direct = get_bool(config, "o_direct", False)
+        if self.o_direct and (not hasattr(os, "O_DIRECT") or block % blockfile.ALIGN):
+            raise UcmConfigError("o_direct", True, f"false unless on Linux with kv_block_size % {blockfile.ALIGN} == 0")
+        self.fsync = get_bool(config, "fsync", True)
+        self.checksum = get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums())
+        self.stale_temp_seconds = get_float(config, "stale_temp_seconds", 600.0)
+        super().__init__(config, backend)
+
+        self._chunk_rows = max(1, staging // block)
+        self._staging = PinnedBufferPool(backend, self.io_threads * _next_pow2(self._chunk_rows * block))
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.io_threads, thread_name_prefix="ucm-nfs-io")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # dumps in flight in this process
+        self._reading: Counter[str] = Counter()  # loads in flight in this process: GC keeps these files
+        self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
+        self._stats = StoreStats(capacity_bytes=self.max_storage_size)
+        self._gc_lock = threading.Lock()
+        self._gc_thread: threading.Thread | None = None
+        self._closed = False
+        self.collect_garbage()
+
+    # ------------------------------------------------------------------ queries
+    def lookup(self, block_ids: Sequence[str]) -> list[bool]:
+        self._check_open()
+        hits = [os.path.exists(self._path(check_block_id(b))[2]) for b in block_ids]
+        with self._lock:
+            self._stats.lookup_hits += sum(hits)
+            self._stats.lookup_misses += len(hits) - sum(hits)
+        return hits
+
+    # ------------------------------------------------------------------ transfers
+    def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
+        block_ids = [check_block_id(b) for b in block_ids]
+        source.check(len(block_ids), self.kv_block_size, whole_row=True)
+        picks = []
+        with self._lock:
+            self._check_open()
+            for i, block_id in enumerate(block_ids):
+                if block_id in self._pending:
+                    self._stats.dumps_skipped += 1
+                else:
+                    self._pending.add(block_id)
+                    picks.append(i)
+        return self._submit("dump", block_ids, picks, source, self._dump_chunk)
+
+    def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
+        block_ids = [check_block_id(b) for b in block_ids]
+        destination.check(len(block_ids), self.kv_block_size, whole_row=False)
+        self._check_open()
+        with self._lock:
+            self._reading.update(block_ids)
+        return self._submit("load", block_ids, list(range(len(block_ids))), destination, self._load_chunk)
+
+    def _submit(self, op: str, block_ids: list[str], picks: list[int], pages: BlockPages, job: Any) -> StoreTask:
+        per_chunk = min(self._chunk_rows, max(1, -(-len(picks) // self.io_threads)))
+        chunks = [picks[i : i + per_chunk] for i in range(0, len(picks), per_chunk)]
+        task = ThreadTask(op, block_ids, len(chunks))
+        ready = self.backend.record_event()  # device copies start after the caller's queued work
+        for chunk in chunks:
+            ids = [block_ids[i] for i in chunk]
+            slots = pages.slots.index_select(0, torch.tensor(chunk, dtype=torch.int64, device=pages.slots.device))
+            self._pool.submit(job, task, ids, slots, pages, ready)
+        return task
+
+    def _dump_chunk(
+        self, task: ThreadTask, ids: list[str], slots: torch.Tensor, source: BlockPages, ready: Any
+    ) -> None:
+        try:
+            todo = [i for i, b in enumerate(ids) if not os.path.exists(self._path(b)[2])]
+            with self._lock:
+                self._stats.dumps_skipped += len(ids) - len(todo)
+            if todo:
+                with self._staging_rows(len(todo)) as buf:
+                    stream = self._stream()
+                    self.backend.wait_event(ready, stream)
+                    self.backend.gather_blocks(source.cache, slots[todo], buf, stream=stream).wait()
+                    rows = buf.numpy()
+                    for row, i in enumerate(todo):
+                        self._dump_one(task, ids[i], memoryview(rows[row]))
+        except Exception as exc:  # a device/staging failure fails the blocks not yet published
+            unpublished = [b for b in ids if not os.path.exists(self._path(b)[2])]
+            task.fail(unpublished, f"dump failed: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self._stats.dump_failures += len(unpublished)
+        finally:
+            with self._lock:
+                self._pending.difference_update(ids)
+            task.part_done()
+
+    def _dump_one(self, task: ThreadTask, block_id: str, payload: memoryview) -> None:
+        root, _, _ = self._path(block_id)
+        try:
+            nbytes = self._write_block(block_id, payload)
+        except OSError as exc:
+            task.fail([block_id], self._describe(exc, root))
+            with self._lock:
+                self._stats.dump_failures += 1
+            if exc.errno == errno.ENOSPC:
+                self._schedule_gc()
+            return
+        with self._lock:
+            self._stats.blocks_dumped += 1
+            self._stats.bytes_dumped += payload.nbytes
+            self._stats.used_bytes += nbytes
+            self._stats.stored_blocks += 1
+            over = self.max_storage_size is not None and self._stats.used_bytes > self.max_storage_size
+        if over:
+            self._schedule_gc()
+
+    def _load_chunk(
+        self, task: ThreadTask, ids: list[str], slots: torch.Tensor, destination: BlockPages, ready: Any
+    ) -> None:
+        try:
+            with self._staging_rows(len(ids)) as buf:
+                rows = buf.numpy()
+                good: list[int] = []
+                for i, block_id in enumerate(ids):
+                    reason = self._read_block(block_id, memoryview(rows[i]))
+                    if reason is None:
+                        good.append(i)
+                    else:
+                        task.fail([block_id], reason)
+                if good:
+                    stream = self._stream()
+                    self.backend.wait_event(ready, stream)
+                    start = destination.row_offset
+                    src = buf[:, start : start + destination.row_bytes]
+                    rows_t = torch.tensor(good, dtype=torch.int64)
+                    dest_slots = slots[rows_t]
+                    self.backend.scatter_blocks(src, destination.cache, dest_slots, rows=rows_t, stream=stream).wait()
+                with self._lock:
+                    self._stats.blocks_loaded += len(good)
+                    self._stats.bytes_loaded += len(good) * destination.row_bytes
+                    self._stats.load_failures += len(ids) - len(good)
+        except Exception as exc:
+            task.fail(ids, f"load failed: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self._stats.load_failures += len(ids)
+        finally:
+            with self._lock:
+                self._reading.subtract(ids)
+                self._reading += Counter()  # drop ids whose count reached 0
+            task.part_done()
+
+    # ------------------------------------------------------------------ files
+    def _path(self, block_id: str) -> tuple[str, str, str]:
+        """(storage dir, shard dir, block file) of a validated block id."""
+        root = self._roots[int(block_id[-8:], 16) % len(self._roots)]
+        shard = os.path.join(root, block_id[:2])
+        return root, shard, os.path.join(shard, block_id + SUFFIX)
+
+    def _write_block(self, block_id: str, payload: memoryview) -> int:
+        """Write, sync and publish one block file; returns its size. Raises OSError (temp file removed)."""
+        root, shard, final = self._path(block_id)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(shard)  # never makedirs: a vanished storage dir must fail, not be recreated
+        tmp = os.path.join(shard, f"{TEMP_PREFIX}{block_id}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}")
+        header = blockfile.header_buffer()
+        blockfile.fill_header(header, block_id, payload, self.checksum)
+        fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload)
+        try:
+            blockfile.write_all(fd, [header, payload])
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            self._before_publish(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.fsync:
+            dir_fd = os.open(shard, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return blockfile.HEADER_SIZE + payload.nbytes
+
+    def _before_publish(self, temp_path: str) -> None:
+        """Called after a block's temporary file is complete and synced, right before the rename (test hook)."""
+
+    def _read_block(self, block_id: str, payload: memoryview) -> str | None:
+        """Read and verify one block into `payload`; None on success, else why it cannot be used."""
+        root, _, path = self._path(block_id)
+        try:
+            fd = self._open(root, path, os.O_RDONLY, payload)
+        except FileNotFoundError:
+            return "not in the store (never dumped, garbage-collected, or its dump has not finished)"
+        except OSError as exc:
+            return self._describe(exc, root)
+        try:
+            st = os.fstat(fd)
+            header = blockfile.header_buffer()
+            blockfile.read_all(fd, [header, payload])
+            blockfile.check_block(header, payload, block_id, st.st_size)
+        except blockfile.BlockFileError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # corrupt: remove it so the block can be dumped again
+            return f"{path}: {exc} (file removed)"
+        except OSError as exc:
+            return self._describe(exc, root)
+        finally:
+            os.close(fd)
+        if time.time() - st.st_atime > _ATIME_REFRESH_S:  # GC evicts by access time; keep it fresh cheaply
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+        return None
+
+    def _open(self, root: str, path: str, flags: int, buf: memoryview) -> int:
+        flags |= os.O_CLOEXEC
+        if self._direct_ok[root] and _address(buf) % blockfile.ALIGN == 0:
+            try:
+                return os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_ok[root] = False  # this file system does not support O_DIRECT (e.g. tmpfs)
+        return os.open(path, flags, 0o644)
+
+    @staticmethod
+    def _describe(exc: OSError, root: str) -> str:
+        code = errno.errorcode.get(exc.errno or 0, "")
+        known = {
+            errno.ENOSPC: f"no space left in storage dir {root} (ENOSPC)",
+            errno.EDQUOT: f"disk quota exceeded in storage dir {root} (EDQUOT)",
+            errno.EROFS: f"storage dir {root} is on a read-only file system (EROFS)",
+            errno.EACCES: f"permission denied in storage dir {root} (EACCES)",
+            errno.EPERM: f"operation not permitted in storage dir {root} (EPERM)",
+            errno.ENOENT: f"storage dir {root} is missing (ENOENT)",
+        }
+        return known.get(exc.errno, f"I/O error in storage dir {root}: {code} {exc.strerror or exc}")
+
+    # ------------------------------------------------------------------ garbage collection
+    def collect_garbage(self) -> dict[str, int]:
+        """One pass over every storage dir: delete stale temporary files and, over `max_storage_size`, the least
+        recently accessed blocks (not those this process is loading) down to 90% of it. Returns counts.
+
+        Runs at construction and in the background when a dump goes over the bound; callable any time."""
+        with self._gc_lock:
+            now = time.time()
+            temps_removed = 0
+            blocks: list[tuple[float, int, str, str]] = []
+            for root in self._roots:
+                for shard in _scandir(root):
+                    if not (shard.is_dir() and _SHARD_RE.fullmatch(shard.name)):
+                        continue
+                    for entry in _scandir(shard.path):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        if entry.name.startswith(TEMP_PREFIX):
+                            if now - st.st_mtime > self.stale_temp_seconds:
+                                with contextlib.suppress(OSError):
+                                    os.unlink(entry.path)
+                                    temps_removed += 1
+                        elif entry.name.endswith(SUFFIX):
+                            blocks.append((st.st_atime, st.st_size, entry.path, entry.name[: -len(SUFFIX)]))
+            used = sum(size for _, size, _, _ in blocks)
+            evicted = 0
+            if self.max_storage_size is not None and used > self.max_storage_size:
+                target = int(self.max_storage_size * _GC_LOW_WATERMARK)
+                with self._lock:
+                    busy = set(self._reading) | self._pending
+                for _, size, path, block_id in sorted(blocks):
+                    if used <= target:
+                        break
+                    if block_id in busy:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        evicted += 1
+                    used -= size
+            with self._lock:
+                self._stats.evictions += evicted
+                self._stats.used_bytes = used
+                self._stats.stored_blocks = len(blocks) - evicted
+            return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used}
+
+    def _schedule_gc(self) -> None:
+        with self._lock:
+            if self._closed or (self._gc_thread is not None and self._gc_thread.is_alive()):
+                return
+            self._gc_thread = threading.Thread(target=self.collect_garbage, name="ucm-nfs-gc", daemon=True)
+            self._gc_thread.start()
+
+    # ------------------------------------------------------------------ housekeeping
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(**self._stats.as_dict())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            gc_thread = self._gc_thread
+        self._pool.shutdown(wait=True)
+        if gc_thread is not None:
+            gc_thread.join()
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(self.name)
+
+    def _stream(self) -> torch.Stream:
+        """This I/O thread's own side stream, so threads' copies do not serialize."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = self.backend.new_stream()
+        return stream
+
+    @contextlib.contextmanager
+    def _staging_rows(self, rows: int) -> Iterator[torch.Tensor]:
+        buf = self._staging.acquire(rows * self.kv_block_size)
+        try:
+            yield buf.view(rows, self.kv_block_size)
+        finally:
+            self._staging.release(buf)
+
+    @staticmethod
+    def _check_roots(value: Any) -> list[str]:
+        paths = [value] if isinstance(value, str | os.PathLike) else value
+        if not isinstance(paths, list | tuple) or not paths or not all(isinstance(p, str | os.PathLike) for p in paths):
+            raise UcmConfigError("storage_backends", value, "a directory path or a non-empty list of them")
+        roots = sorted({os.path.realpath(os.fspath(p)) for p in paths})
+        for root in roots:
+            if not os.path.isdir(root):
+                raise UcmConfigError("storage_backends", root, "existing directories (create them first)")
+        return roots
+
+
+def _scandir(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def _address(buf: memoryview) -> int:
+    """Start address of a writable buffer (O_DIRECT needs it aligned)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
