@@ -1,0 +1,114 @@
+"""Block scoring: the GQA-reduced score q·rep of every candidate block of every request, in one launch.
+
+Called by `CudaBackend.block_scores` / `select_blocks` in decode (semantics: `ucm.device.reference.block_scores`).
+A program scores BLOCK_N consecutive blocks of one request: it sums the query heads of each KV group once,
+then streams the blocks' float32 representations (the only large read: a memory-bound matrix-vector product).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ucm.errors import UcmConfigError
+
+from ._indices import to_device_int64
+
+_BLOCK_N = 16  # blocks per program: small, so short contexts still spread over every SM
+
+
+@triton.jit(do_not_specialize=["width"])
+def _block_scores_kernel(
+    query,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    reps,
+    stride_rn,
+    stride_rh,
+    stride_rd,
+    cu_blocks,
+    out,
+    stride_ob,
+    width,
+    num_kv_heads,
+    group,
+    head_dim,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_N
+    start = tl.load(cu_blocks + b)
+    count = tl.load(cu_blocks + b + 1) - start
+    j = first + tl.arange(0, BLOCK_N)
+    block_mask = j < count
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if first < count:
+        rows = (start + j).to(tl.int64)
+        for h in range(num_kv_heads):
+            q = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for g in range(group):
+                q_ptrs = query + b * stride_qb + (h * group + g) * stride_qh + dims * stride_qd
+                q += tl.load(q_ptrs, mask=dim_mask, other=0.0).to(tl.float32)
+            r_ptrs = reps + rows[:, None] * stride_rn + h * stride_rh + dims[None, :] * stride_rd
+            r = tl.load(r_ptrs, mask=block_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+            acc += r * q[None, :]
+    score = tl.where(block_mask, tl.sum(acc, axis=1), float("-inf"))
+    tl.store(out + b * stride_ob + j, score, mask=j < width)
+
+
+def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, max_blocks]`` scores padded with -inf (see `reference.block_scores`).
+
+    With `cu_blocks` on the host the launch needs no synchronization; on the device, reading the width does.
+    """
+    if query.dim() != 3 or reps.dim() != 3:
+        raise UcmConfigError(
+            "query/reps shapes",
+            (tuple(query.shape), tuple(reps.shape)),
+            "[B, num_q_heads, head_dim] and [N, num_kv_heads, head_dim]",
+        )
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads = reps.shape[1]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise UcmConfigError("num_q_heads", num_q_heads, f"a multiple of num_kv_heads={num_kv_heads}")
+    if reps.shape[2] != head_dim:
+        raise UcmConfigError("reps head_dim", reps.shape[2], f"the query head_dim {head_dim}")
+    if cu_blocks.numel() != batch + 1:
+        raise UcmConfigError("cu_blocks", f"{cu_blocks.numel()} entries", f"batch + 1 = {batch + 1}")
+    device = reps.device
+    cu_host = cu_blocks.to("cpu", torch.int64) if cu_blocks.device.type == "cpu" else None
+    if cu_host is not None:
+        counts = cu_host[1:] - cu_host[:-1]
+        if batch and (int(counts.min()) < 0 or int(cu_host[0]) < 0 or int(cu_host[-1]) > reps.shape[0]):
+            raise UcmConfigError("cu_blocks", cu_host.tolist(), f"non-decreasing offsets in [0, {reps.shape[0]}]")
+    else:
+        counts = cu_blocks[1:] - cu_blocks[:-1]
+    width = int(counts.max()) if batch else 0
+    out = torch.empty(batch, width, dtype=torch.float32, device=device)
+    if batch == 0 or width == 0:
+        return out
+    (cu,) = to_device_int64([cu_blocks], device)
+    query = query.to(device)
+    grid = (batch, triton.cdiv(width, _BLOCK_N))
+    _block_scores_kernel[grid](
+        query,
+        *query.stride(),
+        reps,
+        *reps.stride(),
+        cu,
+        out,
+        out.stride(0),
+        width,
+        num_kv_heads,
+        num_q_heads // num_kv_heads,
+        head_dim,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
+    return out
