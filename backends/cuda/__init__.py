@@ -1,22 +1,116 @@
 """NVIDIA CUDA backend: torch.cuda streams/events (via the generic `Backend`) plus Triton kernels from
-`ucm.kernels` for the block primitives. Importable without a GPU; constructing it then fails with the reason."""
+`ucm.kernels` for the block primitives. Importable without a GPU; constructing it then fails with the reason.
+
+Host <-> device block copies: the copy kernel reads/writes pinned host memory directly (zero-copy over PCIe), so a
+list of blocks moves in one launch with no staging buffer and no per-block DMA. Pageable host buffers cannot be
+reached from a kernel: those are gathered into a device staging buffer and moved with one DMA. Tensors that are
+not on a CUDA device fall back to the reference ops.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from typing import ClassVar
+
 import torch
 
+from ucm import kernels
+from ucm.device import reference
 from ucm.device.backend import Backend
+
+
+def _on_cuda(*tensors: torch.Tensor | None) -> bool:
+    return all(t.is_cuda for t in tensors if t is not None)
 
 
 class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
+    # "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one DMA.
+    host_copy: ClassVar[str] = "zero_copy"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if not torch.cuda.is_available():
             return "torch reports no CUDA device (torch.cuda.is_available() is False)"
+        if importlib.util.find_spec("triton") is None:
+            return kernels.triton_unavailable_reason()
         return None
+
+    # ------------------------------------------------------------------ 4. batched block gather / scatter
+    def _direct(self, buf: torch.Tensor) -> bool:
+        """True when the copy kernel can address `buf` itself (device memory, or pinned host in zero-copy mode)."""
+        return buf.is_cuda or (self.host_copy == "zero_copy" and buf.is_pinned())
+
+    def _gather(
+        self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        if not _on_cuda(*pages):
+            return super()._gather(pages, block_ids, out, rows)
+        if self._direct(out):
+            return kernels.copy_blocks(pages, block_ids, out, rows, to_buffer=True)
+        n = block_ids.numel()
+        min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
+        width = reference.check_block_buffer(out, pages, min_rows, "gather_blocks out")
+        staging = torch.empty(n, width, dtype=torch.uint8, device=pages[0].device)
+        kernels.copy_blocks(pages, block_ids, staging, to_buffer=True)
+        if rows is None:
+            out[:n].copy_(staging, non_blocking=out.is_pinned())
+        else:
+            out.index_copy_(0, rows.cpu(), staging.cpu())
+
+    def _scatter(
+        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        if not _on_cuda(*pages):
+            return super()._scatter(src, pages, block_ids, rows)
+        if self._direct(src):
+            return kernels.copy_blocks(pages, block_ids, src, rows, to_buffer=False)
+        n = block_ids.numel()
+        min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
+        reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
+        chunk = src[:n] if rows is None else src.index_select(0, rows.to(src.device))
+        staging = chunk.to(pages[0].device, non_blocking=chunk.is_pinned())
+        kernels.copy_blocks(pages, block_ids, staging, to_buffer=False)
+
+    # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
+    def topk_masked(
+        self,
+        scores: torch.Tensor,
+        k: int | torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not scores.is_cuda:
+            return super().topk_masked(scores, k, lengths, exclude)
+        return kernels.topk_masked(scores, k, lengths, exclude)
+
+    def block_means(
+        self, k_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not k_cache.is_cuda:
+            return super().block_means(k_cache, block_ids, num_tokens)
+        return kernels.block_means(k_cache, block_ids, num_tokens)
+
+    def block_scores(self, query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor) -> torch.Tensor:
+        if not reps.is_cuda:
+            return super().block_scores(query, reps, cu_blocks)
+        return kernels.block_scores(query, reps, cu_blocks)
+
+    def select_blocks(
+        self,
+        query: torch.Tensor,
+        reps: torch.Tensor,
+        cu_blocks: torch.Tensor,
+        k: int | torch.Tensor,
+        exclude: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring + top-k: two launches; with `cu_blocks`, `k` and `exclude` on the host, no synchronization."""
+        if not reps.is_cuda:
+            return super().select_blocks(query, reps, cu_blocks, k, exclude)
+        scores = kernels.block_scores(query, reps, cu_blocks)
+        lengths = cu_blocks[1:] - cu_blocks[:-1]  # stays where cu_blocks is: on the host, no sync in top-k
+        return kernels.topk_masked(scores, k, lengths, exclude)
 
 
 __all__ = ["CudaBackend"]
