@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ucm.device import Backend
+from ucm.device import Backend, CopyHandle
 from ucm.errors import UcmConfigError
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
 from ucm.store.config import get_int
@@ -31,6 +32,32 @@ class _Entry:
     def __init__(self, row: int):
         self.row = row
         self.pins = 0  # loads in flight reading this row
+
+
+class _Pending:
+    """A block whose dump copy is in flight; `handle` is set once the copy is queued."""
+
+    __slots__ = ("row", "handle")
+
+    def __init__(self, row: int):
+        self.row = row
+        self.handle: CopyHandle | None = None
+
+
+class _OtherDump:
+    """Completion of blocks another task is dumping, so a second dump of a block ends only once it is stored."""
+
+    def __init__(self, store: DramStore, pending: list[_Pending]):
+        self._store, self._pending = store, pending
+
+    def done(self) -> bool:
+        with self._store._lock:  # handle is None until the other thread has queued its copy
+            handles = [p.handle for p in self._pending]
+        return all(h is not None and h.done() for h in handles)
+
+    def wait(self) -> None:
+        while not self.done():
+            time.sleep(0.0002)
 
 
 class DramStore(KVStoreBase):
@@ -51,7 +78,7 @@ class DramStore(KVStoreBase):
         self._stream = backend.new_stream()
         self._lock = threading.Lock()
         self._published: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU order, oldest first
-        self._pending: dict[str, int] = {}  # id -> row, dumps in flight
+        self._pending: dict[str, _Pending] = {}  # dumps in flight
         self._free_rows = list(range(self.capacity_blocks - 1, -1, -1))
         self._inflight: list[CopyTask] = []
         self._stats = StoreStats(capacity_bytes=self.capacity_blocks * block)
@@ -76,6 +103,8 @@ class DramStore(KVStoreBase):
         picks: list[int] = []
         rows: list[int] = []
         ids: list[str] = []
+        mine: list[_Pending] = []
+        others: list[_Pending] = []
         with self._lock:
             self._check_open()
             for i, block_id in enumerate(block_ids):
@@ -83,6 +112,7 @@ class DramStore(KVStoreBase):
                     self._published.move_to_end(block_id)
                     self._stats.dumps_skipped += 1
                 elif block_id in self._pending:
+                    others.append(self._pending[block_id])
                     self._stats.dumps_skipped += 1
                 else:
                     row = self._take_row()
@@ -91,7 +121,8 @@ class DramStore(KVStoreBase):
                         task.fail([block_id], reason)
                         self._stats.dump_failures += 1
                         continue
-                    self._pending[block_id] = row
+                    self._pending[block_id] = pending = _Pending(row)
+                    mine.append(pending)
                     picks.append(i)
                     rows.append(row)
                     ids.append(block_id)
@@ -104,7 +135,12 @@ class DramStore(KVStoreBase):
                 self._publish(ids, rows, ok=False)
                 task.fail(ids, f"device gather failed: {exc}")
             else:
+                with self._lock:
+                    for pending in mine:
+                        pending.handle = handle
                 task.add_part(handle, lambda: self._publish(ids, rows, ok=True))
+        if others:
+            task.add_part(_OtherDump(self, others), lambda: None)
         return self._track(task)
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:

@@ -52,8 +52,9 @@ _ATIME_REFRESH_S = 60.0
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
+def _pool_class(n: int) -> int:
+    """Bytes `PinnedBufferPool` really allocates for an `n`-byte request (a power of two, >= 4 KiB)."""
+    return max(4096, 1 << (max(n, 1) - 1).bit_length())
 
 
 class NfsStore(KVStoreBase):
@@ -91,11 +92,11 @@ class NfsStore(KVStoreBase):
         super().__init__(config, backend)
 
         self._chunk_rows = max(1, staging // block)
-        self._staging = PinnedBufferPool(backend, self.io_threads * _next_pow2(self._chunk_rows * block))
+        self._staging = PinnedBufferPool(backend, self.io_threads * _pool_class(self._chunk_rows * block))
         self._pool = concurrent.futures.ThreadPoolExecutor(self.io_threads, thread_name_prefix="ucm-nfs-io")
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._pending: set[str] = set()  # dumps in flight in this process
+        self._pending: Counter[str] = Counter()  # dumps in flight in this process
         self._reading: Counter[str] = Counter()  # loads in flight in this process: GC keeps these files
         self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
         self._stats = StoreStats(capacity_bytes=self.max_storage_size)
@@ -117,16 +118,12 @@ class NfsStore(KVStoreBase):
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
         source.check(len(block_ids), self.kv_block_size, whole_row=True)
-        picks = []
+        # A block another task is writing right now is written again (both publish a whole file): waiting for
+        # the other task from an I/O thread could deadlock the pool, and skipping would end this task early.
+        self._check_open()
         with self._lock:
-            self._check_open()
-            for i, block_id in enumerate(block_ids):
-                if block_id in self._pending:
-                    self._stats.dumps_skipped += 1
-                else:
-                    self._pending.add(block_id)
-                    picks.append(i)
-        return self._submit("dump", block_ids, picks, source, self._dump_chunk)
+            self._pending.update(block_ids)
+        return self._submit("dump", block_ids, list(range(len(block_ids))), source, self._dump_chunk)
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
@@ -169,7 +166,8 @@ class NfsStore(KVStoreBase):
                 self._stats.dump_failures += len(unpublished)
         finally:
             with self._lock:
-                self._pending.difference_update(ids)
+                self._pending.subtract(ids)
+                self._pending += Counter()  # drop ids whose count reached 0
             task.part_done()
 
     def _dump_one(self, task: ThreadTask, block_id: str, payload: memoryview) -> None:
@@ -353,7 +351,7 @@ class NfsStore(KVStoreBase):
             if self.max_storage_size is not None and used > self.max_storage_size:
                 target = int(self.max_storage_size * _GC_LOW_WATERMARK)
                 with self._lock:
-                    busy = set(self._reading) | self._pending
+                    busy = set(self._reading) | set(self._pending)
                 for _, size, path, block_id in sorted(blocks):
                     if used <= target:
                         break

@@ -1,0 +1,164 @@
+"""UcmDram on the CPU backend: round trips, sub-range loads, LRU eviction and its capacity bound, blocks being
+loaded are never evicted, publish only after the copy, and concurrent use from several threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import NUM_PAGES, ids_for, make_cache, page_bytes, row_bytes
+
+from ucm.device.cpu import CpuBackend
+from ucm.errors import UcmConfigError
+from ucm.store import BlockPages, StoreClosedError, StoreDumpError, StoreLoadError, create_store
+
+WIDTH = row_bytes(make_cache())
+
+
+def dram(backend, blocks: int):
+    return create_store("UcmDram", {"max_cache_size": blocks * WIDTH, "kv_block_size": WIDTH}, backend)
+
+
+class _GateEvent:
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+
+    def query(self) -> bool:
+        return self.gate.is_set()
+
+    def synchronize(self) -> None:
+        self.gate.wait()
+
+
+class GatedBackend(CpuBackend):
+    """The CPU backend, but a copy counts as finished only once `gate` is set: the store sees copies in flight
+    as it does on a GPU (the bytes move at once; only completion is held back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def record_event(self, stream=None):
+        return _GateEvent(self.gate)
+
+
+def test_round_trip_into_other_slots(backend):
+    src, dst = make_cache(1), make_cache()
+    ids = ids_for(1, 6)
+    with dram(backend, 8) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([3, 5, 7, 9, 11, 13]))).wait()
+        assert store.lookup(ids) == [True] * 6
+        assert store.lookup_prefix(ids + ids_for(2, 1)) == 6
+        assert store.lookup_prefix(ids_for(2, 1) + ids) == 0
+        store.load(ids[::-1], BlockPages(dst, torch.tensor([20, 19, 18, 17, 16, 15]))).wait()
+        for i, slot in enumerate([3, 5, 7, 9, 11, 13]):
+            assert page_bytes(dst, 15 + i) == page_bytes(src, slot)
+        stats = store.stats()
+        assert (stats.blocks_dumped, stats.blocks_loaded, stats.bytes_loaded) == (6, 6, 6 * WIDTH)
+        # dumping again is a no-op
+        store.dump(ids[:2], BlockPages(src, torch.tensor([0, 1]))).wait()
+        assert store.stats().dumps_skipped == 2
+
+
+def test_load_one_layer_sub_range(backend):
+    src = make_cache(2)
+    layer_bytes = WIDTH // len(src)
+    ids = ids_for(2, 2)
+    with dram(backend, 4) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([4, 6]))).wait()
+        dst_layer = make_cache()[0]
+        store.load(ids, BlockPages(dst_layer, torch.tensor([1, 2]), row_offset=layer_bytes)).wait()
+        assert torch.equal(dst_layer[0][1], src[1][0][4]) and torch.equal(dst_layer[1][2], src[1][1][6])
+        with pytest.raises(UcmConfigError, match="load destination"):
+            store.load(ids, BlockPages(dst_layer, torch.tensor([1, 2]), row_offset=WIDTH - layer_bytes + 1))
+        with pytest.raises(UcmConfigError, match="dump source"):
+            store.dump(ids, BlockPages(dst_layer, torch.tensor([1, 2])))
+
+
+def test_lru_eviction_order_and_bound(backend):
+    src = make_cache(3)
+    a, b, c, d, e, f = ids_for(3, 6)
+    with dram(backend, 4) as store:
+        store.dump([a, b, c, d], BlockPages(src, torch.tensor([0, 1, 2, 3]))).wait()
+        store.load([a], BlockPages(make_cache(), torch.tensor([0]))).wait()  # a is now most recent
+        store.dump([e], BlockPages(src, torch.tensor([4]))).wait()  # evicts b
+        assert store.lookup([a, b, c, d, e]) == [True, False, True, True, True]
+        store.dump([f], BlockPages(src, torch.tensor([5]))).wait()  # evicts c
+        assert store.lookup([a, c, d, e, f]) == [True, False, True, True, True]
+        stats = store.stats()
+        assert stats.evictions == 2 and stats.stored_blocks == 4 and stats.used_bytes <= stats.capacity_bytes
+        task = store.load([b, d], BlockPages(make_cache(), torch.tensor([1, 2])))
+        with pytest.raises(StoreLoadError, match="1 block") as info:
+            task.wait()
+        assert info.value.failed_ids == [b] and task.failed_ids == [b]
+
+
+def test_block_being_loaded_is_never_evicted():
+    backend = GatedBackend()
+    src, dst = make_cache(4), make_cache()
+    a, b, c, d = ids_for(4, 4)
+    with dram(backend, 2) as store:
+        backend.gate.set()
+        store.dump([a, b], BlockPages(src, torch.tensor([0, 1]))).wait()
+        backend.gate.clear()
+        load = store.load([a], BlockPages(dst, torch.tensor([5])))  # in flight: a is pinned
+        assert not load.done()
+        dump = store.dump([c, d], BlockPages(src, torch.tensor([2, 3])))  # c evicts b; d finds no row
+        assert store.lookup([a, b, c, d]) == [True, False, False, False]  # c not visible before its copy ends
+        backend.gate.set()
+        load.wait()
+        with pytest.raises(StoreDumpError, match="full") as info:
+            dump.wait()
+        assert info.value.failed_ids == [d]
+        assert store.lookup([a, c]) == [True, True] and page_bytes(dst, 5) == page_bytes(src, 0)
+
+
+def test_threads_dump_and_load_concurrently(backend):
+    """8 threads dump and load overlapping block sets through a store too small for all of them: a dump may
+    find the store full, and every load either delivers the exact bytes or reports the block failed (its pages
+    untouched)."""
+    src = make_cache(5)
+    ids = ids_for(5, NUM_PAGES)
+    errors: list[BaseException] = []
+    with dram(backend, 10) as store:
+
+        def worker(k: int) -> None:
+            try:
+                gen = torch.Generator().manual_seed(k)
+                for _ in range(30):
+                    pick = torch.randperm(NUM_PAGES, generator=gen)[:4]
+                    try:
+                        store.dump([ids[i] for i in pick], BlockPages(src, pick)).wait()
+                    except StoreDumpError as exc:  # every row pinned by other threads' loads/dumps right now
+                        assert all("full" in r for r in exc.reasons.values())
+                    dst = make_cache()
+                    slots = torch.arange(4)
+                    task = store.load([ids[i] for i in pick], BlockPages(dst, slots))
+                    try:
+                        task.wait()
+                    except StoreLoadError:
+                        pass
+                    failed = set(task.failed_ids)
+                    for j, i in enumerate(pick.tolist()):
+                        expect = page_bytes(make_cache(), 0) if ids[i] in failed else page_bytes(src, i)
+                        assert page_bytes(dst, j) == expect
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        stats = store.stats()
+        assert stats.stored_blocks <= 10 and stats.evictions > 0 and stats.blocks_loaded > 0
+
+
+def test_closed_store_refuses(backend):
+    store = dram(backend, 2)
+    store.close()
+    store.close()
+    with pytest.raises(StoreClosedError):
+        store.lookup(ids_for(6, 1))
