@@ -162,3 +162,17 @@ def test_closed_store_refuses(backend):
     store.close()
     with pytest.raises(StoreClosedError):
         store.lookup(ids_for(6, 1))
+
+
+def test_second_dump_of_a_block_in_flight_ends_when_it_is_stored():
+    backend = GatedBackend()
+    src = make_cache(7)
+    ids = ids_for(7, 2)
+    with dram(backend, 4) as store:
+        first = store.dump(ids, BlockPages(src, torch.tensor([0, 1])))
+        second = store.dump(ids[:1], BlockPages(src, torch.tensor([0])))
+        assert not first.done() and not second.done() and store.lookup(ids) == [False, False]
+        backend.gate.set()
+        second.wait()
+        assert store.lookup(ids) == [True, True] and store.stats().dumps_skipped == 1
+        first.wait()
