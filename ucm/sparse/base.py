@@ -174,6 +174,7 @@ class SparseStepStats:
     resident_blocks: int = 0  # sum over sparse requests and layers of blocks attended
     full_blocks: int = 0  # the same with dense attention
     retrievals: int = 0  # (request, layer) retrievals submitted
+    retrievals_consumed: int = 0  # (request, layer) retrievals whose selection was taken
     blocks_loaded: int = 0
     load_failures: int = 0
     failed_block_hashes: list[str] = field(default_factory=list)

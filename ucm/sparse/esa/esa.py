@@ -50,6 +50,7 @@ class _LayerState:
     slots: list[int] = field(default_factory=list)  # offload: logical position held by work slot j, -1 = none
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
     pending: Retrieval | None = None  # submitted, not consumed yet
+    due: Retrieval | None = None  # to consume once this step's attention of the layer is queued
     loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
@@ -166,7 +167,8 @@ class Esa(UcmSparseBase):
                     layer_state.selected = list(work)
             if state.decode_step(step) == 0:
                 for index, layer_state in enumerate(state.layers):
-                    self._consume(step, state, index, layer_state)
+                    initial, layer_state.pending = layer_state.pending, None
+                    self._consume(step, state, index, layer_state, initial)
 
     def attention_begin(
         self,
@@ -200,7 +202,8 @@ class Esa(UcmSparseBase):
             if self.schedule.is_wait(d):
                 self._wait_loads(step, layer_state)
             if d > 0 and self.schedule.is_consume(d):
-                self._consume(step, state, index, layer_state)
+                # consumed in attention_finished: its loads must not overwrite slots this attention reads
+                layer_state.due, layer_state.pending = layer_state.pending, None
             if self.schedule.is_submit(d) and layer_state.reps is not None:
                 q = query[step.query_start + step.num_scheduled_tokens - 1]
                 layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work)
@@ -213,7 +216,9 @@ class Esa(UcmSparseBase):
             self._stats.full_blocks += -(-step.seq_len // self.block_size)
         if not rows:
             return None
-        return self._view(block_table, seq_lens, rows, tables, lengths)
+        sparse_rows = set(rows)
+        dense_max = max((s.seq_len for r, s in enumerate(batch.requests) if r not in sparse_rows), default=0)
+        return self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
 
     def attention_finished(
         self,
@@ -230,9 +235,16 @@ class Esa(UcmSparseBase):
         index = self._layer(layer_name)
         for step in batch.requests:
             state = self._requests.get(step.req_id)
-            if state is None or not step.finishes_prefill:
+            if state is None:
                 continue
             layer_state = state.layers[index]
+            if step.is_decode:
+                if layer_state.due is not None:
+                    due, layer_state.due = layer_state.due, None
+                    self._consume(step, state, index, layer_state, due)
+                continue
+            if not step.finishes_prefill:
+                continue
             layout = state.layout
             candidates = step.block_ids[layout.sink_end : layout.local_start]
             ids = torch.tensor(candidates, dtype=torch.int64, device=self._key_views[index].device)
@@ -258,12 +270,15 @@ class Esa(UcmSparseBase):
             raise UcmConfigError("layer_name", layer_name, sorted(self._layer_index) or "a registered layer")
         return self._layer_index[layer_name]
 
-    def _consume(self, step: SparseRequestStep, state: _RequestState, index: int, layer_state: _LayerState) -> None:
-        """Take the layer's finished retrieval; offload: start loading the newly selected blocks (delta)."""
-        if layer_state.pending is None:
+    def _consume(
+        self, step: SparseRequestStep, state: _RequestState, index: int, layer_state: _LayerState,
+        retrieval: Retrieval | None,
+    ) -> None:
+        """Take a finished retrieval of the layer; offload: start loading the newly selected blocks (delta)."""
+        if retrieval is None:
             return
-        picked = self.retriever.result(layer_state.pending)
-        layer_state.pending = None
+        self._stats.retrievals_consumed += 1
+        picked = self.retriever.result(retrieval)
         layout = state.layout
         selected = [layout.sink_end + c for c in picked]
         if not self.offload:
@@ -294,7 +309,7 @@ class Esa(UcmSparseBase):
         layer_state.load_task = self.store.load([hashes[pos] for _, pos in loadable], pages)
         for j, pos in loadable:
             layer_state.loading[j] = (pos, layer_state.slots[j])
-            layer_state.slots[j] = -1  # being written: not attended until the wait
+            layer_state.slots[j] = -1  # being written: never attended until the wait
         self._stats.blocks_loaded += len(loadable)
 
     def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
@@ -345,6 +360,7 @@ class Esa(UcmSparseBase):
         rows: list[int],
         tables: list[list[int]],
         lengths: list[int],
+        max_len: int,
     ) -> SparseAttentionView:
         width = block_table.shape[1]
         host = torch.zeros(len(rows), width, dtype=block_table.dtype)
@@ -357,5 +373,4 @@ class Esa(UcmSparseBase):
         new_lens.index_copy_(
             0, row_ids.to(seq_lens.device), torch.tensor(lengths, dtype=seq_lens.dtype).to(seq_lens.device)
         )
-        max_len = max(lengths + [int(seq_lens.max())]) if len(rows) < seq_lens.numel() else max(lengths)
         return SparseAttentionView(new_table, new_lens, max_len)

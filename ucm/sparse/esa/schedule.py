@@ -8,10 +8,11 @@ Owned by the ESA worker (`ucm.sparse.esa.esa.Esa`), per request (requests of one
   before its attention (the only step that waits for loads submitted in the same step).
 - submit at d >= 2 with (d - 2) % s == 0: score the candidates with this step's query on a side stream, overlapped
   with the rest of the step;
-- consume at submit + max(1, s - 2): read the top-k, start loading the blocks not already resident (delta) into
-  the work slots that held unselected blocks. Slots being written are left out of the attention until the wait;
+- consume at submit + max(1, s - 2), once the layer's attention of that step is queued (`attention_finished`):
+  read the top-k and start loading the blocks not already resident (delta) into the work slots that held
+  unselected blocks; queued after that attention, the loads never overwrite a slot it reads;
 - wait at consume + 1: wait for the layer's loads just before its attention; the new blocks are attended from
-  this step on.
+  this step on (resident mode: the new table is used from this step on, nothing to wait for).
 
 For s >= 3 this is UCM's schedule: submit at d = 2 (mod s), consume at d = 0, wait at d = 1. For s = 1 and 2 the
 pipeline runs every step / every other step with the same one-step lag between stages.

@@ -1,0 +1,222 @@
+"""A miniature engine that drives `Esa` exactly like the vLLM hooks do (for the ESA worker/scheduler tests).
+
+It owns a block pool, per-layer (k, v) paged caches ([num_blocks, block_size, num_kv_heads, head_dim], block 0
+is the null block), applies the scheduler's `block_plan` (freed blocks are poisoned with NaN, as if another
+request had reused them), dumps the prompt blocks of every layer to a real store after prefill, and per step calls
+execute_begin -> per layer attention_begin / KV write / attention / attention_finished -> execute_finished.
+The ground truth K/V of every token is a pure function of (request, layer, position), so every block an
+attention reads can be identified, and a recomputed (preempted) request writes the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.device import get_backend
+from ucm.sparse.attention import paged_decode_attention
+from ucm.sparse.base import SparseBatch, SparseRequestStep, SparseStepStats, UcmSparseRole
+from ucm.sparse.config import EsaConfig
+from ucm.sparse.esa.esa import Esa
+from ucm.store.base import BlockPages
+
+
+@dataclass
+class Req:
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    seed: int
+    num_computed_tokens: int = 0
+    num_output: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    resumed: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output
+
+
+@dataclass
+class LayerRecord:
+    """What one decode row of one layer attended: logical block positions (in table order) and the output."""
+
+    positions: list[int]
+    output: torch.Tensor
+    dense_output: torch.Tensor
+
+
+class MiniEngine:
+    def __init__(
+        self,
+        config: EsaConfig,
+        *,
+        offload: bool,
+        store=None,
+        num_layers: int = 3,
+        num_blocks: int = 256,
+        block_size: int = 4,
+        num_q_heads: int = 4,
+        num_kv_heads: int = 2,
+        head_dim: int = 16,
+        needle_scale: float = 0.0,
+        skip_dump: set[int] | None = None,
+    ):
+        self.bs, self.hq, self.hkv, self.d = block_size, num_q_heads, num_kv_heads, head_dim
+        self.num_layers = num_layers
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(num_layers)]
+        self.free = list(range(num_blocks - 1, 0, -1))
+        self.store = store
+        self.needle_scale = needle_scale
+        self.skip_dump = skip_dump or set()
+        self.scheduler = Esa(config, UcmSparseRole.SCHEDULER, block_size, offload=offload)
+        self.worker = Esa(config, UcmSparseRole.WORKER, block_size, backend=get_backend("cpu"), store=store,
+                          offload=offload)
+        self.layer_names = [f"model.layers.{i}.attn" for i in range(num_layers)]
+        self.worker.register_kv_caches(dict(zip(self.layer_names, self.caches, strict=True)))
+        self.reqs: dict[str, Req] = {}
+        self.history: list[dict[str, list[LayerRecord]]] = []
+        self.stats: list[SparseStepStats] = []
+
+    # ------------------------------------------------------------------ ground truth
+    def direction(self, req: Req, layer: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(req.seed * 1000 + layer)
+        u = torch.randn(self.hkv, self.d, generator=gen)
+        return u / u.norm(dim=-1, keepdim=True)
+
+    def needles(self, req: Req) -> list[int]:
+        """Logical blocks planted to match the request's query direction (middle of the candidate range)."""
+        blocks = req.num_prompt_tokens // self.bs
+        return [blocks // 3, blocks // 2 + 1]
+
+    def truth(self, req: Req, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = [], []
+        for pos in positions:
+            gen = torch.Generator().manual_seed(hash((req.seed, layer, pos)) % (2**31))
+            keys.append(torch.randn(self.hkv, self.d, generator=gen))
+            values.append(torch.randn(self.hkv, self.d, generator=gen))
+        k, v = torch.stack(keys), torch.stack(values)
+        if self.needle_scale:
+            for i, pos in enumerate(positions):
+                if pos // self.bs in self.needles(req) and pos < req.num_prompt_tokens:
+                    k[i] = 0.2 * k[i] + self.needle_scale * self.direction(req, layer)
+        return k, v
+
+    def query(self, req: Req, layer: int, pos: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(hash((req.seed, layer, pos, 7)) % (2**31))
+        q = torch.randn(self.hq, self.d, generator=gen)
+        if self.needle_scale:
+            q = 0.3 * q + 3.0 * self.direction(req, layer).repeat_interleave(self.hq // self.hkv, 0)
+        return q
+
+    def hashes(self, req: Req) -> list[str]:
+        return [f"{req.seed:08x}{pos:024x}" for pos in range(req.num_prompt_tokens // self.bs)]
+
+    # ------------------------------------------------------------------ engine
+    def add(self, req_id: str, prompt: int, max_tokens: int = 40, seed: int | None = None) -> Req:
+        req = Req(req_id, prompt, max_tokens, seed if seed is not None else len(self.reqs) + 1)
+        self.reqs[req_id] = req
+        self.scheduler.request_begin(req)
+        return req
+
+    def preempt(self, req_id: str) -> None:
+        req = self.reqs[req_id]
+        for block in req.block_ids:
+            self._release(block)
+        req.block_ids, req.num_computed_tokens, req.resumed = [], 0, True
+
+    def finish(self, req_id: str) -> None:
+        req = self.reqs.pop(req_id)
+        for block in req.block_ids:
+            self._release(block)
+        self.scheduler.request_finished(req_id)
+        self.worker.request_finished(req_id)
+
+    def _release(self, block: int) -> None:
+        if block:
+            for k, v in self.caches:
+                k[block].fill_(float("nan"))
+                v[block].fill_(float("nan"))
+            self.free.append(block)
+
+    def step(self, req_ids: list[str] | None = None) -> dict[str, list[LayerRecord]]:
+        reqs = [self.reqs[r] for r in (req_ids or list(self.reqs))]
+        steps, start = [], 0
+        for req in reqs:  # scheduler: budget, then allocation of new blocks
+            num_new = req.num_tokens - req.num_computed_tokens
+            plan = self.scheduler.block_plan(req, num_new)
+            while len(req.block_ids) < plan.num_total_blocks:
+                req.block_ids.append(self.free.pop())
+            for pos in plan.freed_positions:
+                self._release(req.block_ids[pos])
+                req.block_ids[pos] = 0
+            assert sum(1 for b in req.block_ids if b) == plan.num_blocks
+            steps.append(SparseRequestStep(req.request_id, req.num_prompt_tokens, req.num_computed_tokens, num_new,
+                                           list(req.block_ids), start,
+                                           self.hashes(req) if self.store is not None else None, req.resumed))
+            start += num_new
+        batch = SparseBatch(steps, self.bs)
+        width = max(len(r.block_ids) for r in reqs)
+        table = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.int32)
+        seq_lens = torch.tensor([s.seq_len for s in steps], dtype=torch.int32)
+        self.worker.execute_begin(batch)
+        records: dict[str, list[LayerRecord]] = {r.request_id: [] for r in reqs}
+        for layer, name in enumerate(self.layer_names):
+            k_cache, v_cache = self.caches[layer]
+            query = torch.cat([
+                torch.stack([self.query(r, layer, p) for p in range(s.num_computed_tokens, s.seq_len)])
+                for r, s in zip(reqs, steps, strict=True)
+            ])
+            view = self.worker.attention_begin(name, query, None, None, self.caches[layer], table, seq_lens)
+            for r, s in zip(reqs, steps, strict=True):  # the KV write of this step (inside vLLM's attention)
+                k_new, v_new = self.truth(r, layer, range(s.num_computed_tokens, s.seq_len))
+                for i, pos in enumerate(range(s.num_computed_tokens, s.seq_len)):
+                    k_cache[r.block_ids[pos // self.bs], pos % self.bs] = k_new[i]
+                    v_cache[r.block_ids[pos // self.bs], pos % self.bs] = v_new[i]
+            use_table = view.block_table if view is not None else table
+            use_lens = view.seq_lens if view is not None else seq_lens
+            for row, (r, s) in enumerate(zip(reqs, steps, strict=True)):
+                if s.num_scheduled_tokens != 1:
+                    continue
+                q = query[s.query_start : s.query_start + 1]
+                out = paged_decode_attention(q, k_cache, v_cache, use_table[row : row + 1], use_lens[row : row + 1])
+                positions = self._identify(r, layer, use_table[row], int(use_lens[row]), s.seq_len)
+                tk, tv = self.truth(r, layer, range(s.seq_len))
+                dense = paged_decode_attention(q, tk[None], tv[None], torch.zeros(1, 1, dtype=torch.int32),
+                                               torch.tensor([s.seq_len]))
+                records[r.request_id].append(LayerRecord(positions, out[0], dense[0]))
+            self.worker.attention_finished(name, query, None, None, None, self.caches[layer])
+        for r, s in zip(reqs, steps, strict=True):  # the connector's dump of the prompt blocks (all layers)
+            if s.finishes_prefill and self.store is not None:
+                full = r.num_prompt_tokens // self.bs
+                keep = [p for p in range(full) if p not in self.skip_dump]
+                slots = torch.tensor([r.block_ids[p] for p in keep], dtype=torch.int64)
+                ids = [self.hashes(r)[p] for p in keep]
+                self.store.dump(ids, BlockPages(list(self.caches), slots)).wait()
+        self.stats.append(self.worker.execute_finished())
+        for r, s in zip(reqs, steps, strict=True):
+            r.num_computed_tokens = s.seq_len
+            r.num_output = max(r.num_output, s.seq_len + 1 - r.num_prompt_tokens)
+            r.resumed = False
+        self.history.append(records)
+        return records
+
+    def _identify(self, req: Req, layer: int, row: torch.Tensor, length: int, seq_len: int) -> list[int]:
+        """Logical position of every block a table row lists; asserts each holds exactly its true KV."""
+        n = -(-length // self.bs)
+        tk, tv = self.truth(req, layer, range(seq_len))
+        k_cache, v_cache = self.caches[layer]
+        positions = []
+        for i, block in enumerate(row[:n].tolist()):
+            valid = self.bs if i < n - 1 else length - (n - 1) * self.bs
+            got = k_cache[block, :valid]
+            match = [p for p in range(-(-seq_len // self.bs))
+                     if torch.equal(tk[p * self.bs : p * self.bs + valid], got)
+                     and torch.equal(tv[p * self.bs : p * self.bs + valid], v_cache[block, :valid])]
+            assert match, f"{req.request_id} layer {layer}: block {block} holds no block of the request (garbage)"
+            positions.append(match[0])
+        assert len(set(positions)) == len(positions), positions
+        assert positions[-1] == -(-seq_len // self.bs) - 1  # the block being written stays last
+        return positions

@@ -1,0 +1,72 @@
+"""One batched ESA decode step in resident mode: select the top-k candidate blocks of every request and build
+the sparse block table and sequence lengths the attention reads, entirely on the device (no host round trip).
+
+Used by the ESA tests and benchmark (scoring + top-k + table; the attention is the caller's), and usable by an
+integration whose KV stays resident. The per-request worker pipeline (`ucm.sparse.esa.esa`) applies the same
+layout rule: sink blocks, selected blocks, then local window + generated blocks, the partial last block last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ucm.device import Backend
+
+
+def sparse_block_tables(
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor,
+    counts: torch.Tensor,
+    sink_end: int,
+    local_start: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse rows = [0, sink_end) + (sink_end + selected[b, :counts[b]]) + [local_start[b], ceil(len / bs)).
+
+    ``selected`` int64 ``[B, K]`` candidate indices (ascending, -1 padded, as `topk_masked` returns). Returns the
+    int32 table ``[B, sink_end + K + max tail]`` (physical ids; padding repeats entry 0 and is never read) and
+    the int32 sequence lengths (tokens in the kept blocks).
+    """
+    device = block_table.device
+    seq_lens = seq_lens.to(device, torch.int64)
+    counts = counts.to(device, torch.int64)
+    local_start = local_start.to(device, torch.int64)
+    total = (seq_lens + block_size - 1) // block_size
+    tail = total - local_start
+    width_k = selected.shape[1]
+    width = sink_end + width_k + int(tail.max()) if seq_lens.numel() else 0
+    j = torch.arange(width, device=device)[None, :]
+    if width_k:
+        index = (j - sink_end).clamp(0, width_k - 1).expand(selected.shape[0], -1)
+        picked = selected.to(device).gather(1, index) + sink_end
+    else:
+        picked = torch.zeros_like(j)
+    after = local_start[:, None] + (j - sink_end - counts[:, None])
+    pos = torch.where(j < sink_end, j, torch.where(j < sink_end + counts[:, None], picked, after))
+    kept = sink_end + counts + tail
+    pos = torch.where(j < kept[:, None], pos, torch.zeros_like(pos)).expand(block_table.shape[0], -1)
+    table = block_table.gather(1, pos).to(torch.int32)
+    lens = (kept - 1) * block_size + seq_lens - (total - 1) * block_size
+    return table, lens.to(torch.int32)
+
+
+def esa_sparse_tables(
+    backend: Backend,
+    query: torch.Tensor,
+    reps: torch.Tensor,
+    cu_blocks: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sink_end: int,
+    local_start: torch.Tensor,
+    k: int | torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scoring + top-k (`Backend.select_blocks`) + `sparse_block_tables` for a batch of decode queries.
+
+    ``reps`` packs request b's candidate representations in rows ``cu_blocks[b]:cu_blocks[b+1]`` (candidate c of
+    request b is logical block ``sink_end + c``). Returns (table, lens, selected, counts)."""
+    selected, counts = backend.select_blocks(query, reps, cu_blocks, k)
+    table, lens = sparse_block_tables(block_table, seq_lens, selected, counts, sink_end, local_start, block_size)
+    return table, lens, selected, counts
