@@ -25,5 +25,7 @@ setup(
             "cuda = ucm.backends.cuda:CudaBackend",
             "npu = ucm.backends.npu:NpuBackend",
         ],
+        # vLLM loads this in every process: installs the sparse hooks (inert unless a sparse method is set)
+        "vllm.general_plugins": ["ucm = ucm.integration.vllm.plugin:register"],
     },
 )

@@ -1,0 +1,1 @@
+"""Engine integrations: glue between ucm (stores, sparse algorithms, device layer) and serving engines."""
