@@ -61,7 +61,7 @@ class WorkerSparseHook:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         starts = runner.query_start_loc.np[: num_reqs + 1]
-        hashes_of = getattr(self.connector, "sparse_block_hashes", None)
+        hashes_of = getattr(self.connector, "request_block_ids", None)  # store ids of the prompt blocks
         requests: list[SparseRequestStep] = []
         shrunk: set[int] = set()
         for row, req_id in enumerate(batch.req_ids[:num_reqs]):
