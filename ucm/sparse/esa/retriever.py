@@ -39,7 +39,7 @@ class EsaRetriever:
     def submit(self, query: torch.Tensor, reps: torch.Tensor, k: int) -> Retrieval:
         """Score ``reps`` with one token's ``query`` ``[num_q_heads, head_dim]`` (GQA) and pick the top ``k``."""
         backend = self.backend
-        cu_blocks = torch.tensor([0, reps.shape[0]], dtype=torch.int64, device=reps.device)
+        cu_blocks = torch.tensor([0, reps.shape[0]], dtype=torch.int64)  # on the host: no sync in top-k
         host = backend.alloc_pinned(8 * max(k, 1)).view(torch.int64)[: max(k, 1)]
         host.fill_(-1)
         if self.stream is not None:

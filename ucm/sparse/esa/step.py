@@ -21,12 +21,14 @@ def sparse_block_tables(
     sink_end: int,
     local_start: torch.Tensor,
     block_size: int,
+    max_tail: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse rows = [0, sink_end) + (sink_end + selected[b, :counts[b]]) + [local_start[b], ceil(len / bs)).
 
     ``selected`` int64 ``[B, K]`` candidate indices (ascending, -1 padded, as `topk_masked` returns). Returns the
     int32 table ``[B, sink_end + K + max tail]`` (physical ids; padding repeats entry 0 and is never read) and
-    the int32 sequence lengths (tokens in the kept blocks).
+    the int32 sequence lengths (tokens in the kept blocks). ``max_tail``: a host bound on the blocks from
+    local_start on (saves a device sync, e.g. inside a CUDA graph).
     """
     device = block_table.device
     seq_lens = seq_lens.to(device, torch.int64)
@@ -35,7 +37,9 @@ def sparse_block_tables(
     total = (seq_lens + block_size - 1) // block_size
     tail = total - local_start
     width_k = selected.shape[1]
-    width = sink_end + width_k + int(tail.max()) if seq_lens.numel() else 0
+    if max_tail is None:
+        max_tail = int(tail.max()) if seq_lens.numel() else 0
+    width = sink_end + width_k + max_tail
     j = torch.arange(width, device=device)[None, :]
     if width_k:
         index = (j - sink_end).clamp(0, width_k - 1).expand(selected.shape[0], -1)
@@ -62,11 +66,14 @@ def esa_sparse_tables(
     local_start: torch.Tensor,
     k: int | torch.Tensor,
     block_size: int,
+    max_tail: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scoring + top-k (`Backend.select_blocks`) + `sparse_block_tables` for a batch of decode queries.
 
     ``reps`` packs request b's candidate representations in rows ``cu_blocks[b]:cu_blocks[b+1]`` (candidate c of
     request b is logical block ``sink_end + c``). Returns (table, lens, selected, counts)."""
     selected, counts = backend.select_blocks(query, reps, cu_blocks, k)
-    table, lens = sparse_block_tables(block_table, seq_lens, selected, counts, sink_end, local_start, block_size)
+    table, lens = sparse_block_tables(
+        block_table, seq_lens, selected, counts, sink_end, local_start, block_size, max_tail
+    )
     return table, lens, selected, counts
