@@ -1,0 +1,157 @@
+"""Parity of batched block gather/scatter with `ucm.device.reference` on every implementation.
+
+Layouts: vLLM's one tensor per layer ``[num_blocks, num_kv_heads, block_size, 2*head_size]``, Ascend's (k, v)
+tuples ``[num_blocks, block_size, num_kv_heads, head_size]``, lists of layers, and page tensors whose blocks are
+strided (a view of every other block). Buffers: pinned host, pageable host and device memory, with optional rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity_impls import host_buffer, random_tensor
+
+from ucm.device import reference
+from ucm.device.backend import Backend
+from ucm.errors import UcmConfigError
+
+SENTINEL = 0xA5
+# (num_blocks, num_kv_heads, block_size, head_size): non-powers of two and a realistic one
+SHAPES = [(7, 3, 5, 12), (12, 2, 16, 64), (5, 1, 3, 5)]
+COPY_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]  # uint8: odd sizes -> 1-byte words
+LAYOUTS = ["vllm_layer", "kv_tuple", "layers", "strided_blocks"]
+
+
+def make_cache(layout: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+    nb, heads, bs, hd = shape
+    if layout == "vllm_layer":
+        return random_tensor((nb, heads, bs, 2 * hd), dtype, device)
+    if layout == "kv_tuple":
+        return (random_tensor((nb, bs, heads, hd), dtype, device), random_tensor((nb, bs, heads, hd), dtype, device))
+    if layout == "layers":
+        return [
+            random_tensor((nb, heads, bs, 2 * hd), dtype, device),
+            (random_tensor((nb, bs, heads, hd), dtype, device), random_tensor((nb, bs, heads, hd), dtype, device)),
+            random_tensor((nb, heads, bs, 2 * hd), dtype, device),
+        ]
+    if layout == "strided_blocks":
+        return random_tensor((2 * nb, heads, bs, 2 * hd), dtype, device)[::2]
+    raise AssertionError(layout)
+
+
+def page_bytes(pages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host copies of the page tensors as raw bytes (bit-exact comparison, NaN patterns included)."""
+    return [p.cpu().contiguous().view(torch.uint8) for p in pages]
+
+
+def pick(n_total: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.randperm(n_total)[:n].to(device)
+
+
+def use_mode(impl: Backend, kind: str) -> str:
+    """'pinned-staged' runs the CUDA backend's staged path (device gather + one DMA) on a pinned buffer."""
+    if kind != "pinned-staged":
+        return kind
+    if not hasattr(impl, "host_copy"):
+        pytest.skip(f"{impl.name} has no staged host-copy mode")
+    impl.host_copy = "staged"
+    return "pinned"
+
+
+@pytest.fixture(autouse=True)
+def _restore_host_copy(impl: Backend):
+    yield
+    if "host_copy" in vars(impl):
+        del impl.host_copy
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", COPY_DTYPES, ids=str)
+@pytest.mark.parametrize("buffer", ["pinned", "pageable", "device", "pinned-staged"])
+@pytest.mark.parametrize("with_rows", [False, True], ids=["rows=None", "rows"])
+def test_gather_matches_reference(impl: Backend, layout: str, dtype: torch.dtype, buffer: str, with_rows: bool):
+    shape = SHAPES[torch.randint(len(SHAPES), ()).item()]
+    cache = make_cache(layout, shape, dtype, impl.device)
+    pages = reference.as_page_tensors(cache)
+    width = reference.bytes_per_block(pages)
+    n = int(torch.randint(1, shape[0] + 1, ()))
+    ids = pick(shape[0], n, torch.device("cpu") if with_rows else impl.device)  # host and device ids
+    n_rows = n + 3 if with_rows else n
+    rows = torch.randperm(n_rows)[:n] if with_rows else None
+    out = host_buffer(impl, use_mode(impl, buffer), n_rows, width)
+    out.fill_(SENTINEL)
+    handle = impl.gather_blocks(cache, ids, out, rows, stream=impl.new_stream())
+    handle.wait()
+    assert handle.done()
+    expected = torch.full((n_rows, width), SENTINEL, dtype=torch.uint8)
+    reference.gather_blocks([p.cpu() for p in pages], ids.cpu(), expected, rows)
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", COPY_DTYPES, ids=str)
+@pytest.mark.parametrize("buffer", ["pinned", "pageable", "device", "pinned-staged"])
+@pytest.mark.parametrize("with_rows", [False, True], ids=["rows=None", "rows"])
+def test_scatter_matches_reference(impl: Backend, layout: str, dtype: torch.dtype, buffer: str, with_rows: bool):
+    shape = SHAPES[torch.randint(len(SHAPES), ()).item()]
+    cache = make_cache(layout, shape, dtype, impl.device)
+    pages = reference.as_page_tensors(cache)
+    width = reference.bytes_per_block(pages)
+    n = int(torch.randint(1, shape[0] + 1, ()))
+    ids = pick(shape[0], n, torch.device("cpu") if with_rows else impl.device)
+    n_rows = n + 2 if with_rows else n
+    rows = torch.randperm(n_rows)[:n] if with_rows else None
+    src = host_buffer(impl, use_mode(impl, buffer), n_rows, width)
+    src.copy_(torch.randint(0, 256, (n_rows, width), dtype=torch.uint8))
+    expected = [p.cpu().clone() for p in pages]
+    reference.scatter_blocks(src.cpu(), expected, ids.cpu(), rows)
+    impl.scatter_blocks(src, cache, ids, rows, stream=impl.new_stream()).wait()
+    for got, want in zip(page_bytes(pages), page_bytes(expected), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("buffer", ["pinned", "device"])
+def test_round_trip_through_buffer_moves_blocks_between_caches(impl: Backend, buffer: str):
+    """Offload blocks of one cache and load them into other slots of a second cache (a store's life cycle)."""
+    shape = (9, 2, 4, 8)
+    src_cache = make_cache("kv_tuple", shape, torch.bfloat16, impl.device)
+    dst_cache = make_cache("kv_tuple", shape, torch.bfloat16, impl.device)
+    src_ids, dst_ids = torch.tensor([4, 0, 8]), torch.tensor([1, 7, 3])
+    width = reference.bytes_per_block(reference.as_page_tensors(src_cache))
+    buf = host_buffer(impl, buffer, 3, width)
+    side = impl.new_stream()
+    impl.gather_blocks(src_cache, src_ids, buf, stream=side).wait()
+    impl.scatter_blocks(buf, dst_cache, dst_ids, stream=side).wait()
+    for s, d in zip(src_cache, dst_cache, strict=True):
+        assert torch.equal(d[dst_ids.to(d.device)].cpu(), s[src_ids.to(s.device)].cpu())
+
+
+def test_empty_block_list_touches_nothing(impl: Backend):
+    cache = make_cache("layers", SHAPES[0], torch.float16, impl.device)
+    pages = reference.as_page_tensors(cache)
+    width = reference.bytes_per_block(pages)
+    before = page_bytes(pages)
+    ids = torch.empty(0, dtype=torch.int64)
+    out = host_buffer(impl, "pinned", 2, width).fill_(SENTINEL)
+    handle = impl.gather_blocks(cache, ids, out)
+    handle.wait()
+    assert handle.done() and bool((out.cpu() == SENTINEL).all())
+    impl.scatter_blocks(out, cache, ids, rows=torch.empty(0, dtype=torch.int64)).wait()
+    assert all(torch.equal(a, b) for a, b in zip(page_bytes(pages), before, strict=True))
+
+
+def test_bad_arguments_raise_typed_errors(impl: Backend):
+    cache = make_cache("kv_tuple", SHAPES[1], torch.float16, impl.device)
+    width = reference.bytes_per_block(reference.as_page_tensors(cache))
+    out = host_buffer(impl, "pinned", 4, width)
+    with pytest.raises(UcmConfigError, match="gather_blocks out"):
+        impl.gather_blocks(cache, torch.tensor([0, 1]), host_buffer(impl, "pinned", 4, width - 2)).wait()
+    with pytest.raises(UcmConfigError, match="gather_blocks out"):
+        impl.gather_blocks(cache, torch.tensor([0, 1, 2, 3, 5]), out).wait()  # more blocks than rows
+    with pytest.raises(UcmConfigError, match="rows"):
+        impl.gather_blocks(cache, torch.tensor([0, 1]), out, rows=torch.tensor([0])).wait()
+    with pytest.raises((UcmConfigError, IndexError, RuntimeError)):
+        impl.gather_blocks(cache, torch.tensor([0, SHAPES[1][0]]), out).wait()  # id past the cache
+    transposed = random_tensor((4, 3, SHAPES[1][0], 8), torch.float16, impl.device).transpose(0, 2)
+    with pytest.raises(UcmConfigError, match="page tensor strides"):
+        impl.gather_blocks(transposed, torch.tensor([0]), out).wait()
