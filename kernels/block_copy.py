@@ -13,13 +13,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from ucm.device.reference import check_block_buffer, page_nbytes
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
+from ._triton import tl, triton
 
 _CHUNK_BYTES = 8192  # bytes one program moves per step: enough loads in flight to hide PCIe latency
 _MAX_CHUNK_PROGRAMS = 65535  # grid limit of axis 1

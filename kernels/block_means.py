@@ -8,12 +8,11 @@ per (block, KV head) reads the block's K tokens through the cache's strides, so 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
+from ._triton import tl, triton
 
 
 @triton.jit(do_not_specialize=["block_size"])

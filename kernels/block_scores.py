@@ -8,12 +8,11 @@ then streams the blocks' float32 representations (the only large read: a memory-
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
+from ._triton import tl, triton
 
 _BLOCK_N = 16  # blocks per program: small, so short contexts still spread over every SM
 

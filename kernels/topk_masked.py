@@ -10,12 +10,11 @@ registers; longer rows are streamed in chunks.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
+from ._triton import tl, triton
 
 _MAX_SINGLE = 16384  # widest row kept in registers by one program
 _CHUNK = 4096  # chunk of a longer row

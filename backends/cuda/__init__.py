@@ -9,7 +9,6 @@ not on a CUDA device fall back to the reference ops.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import ClassVar
 
 import torch
@@ -17,6 +16,14 @@ import torch
 from ucm import kernels
 from ucm.device import reference
 from ucm.device.backend import Backend
+
+# The kernel modules import triton; load them on first use so this module imports anywhere.
+
+
+def _copy_blocks(*args, **kwargs) -> None:
+    from ucm.kernels.block_copy import copy_blocks
+
+    copy_blocks(*args, **kwargs)
 
 
 def _on_cuda(*tensors: torch.Tensor | None) -> bool:
@@ -33,9 +40,7 @@ class CudaBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         if not torch.cuda.is_available():
             return "torch reports no CUDA device (torch.cuda.is_available() is False)"
-        if importlib.util.find_spec("triton") is None:
-            return kernels.triton_unavailable_reason()
-        return None
+        return kernels.triton_unavailable_reason()
 
     # ------------------------------------------------------------------ 4. batched block gather / scatter
     def _direct(self, buf: torch.Tensor) -> bool:
@@ -48,12 +53,12 @@ class CudaBackend(Backend):
         if not _on_cuda(*pages):
             return super()._gather(pages, block_ids, out, rows)
         if self._direct(out):
-            return kernels.copy_blocks(pages, block_ids, out, rows, to_buffer=True)
+            return _copy_blocks(pages, block_ids, out, rows, to_buffer=True)
         n = block_ids.numel()
         min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
         width = reference.check_block_buffer(out, pages, min_rows, "gather_blocks out")
         staging = torch.empty(n, width, dtype=torch.uint8, device=pages[0].device)
-        kernels.copy_blocks(pages, block_ids, staging, to_buffer=True)
+        _copy_blocks(pages, block_ids, staging, to_buffer=True)
         if rows is None:
             out[:n].copy_(staging, non_blocking=out.is_pinned())
         else:
@@ -65,13 +70,13 @@ class CudaBackend(Backend):
         if not _on_cuda(*pages):
             return super()._scatter(src, pages, block_ids, rows)
         if self._direct(src):
-            return kernels.copy_blocks(pages, block_ids, src, rows, to_buffer=False)
+            return _copy_blocks(pages, block_ids, src, rows, to_buffer=False)
         n = block_ids.numel()
         min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
         reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
         chunk = src[:n] if rows is None else src.index_select(0, rows.to(src.device))
         staging = chunk.to(pages[0].device, non_blocking=chunk.is_pinned())
-        kernels.copy_blocks(pages, block_ids, staging, to_buffer=False)
+        _copy_blocks(pages, block_ids, staging, to_buffer=False)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
     def topk_masked(
@@ -83,19 +88,25 @@ class CudaBackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not scores.is_cuda:
             return super().topk_masked(scores, k, lengths, exclude)
-        return kernels.topk_masked(scores, k, lengths, exclude)
+        from ucm.kernels.topk_masked import topk_masked
+
+        return topk_masked(scores, k, lengths, exclude)
 
     def block_means(
         self, k_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         if not k_cache.is_cuda:
             return super().block_means(k_cache, block_ids, num_tokens)
-        return kernels.block_means(k_cache, block_ids, num_tokens)
+        from ucm.kernels.block_means import block_means
+
+        return block_means(k_cache, block_ids, num_tokens)
 
     def block_scores(self, query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor) -> torch.Tensor:
         if not reps.is_cuda:
             return super().block_scores(query, reps, cu_blocks)
-        return kernels.block_scores(query, reps, cu_blocks)
+        from ucm.kernels.block_scores import block_scores
+
+        return block_scores(query, reps, cu_blocks)
 
     def select_blocks(
         self,
@@ -108,9 +119,12 @@ class CudaBackend(Backend):
         """Scoring + top-k: two launches; with `cu_blocks`, `k` and `exclude` on the host, no synchronization."""
         if not reps.is_cuda:
             return super().select_blocks(query, reps, cu_blocks, k, exclude)
-        scores = kernels.block_scores(query, reps, cu_blocks)
+        from ucm.kernels.block_scores import block_scores
+        from ucm.kernels.topk_masked import topk_masked
+
+        scores = block_scores(query, reps, cu_blocks)
         lengths = cu_blocks[1:] - cu_blocks[:-1]  # stays where cu_blocks is: on the host, no sync in top-k
-        return kernels.topk_masked(scores, k, lengths, exclude)
+        return topk_masked(scores, k, lengths, exclude)
 
 
 __all__ = ["CudaBackend"]
