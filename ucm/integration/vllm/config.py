@@ -1,0 +1,178 @@
+"""The connector's configuration: `kv_connector_extra_config` parsed and checked against the model.
+
+Owned by the connector (`ucm.integration.vllm.uc_connector`), which builds one `ConnectorConfig` per role at
+engine start. Every mistake raises one `UcmConfigError` naming the field, the value and what is accepted, so the
+engine fails to start with a message a user can act on (never a half-working engine).
+
+Fields (all under ``kv_connector_extra_config``)::
+
+    ucm_connector_name      store name: "UcmDram" | "UcmNfsStore" (or a registered store)      required
+    ucm_connector_config    that store's fields (see ``docs/stores.md``); ``kv_block_size`` may be
+                            omitted (derived from the model), if given it must equal the model's
+                            bytes per block (all layers of one worker)                          required
+    ucm_sparse_method       "ESA" (or a registered method); absent/null: dense attention          optional
+    ucm_sparse_config       {"ESA": {...}} per-method fields                                      optional
+    ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
+    ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
+    ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
+    ucm_device_backend      ucm device backend name (default: automatic / $UCM_DEVICE_BACKEND)    optional
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ucm.errors import UcmConfigError
+
+#: Every top-level field this connector reads; other ``ucm_*`` keys are typos and rejected.
+KNOWN_FIELDS = (
+    "ucm_connector_name",
+    "ucm_connector_config",
+    "ucm_sparse_method",
+    "ucm_sparse_config",
+    "ucm_prefix_reuse",
+    "ucm_save_blocks",
+    "ucm_load_failure_policy",
+    "ucm_device_backend",
+)
+LOAD_FAILURE_POLICIES = ("recompute", "fail")
+#: Stores whose content lives in one process's memory: the scheduler cannot open them and keeps an index of the
+#: blocks its workers reported as stored instead (a stale entry only costs a failed load, which is recomputed).
+PROCESS_LOCAL_STORES = ("UcmDram",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBlockShape:
+    """What one vLLM block of this worker weighs: the store's row width must equal `bytes_per_block`."""
+
+    block_size: int  # tokens per block
+    num_layers: int
+    page_bytes: int  # bytes of one block of one layer (K and V)
+    dtype: str
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.num_layers * self.page_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    store_name: str
+    store_config: dict[str, Any]  # includes the checked kv_block_size
+    sparse_method: str | None
+    sparse_config: Mapping[str, Any] | None
+    prefix_reuse: bool
+    save_blocks: bool
+    load_failure_policy: str
+    device_backend: str | None
+    block: ModelBlockShape
+
+    @property
+    def store_is_process_local(self) -> bool:
+        return self.store_name in PROCESS_LOCAL_STORES or bool(getattr(self._store_class(), "process_local", False))
+
+    def _store_class(self) -> type:
+        from ucm.store import store_class
+
+        return store_class(self.store_name)
+
+    @classmethod
+    def parse(cls, extra: Mapping[str, Any] | None, block: ModelBlockShape) -> ConnectorConfig:
+        """Validate ``kv_connector_extra_config`` for a model whose blocks look like `block`."""
+        from ucm.store import store_class
+        from ucm.store.factory import check_config
+
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, Mapping):
+            raise UcmConfigError("kv_connector_extra_config", extra, "a mapping of ucm_* fields")
+        for key in extra:
+            if isinstance(key, str) and key.startswith("ucm_") and key not in KNOWN_FIELDS:
+                raise UcmConfigError(f"kv_connector_extra_config.{key}", extra[key], f"a known field: {KNOWN_FIELDS}")
+
+        name = extra.get("ucm_connector_name")
+        if name is None:
+            raise UcmConfigError("ucm_connector_name", "<missing>", "a store name, e.g. 'UcmDram' or 'UcmNfsStore'")
+        store_cls = store_class(name)  # unknown name -> UcmConfigError listing the registered stores
+
+        raw = extra.get("ucm_connector_config")
+        if raw is None:
+            raise UcmConfigError("ucm_connector_config", "<missing>", f"a mapping with the fields of {name}")
+        check_config(store_cls, raw)  # not a mapping / unknown field -> UcmConfigError listing accepted fields
+        store_config = dict(raw)
+        expected = block.bytes_per_block
+        given = store_config.get("kv_block_size")
+        if given is None:
+            store_config["kv_block_size"] = expected
+        elif isinstance(given, bool) or not isinstance(given, int) or given != expected:
+            raise UcmConfigError(
+                "ucm_connector_config.kv_block_size",
+                given,
+                f"{expected} for this model ({block.num_layers} layers x {block.page_bytes} B per {block.block_size}-"
+                f"token block of K and V in {block.dtype}), or leave it out to derive it",
+            )
+        if name in ("UcmNfsStore",) and not store_config.get("storage_backends"):
+            raise UcmConfigError(
+                "ucm_connector_config.storage_backends",
+                store_config.get("storage_backends", "<missing>"),
+                "an existing directory path, or a list of them",
+            )
+        if name in ("UcmDram",) and "max_cache_size" not in store_config:
+            raise UcmConfigError("ucm_connector_config.max_cache_size", "<missing>", f"an int >= {expected} bytes")
+
+        method = extra.get("ucm_sparse_method") or None
+        if method is not None:
+            from ucm.sparse.registry import sparse_class
+
+            sparse_class(method)  # unknown method -> UcmConfigError listing the known ones
+        sparse_config = extra.get("ucm_sparse_config")
+        if sparse_config is not None and not isinstance(sparse_config, Mapping):
+            raise UcmConfigError("ucm_sparse_config", sparse_config, "a mapping {method name: {field: value}}")
+
+        policy = extra.get("ucm_load_failure_policy", "recompute")
+        if policy not in LOAD_FAILURE_POLICIES:
+            raise UcmConfigError("ucm_load_failure_policy", policy, LOAD_FAILURE_POLICIES)
+        backend = extra.get("ucm_device_backend")
+        if backend is not None:
+            from ucm.device.registry import registered_backends
+
+            if backend not in registered_backends() and backend != "auto":
+                raise UcmConfigError("ucm_device_backend", backend, sorted(registered_backends()) + ["auto"])
+
+        return cls(
+            store_name=name,
+            store_config=store_config,
+            sparse_method=method,
+            sparse_config=sparse_config,
+            prefix_reuse=_flag(extra, "ucm_prefix_reuse"),
+            save_blocks=_flag(extra, "ucm_save_blocks"),
+            load_failure_policy=policy,
+            device_backend=backend,
+            block=block,
+        )
+
+
+def _flag(extra: Mapping[str, Any], field: str, default: bool = True) -> bool:
+    value = extra.get(field, default)
+    if not isinstance(value, bool):
+        raise UcmConfigError(field, value, "true or false")
+    return value
+
+
+def model_block_shape(kv_cache_config: Any, block_size: int) -> ModelBlockShape:
+    """Bytes per block from vLLM's `KVCacheConfig` (one group of attention layers with equal pages)."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", []) or [])
+    if len(groups) != 1:
+        raise UcmConfigError(
+            "model KV cache groups", len(groups), "exactly one group (decoder-only attention, no hybrid layers)"
+        )
+    spec = groups[0].kv_cache_spec
+    page = int(spec.page_size_bytes)
+    return ModelBlockShape(
+        block_size=int(getattr(spec, "block_size", block_size)),
+        num_layers=len(groups[0].layer_names),
+        page_bytes=page,
+        dtype=str(getattr(spec, "dtype", "unknown")).replace("torch.", ""),
+    )

@@ -1,0 +1,75 @@
+"""Messages between the connector's two halves (all plain data: they cross process boundaries).
+
+- `UcmConnectorMetadata`: scheduler -> workers, once per step (built by `build_connector_meta`).
+- `UcmWorkerMetadata`: workers -> scheduler, once per step (`build_connector_worker_meta`), aggregated over
+  workers by vLLM.
+- `UcmHandshake`: each worker -> scheduler once at start: the block namespace the worker derived from its real
+  KV caches, so scheduler lookups and worker dumps name blocks the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclasses.dataclass
+class BlockTransfer:
+    """Move the blocks at logical positions `positions` of request `req_id` to/from vLLM blocks `block_ids`."""
+
+    req_id: str
+    positions: list[int]
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class UcmConnectorMetadata(KVConnectorMetadata):
+    #: store ids of the full prompt blocks of requests new to the workers: req_id -> tp_rank -> ids
+    new_requests: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=dict)
+    loads: list[BlockTransfer] = dataclasses.field(default_factory=list)  # before this step's forward
+    dumps: list[BlockTransfer] = dataclasses.field(default_factory=list)  # computed by this step's forward
+    preempted_req_ids: list[str] = dataclasses.field(default_factory=list)
+    # --- sparse hook (hooks engineer): per-step metadata of the sparse algorithm's scheduler side, or None.
+    sparse: Any = None
+
+
+@dataclasses.dataclass
+class UcmWorkerMetadata(KVConnectorWorkerMetadata):
+    #: req_id -> [blocks loaded, blocks whose load failed] in this step
+    load_results: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    #: tp_rank -> ids published by finished dumps (only for process-local stores: the scheduler's index)
+    stored_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index)
+    missing_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, UcmWorkerMetadata)
+        merged = UcmWorkerMetadata(
+            {k: list(v) for k, v in self.load_results.items()},
+            {k: list(v) for k, v in self.stored_ids.items()},
+            {k: list(v) for k, v in self.missing_ids.items()},
+        )
+        for req_id, (ok, failed) in other.load_results.items():
+            # a block counts as loaded only when every worker loaded its shard of it
+            mine = merged.load_results.setdefault(req_id, [ok, failed])
+            mine[0], mine[1] = min(mine[0], ok), max(mine[1], failed)
+        for rank, ids in other.stored_ids.items():
+            merged.stored_ids.setdefault(rank, []).extend(ids)
+        for rank, ids in other.missing_ids.items():
+            merged.missing_ids.setdefault(rank, []).extend(ids)
+        return merged
+
+    def is_empty(self) -> bool:
+        return not (self.load_results or self.stored_ids or self.missing_ids)
+
+
+@dataclasses.dataclass
+class UcmHandshake(KVConnectorHandshakeMetadata):
+    namespace: str
+    bytes_per_block: int

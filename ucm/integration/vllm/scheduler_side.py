@@ -1,0 +1,231 @@
+"""The connector's scheduler half: which prompt blocks come from the store and which are saved to it.
+
+Runs in vLLM's scheduler process, driven by `UnifiedCacheConnectorV1` (the vLLM scheduler calls
+`get_num_new_matched_tokens`, `update_state_after_alloc`, `build_connector_meta`, `update_connector_output`,
+`request_finished`). It never touches KV bytes: it names blocks (chained content hashes under the namespaces
+the workers sent at start), looks them up, and tells the workers what to load and dump each step.
+
+Prefix reuse: the full blocks of a prompt beyond vLLM's own prefix-cache hit that are all in the store (longest
+run, in every worker's namespace) are reported as external tokens and loaded synchronously before the forward.
+At least one prompt token is always left to compute. Dumps: the full prompt blocks computed in a step are dumped
+after it (planned from the step's computed range, so blocks recomputed after a failed load are dumped again).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+from vllm.logger import init_logger
+
+from ucm.integration.vllm.config import ConnectorConfig
+from ucm.integration.vllm.metadata import BlockTransfer, UcmConnectorMetadata, UcmHandshake, UcmWorkerMetadata
+from ucm.integration.vllm.stats import UcmConnectorStats
+from ucm.store import block_ids_for_tokens
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares vLLM's log handlers
+
+
+@dataclasses.dataclass
+class _Request:
+    request: Any  # vllm.v1.request.Request
+    ids: dict[int, list[str]] | None = None  # tp_rank -> store ids of the full prompt blocks
+    sent: bool = False  # ids sent to the workers
+    planned_load: tuple[int, int] | None = None  # (first position, count) from the last lookup
+    hit_blocks: int = 0
+    loaded_blocks: int = 0
+    load_failed_blocks: int = 0
+    dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
+
+
+class ConnectorScheduler:
+    def __init__(self, config: ConnectorConfig, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        self.namespaces: dict[int, str] = {}  # tp_rank -> namespace (from the workers' handshake)
+        self.store = None  # a lookup-only instance on shared storage; None for process-local stores
+        if not config.store_is_process_local:
+            from ucm.store import create_store
+
+            self.store = create_store(config.store_name, config.store_config, _backend(config))
+        capacity = None
+        if config.store_is_process_local and "max_cache_size" in config.store_config:
+            capacity = int(config.store_config["max_cache_size"]) // int(config.store_config["kv_block_size"])
+        self._index_capacity = capacity
+        self._index: dict[int, collections.OrderedDict[str, None]] = {}  # process-local stores: rank -> ids
+        self._requests: dict[str, _Request] = {}
+        self._pending_loads: list[BlockTransfer] = []
+        self._kv_cache_manager: Any = None
+        self.stats = UcmConnectorStats()
+
+    # ------------------------------------------------------------------ start-up
+    def set_handshakes(self, metadata: dict[int, Any]) -> None:
+        for rank, meta in metadata.items():
+            if not isinstance(meta, UcmHandshake):
+                continue
+            self.namespaces[int(rank)] = meta.namespace
+        logger.info("UCM connector: block namespaces of %d worker(s): %s", len(self.namespaces), self.namespaces)
+
+    def bind_kv_cache_manager(self, manager: Any) -> None:
+        self._kv_cache_manager = manager
+
+    # ------------------------------------------------------------------ naming and lookup
+    def _state(self, request: Any) -> _Request:
+        state = self._requests.get(request.request_id)
+        if state is None or state.request is not request:
+            state = self._requests[request.request_id] = _Request(request)
+        return state
+
+    def _ids(self, state: _Request) -> dict[int, list[str]]:
+        if state.ids is None:
+            prompt = state.request.prompt_token_ids
+            if prompt is None or not self.namespaces:
+                return {}  # prompt embeddings, or no namespace yet: nothing to name
+            state.ids = {
+                rank: block_ids_for_tokens(list(prompt), self.block_size, ns) for rank, ns in self.namespaces.items()
+            }
+        return state.ids
+
+    def _lookup_run(self, ids: dict[int, list[str]], start: int, stop: int) -> int:
+        """Length of the run of positions start.. < stop stored for every worker."""
+        if stop <= start:
+            return 0
+        run = stop - start
+        for rank, rank_ids in ids.items():
+            wanted = rank_ids[start:stop]
+            if self.store is not None:
+                run = min(run, self.store.lookup_prefix(wanted[:run]))
+            else:
+                index = self._index.get(rank, {})
+                count = 0
+                for block_id in wanted[:run]:
+                    if block_id not in index:
+                        break
+                    count += 1
+                run = min(run, count)
+            if run == 0:
+                break
+        return run
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        state = self._state(request)
+        state.planned_load = None
+        if not self.config.prefix_reuse:
+            return 0, False
+        ids = self._ids(state)
+        if not ids:
+            return 0, False
+        # Leave at least one prompt token to compute (vLLM needs logits for it).
+        max_blocks = (request.num_prompt_tokens - 1) // self.block_size
+        start = num_computed_tokens // self.block_size
+        run = self._lookup_run(ids, start, max_blocks)
+        self.stats.add(lookup_blocks=max(0, max_blocks - start))
+        if run == 0:
+            return 0, False
+        state.planned_load = (start, run)
+        return run * self.block_size, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        state = self._state(request)
+        if num_external_tokens <= 0 or state.planned_load is None:
+            return
+        start, run = state.planned_load
+        count = min(run, num_external_tokens // self.block_size)
+        block_ids = blocks.get_block_ids()[0]
+        positions = list(range(start, start + count))
+        self._pending_loads.append(BlockTransfer(request.request_id, positions, [block_ids[p] for p in positions]))
+        state.hit_blocks += count
+        state.planned_load = None
+        self.stats.add(hit_blocks=count, hit_tokens=count * self.block_size)
+        logger.info(
+            "UCM connector: request %s: %d prompt block(s) (%d tokens) found in %s, loading",
+            request.request_id, count, count * self.block_size, self.config.store_name,
+        )
+
+    # ------------------------------------------------------------------ per step
+    def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
+        meta = UcmConnectorMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        steps: list[tuple[str, int]] = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        steps += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        for req_id, num_computed in steps:
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            ids = self._ids(state)
+            if ids and not state.sent:
+                meta.new_requests[req_id] = ids
+                state.sent = True
+            if not (self.config.save_blocks and ids):
+                continue
+            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            end = min(num_computed + scheduled, state.request.num_prompt_tokens) // self.block_size
+            positions = list(range(num_computed // self.block_size, end))
+            if not positions:
+                continue
+            block_ids = self._block_ids(req_id)
+            if block_ids is None or len(block_ids) < end:
+                continue
+            meta.dumps.append(BlockTransfer(req_id, positions, [block_ids[p] for p in positions]))
+            state.dumped_positions += len(positions)
+        meta.preempted_req_ids = list(getattr(scheduler_output, "preempted_req_ids", None) or [])
+        return meta
+
+    def _block_ids(self, req_id: str) -> list[int] | None:
+        if self._kv_cache_manager is None:
+            return None
+        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+
+    def update_connector_output(self, output: Any) -> None:
+        worker_meta = getattr(output, "kv_connector_worker_meta", None)
+        if not isinstance(worker_meta, UcmWorkerMetadata):
+            return
+        for req_id, (ok, failed) in worker_meta.load_results.items():
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.loaded_blocks += ok
+                state.load_failed_blocks += failed
+        if self.store is None:
+            for rank, ids in worker_meta.stored_ids.items():
+                index = self._index.setdefault(rank, collections.OrderedDict())
+                for block_id in ids:
+                    index[block_id] = None
+                    index.move_to_end(block_id)
+                while self._index_capacity is not None and len(index) > self._index_capacity:
+                    index.popitem(last=False)
+            for rank, ids in worker_meta.missing_ids.items():
+                index = self._index.get(rank, {})
+                for block_id in ids:
+                    index.pop(block_id, None)
+
+    def request_finished(self, request: Any) -> tuple[bool, dict[str, Any]]:
+        """(delay freeing the blocks until the workers' dumps end, per-request stats for the output)."""
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, {"ucm": {"hit_blocks": 0}}
+        summary = {
+            "hit_blocks": state.hit_blocks,
+            "loaded_blocks": state.loaded_blocks,
+            "load_failed_blocks": state.load_failed_blocks,
+            "saved_blocks_planned": state.dumped_positions,
+            "block_size": self.block_size,
+        }
+        return state.dumped_positions > 0, {"ucm": summary}
+
+    def take_stats(self) -> UcmConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, UcmConnectorStats()
+        return stats
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def _backend(config: ConnectorConfig) -> Any:
+    from ucm.device import get_backend
+
+    return get_backend(config.device_backend)

@@ -1,0 +1,269 @@
+"""`UnifiedCacheConnectorV1`: the vLLM KV connector of ucm (prefix reuse from a store, dumps, sparse attention).
+
+vLLM builds one instance per role from ``kv_transfer_config`` (``kv_connector="UnifiedCacheConnectorV1"``,
+``kv_connector_module_path="ucm.integration.vllm.uc_connector"``): one in the scheduler process
+(`ConnectorScheduler` does the work) and one in every worker process (`ConnectorWorker`). This class only
+validates the configuration (`ConnectorConfig`, errors at engine start), routes vLLM's calls to the right half
+and hosts the sparse algorithm object (``self.ucm_sparse``) that the sparse hooks of
+`ucm.integration.vllm.plugin` drive.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from ucm.integration.vllm.config import ConnectorConfig, model_block_shape
+from ucm.integration.vllm.kv_layout import detect_layout
+from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmHandshake
+from ucm.integration.vllm.stats import UcmConnectorStats
+from ucm.store import make_namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares vLLM's log handlers
+
+
+class UnifiedCacheConnectorV1(KVConnectorBase_V1):
+    """ucm's KV connector for vLLM v1 (both roles); see ``docs/connector.md`` for the configuration."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.config = ConnectorConfig.parse(extra, model_block_shape(kv_cache_config, self.block_size))
+        # Blocks that fail to load are recomputed, never handed to the model (vLLM's default would fail the request).
+        self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
+        self._scheduler = None
+        self._worker = None
+        self.ucm_sparse: Any = None
+        if role == KVConnectorRole.SCHEDULER:
+            from ucm.integration.vllm.scheduler_side import ConnectorScheduler
+
+            self._scheduler = ConnectorScheduler(self.config, self.block_size)
+        else:
+            from ucm.integration.vllm.worker_side import ConnectorWorker
+
+            self._worker = ConnectorWorker(self.config, _tp_rank())
+        # --- sparse hook (hooks engineer): the algorithm object, in both roles, when a method is configured.
+        # The worker's instance is created in register_kv_caches, once the store exists.
+        if self.config.sparse_method is not None:
+            from ucm.integration.vllm.plugin import require_sparse_hooks
+
+            require_sparse_hooks()  # unsupported vLLM or plugin not loaded: fail now, never run silently dense
+            if role == KVConnectorRole.SCHEDULER:
+                self.ucm_sparse = self._create_sparse(role)
+
+    def _create_sparse(self, role: KVConnectorRole, **kwargs: Any) -> Any:
+        from ucm.sparse.base import UcmSparseRole
+        from ucm.sparse.registry import create_sparse
+
+        sparse_role = UcmSparseRole.SCHEDULER if role == KVConnectorRole.SCHEDULER else UcmSparseRole.WORKER
+        return create_sparse(
+            self.config.sparse_method, self.config.sparse_config, sparse_role, block_size=self.block_size, **kwargs
+        )
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Loads and dumps run outside the graph (start_load_kv / wait_for_save); the sparse hooks run per layer.
+        return bool((extra_config or {}).get("ucm_sparse_method"))
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return UcmConnectorStats(data=dict(data or {}))
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped dump is a later miss, never a lost hand-off
+
+    # ============================================================== worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        group = self._kv_cache_config.kv_cache_groups[0]
+        layout = detect_layout(
+            kv_caches, list(group.layer_names), int(self._kv_cache_config.num_blocks), _attn_backend_names(group)
+        )
+        if layout.bytes_per_block != self.config.block.bytes_per_block:
+            from ucm.errors import UcmConfigError
+
+            raise UcmConfigError(
+                "ucm_connector_config.kv_block_size",
+                self.config.block.bytes_per_block,
+                f"{layout.bytes_per_block} (bytes per block of the registered KV caches)",
+            )
+        namespace = _namespace(self._vllm_config, self._worker.tp_rank, self.block_size, layout.tag)
+        self._worker.start(layout, namespace)
+        # --- sparse hook (hooks engineer): the worker's algorithm object shares the connector's store.
+        if self.config.sparse_method is not None:
+            self.ucm_sparse = self._create_sparse(KVConnectorRole.WORKER, backend=self._worker.backend,
+                                                  store=self._worker.store)
+            from ucm.integration.vllm.attention_backends import key_views
+
+            caches = layout.as_dict()
+            self.ucm_sparse.register_kv_caches(caches, key_views(caches, self._vllm_config))
+
+    def get_handshake_metadata(self) -> UcmHandshake | None:
+        if self._worker is None or self._worker.layout is None:
+            return None
+        return UcmHandshake(self._worker.namespace, self._worker.layout.bytes_per_block)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, UcmConnectorMetadata):
+            self._worker.bind(connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if self._worker is not None and isinstance(meta, UcmConnectorMetadata):
+            self._worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are waited in start_load_kv, before the forward
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        return  # dumps are whole rows (all layers), submitted once per step in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if self._worker is not None and isinstance(meta, UcmConnectorMetadata):
+            self._worker.save(meta)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, UcmConnectorMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        # --- sparse hook (hooks engineer): release the worker-side state of finished requests.
+        if self.ucm_sparse is not None:
+            for req_id in finished_req_ids:
+                self.ucm_sparse.request_finished(req_id)
+        done = self._worker.get_finished(finished_req_ids)
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        part = self._worker if self._worker is not None else self._scheduler
+        return part.take_stats() if part is not None else None
+
+    def build_connector_worker_meta(self) -> Any:
+        return self._worker.take_worker_meta() if self._worker is not None else None
+
+    def record_sparse_step(self, stats: Any) -> None:
+        """Worker: counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse hooks."""
+        # --- sparse hook (hooks engineer): resident vs full blocks go into the connector's stats.
+        if self._worker is not None:
+            self._worker.stats.add(
+                sparse_requests=stats.sparse_requests,
+                resident_blocks=stats.resident_blocks,
+                full_blocks=stats.full_blocks,
+            )
+
+    def request_block_ids(self, req_id: str) -> list[str] | None:
+        """Worker: store ids of the request's full prompt blocks, position order (for the sparse hooks)."""
+        return self._worker.request_block_ids(req_id) if self._worker is not None else None
+
+    def shutdown(self) -> None:
+        for part in (self._worker, self._scheduler):
+            if part is not None:
+                part.close()
+
+    # ============================================================== scheduler side
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        if self._scheduler is not None:
+            self._scheduler.set_handshakes(metadata)
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self._scheduler is not None:
+            self._scheduler.bind_kv_cache_manager(kv_cache_manager)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        meta = self._scheduler.build_meta(scheduler_output)
+        # --- sparse hook (hooks engineer): per-step metadata of the sparse algorithm for the workers.
+        if self.ucm_sparse is not None and hasattr(self.ucm_sparse, "build_sparse_meta"):
+            meta.sparse = self.ucm_sparse.build_sparse_meta(scheduler_output)
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        # --- sparse hook (hooks engineer): the scheduler side forgets the request.
+        if self.ucm_sparse is not None:
+            self.ucm_sparse.request_finished(request.request_id)
+        return self._scheduler.request_finished(request)
+
+
+# ------------------------------------------------------------------ helpers
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, RuntimeError):
+        return 0
+
+
+def _attn_backend_names(group: Any) -> dict[str, str]:
+    """Layer name -> attention backend name, from vLLM's static forward context (best effort)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        context = get_current_vllm_config().compilation_config.static_forward_context
+    except Exception:  # noqa: BLE001 - outside a vLLM config context the tag just omits the backend
+        return {}
+    names = {}
+    for layer_name in group.layer_names:
+        layer = context.get(layer_name)
+        backend = getattr(layer, "attn_backend", None)
+        if backend is not None:
+            names[layer_name] = backend.get_name() if hasattr(backend, "get_name") else backend.__name__
+    return names
+
+
+def _namespace(vllm_config: Any, tp_rank: int, block_size: int, layout_tag: str) -> str:
+    """Everything that makes one engine's block bytes differ from another's for the same tokens."""
+    model = vllm_config.model_config
+    return make_namespace(
+        model=model.model,
+        revision=getattr(model, "revision", None),
+        dtype=str(vllm_config.cache_config.cache_dtype),
+        model_dtype=str(model.dtype).replace("torch.", ""),
+        block_size=block_size,
+        tp_rank=tp_rank,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        pp_rank=0,
+        layout=layout_tag,
+    )

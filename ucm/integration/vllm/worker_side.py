@@ -1,0 +1,229 @@
+"""The connector's worker half: moves KV blocks between vLLM's paged cache and the store.
+
+Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's model runner calls
+`register_kv_caches` once, then per step `bind_connector_metadata`, `start_load_kv`, the forward, `wait_for_save`,
+`get_finished`, `get_block_ids_with_load_errors`, `get_kv_connector_stats`, `build_connector_worker_meta`).
+
+- Loads (prefix hits) are synchronous: submitted and waited in `start_load_kv`, which vLLM runs before the
+  forward when a step has external tokens. Blocks the store cannot deliver (missing, evicted, checksum mismatch,
+  I/O error) are returned by `get_block_ids_with_load_errors`; vLLM then discards the step's output for those
+  requests and recomputes from the first failed block (the connector sets vLLM's failure policy to recompute).
+- Dumps run asynchronously after the forward (`wait_for_save` submits them as one batched task per request).
+  A request's blocks stay allocated until its dumps end: the scheduler half delays freeing them and this half
+  reports the request in `get_finished` once they are done; a preempted request's dumps are waited before
+  vLLM reuses its blocks. Blocks already in the store are not written again. Blocks computed in a step in which
+  some load failed are not dumped (they may have been computed from bad KV).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from ucm.integration.vllm.config import ConnectorConfig
+from ucm.integration.vllm.kv_layout import KvLayout
+from ucm.integration.vllm.metadata import BlockTransfer, UcmConnectorMetadata, UcmWorkerMetadata
+from ucm.integration.vllm.stats import UcmConnectorStats
+from ucm.store import BlockPages, StoreError, StoreTask
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares vLLM's log handlers
+
+
+class ConnectorWorker:
+    def __init__(self, config: ConnectorConfig, tp_rank: int):
+        self.config = config
+        self.tp_rank = tp_rank
+        self.layout: KvLayout | None = None
+        self.store: Any = None
+        self.backend: Any = None
+        self.namespace = ""
+        self._block_ids: dict[str, list[str]] = {}  # req_id -> store ids of its full prompt blocks (this rank)
+        self._dumps: dict[str, list[StoreTask]] = {}  # req_id -> dump tasks in flight
+        self._dumped_reqs: set[str] = set()  # requests the scheduler delays freeing for (they had dumps planned)
+        self._finished: set[str] = set()  # finished requests waiting for their dumps
+        self._load_errors: set[int] = set()
+        self._failed_this_step = False
+        self._meta = UcmWorkerMetadata()
+        self.stats = UcmConnectorStats()
+
+    # ------------------------------------------------------------------ start-up
+    def start(self, layout: KvLayout, namespace: str) -> None:
+        from ucm.device import get_backend
+        from ucm.store import create_store
+
+        self.layout, self.namespace = layout, namespace
+        self.backend = get_backend(self.config.device_backend)
+        self.store = create_store(self.config.store_name, self.config.store_config, self.backend)
+        logger.info(
+            "UCM connector worker (tp rank %d): store %s, %d layers, %d B per block, layout %s",
+            self.tp_rank, self.config.store_name, len(layout.layer_names), layout.bytes_per_block, layout.tag,
+        )
+
+    def request_block_ids(self, req_id: str) -> list[str] | None:
+        """Store ids of the request's full prompt blocks in position order (None if unknown)."""
+        return self._block_ids.get(req_id)
+
+    # ------------------------------------------------------------------ per step
+    def bind(self, meta: UcmConnectorMetadata) -> None:
+        for req_id, per_rank in meta.new_requests.items():
+            ids = per_rank.get(self.tp_rank)
+            if ids is not None:
+                self._block_ids[req_id] = ids
+
+    def _pages(self, transfer: BlockTransfer) -> tuple[list[str], BlockPages] | None:
+        ids = self._block_ids.get(transfer.req_id)
+        if ids is None or max(transfer.positions, default=-1) >= len(ids):
+            return None
+        slots = torch.tensor(transfer.block_ids, dtype=torch.int64)
+        return [ids[p] for p in transfer.positions], BlockPages(list(self.layout.caches), slots)
+
+    def load(self, meta: UcmConnectorMetadata) -> None:
+        """Load this step's prefix hits into their slots and wait (vLLM runs the forward right after)."""
+        if not meta.loads:
+            return
+        started = time.perf_counter()
+        submitted: list[tuple[BlockTransfer, list[str], StoreTask | None]] = []
+        for transfer in meta.loads:
+            pages = self._pages(transfer)
+            if pages is None:
+                submitted.append((transfer, [], None))
+                continue
+            ids, dest = pages
+            try:
+                submitted.append((transfer, ids, self.store.load(ids, dest)))
+            except StoreError as exc:
+                logger.warning("UCM connector: load of %d blocks failed to start: %s", len(ids), exc)
+                submitted.append((transfer, ids, None))
+        for transfer, ids, task in submitted:
+            failed_ids: set[str]
+            if task is None:
+                failed_ids = set(ids) if ids else set()
+                bad = list(transfer.block_ids)
+            else:
+                try:
+                    task.wait()
+                except StoreError:
+                    pass
+                failed_ids = set(task.failed_ids)
+                bad = [b for b, i in zip(transfer.block_ids, ids, strict=True) if i in failed_ids]
+            if bad:
+                self._load_errors.update(bad)
+                self._failed_this_step = True
+                self._meta.missing_ids.setdefault(self.tp_rank, []).extend(sorted(failed_ids))
+                reasons = task.failure_reasons if task is not None else {}
+                logger.warning(
+                    "UCM connector: request %s: %d of %d block(s) failed to load from %s, vLLM recomputes them (%s)",
+                    transfer.req_id, len(bad), len(transfer.block_ids), self.config.store_name,
+                    "; ".join(list(reasons.values())[:2]) or "request unknown to this worker",
+                )
+            ok = len(transfer.block_ids) - len(bad)
+            self._meta.load_results[transfer.req_id] = [ok, len(bad)]
+            self.stats.add(
+                loaded_blocks=ok, loaded_bytes=ok * self.layout.bytes_per_block, load_failed_blocks=len(bad)
+            )
+        self.stats.add(load_seconds=time.perf_counter() - started)
+
+    def save(self, meta: UcmConnectorMetadata) -> None:
+        """Submit dumps of the full prompt blocks this step computed (asynchronous)."""
+        for transfer in meta.dumps:
+            self._dumped_reqs.add(transfer.req_id)
+            if self._failed_this_step:
+                self.stats.add(save_dropped_blocks=len(transfer.positions))
+                continue
+            pages = self._pages(transfer)
+            if pages is None:
+                continue
+            ids, source = pages
+            stored = self.store.lookup(ids)
+            keep = [i for i, hit in enumerate(stored) if not hit]
+            self.stats.add(save_skipped_blocks=len(ids) - len(keep))
+            if not keep:
+                continue
+            if len(keep) != len(ids):
+                ids = [ids[i] for i in keep]
+                source = BlockPages(source.cache, source.slots[torch.tensor(keep, dtype=torch.int64)])
+            try:
+                self._dumps.setdefault(transfer.req_id, []).append(self.store.dump(ids, source))
+            except StoreError as exc:
+                logger.warning("UCM connector: dump of %d blocks failed to start: %s", len(ids), exc)
+                self.stats.add(save_failed_blocks=len(ids))
+        self._failed_this_step = False
+
+    def _reap(self, req_ids: Iterable[str], block: bool = False) -> None:
+        for req_id in list(req_ids):
+            tasks = self._dumps.get(req_id)
+            if not tasks:
+                self._dumps.pop(req_id, None)
+                continue
+            pending = []
+            for task in tasks:
+                if block:
+                    try:
+                        task.wait()
+                    except StoreError:
+                        pass
+                elif not task.done():
+                    pending.append(task)
+                    continue
+                self._account_dump(task)
+            if pending:
+                self._dumps[req_id] = pending
+            else:
+                del self._dumps[req_id]
+
+    def _account_dump(self, task: StoreTask) -> None:
+        failed = set(task.failed_ids)
+        ok = [b for b in task.block_ids if b not in failed]
+        self.stats.add(
+            saved_blocks=len(ok), saved_bytes=len(ok) * self.layout.bytes_per_block, save_failed_blocks=len(failed)
+        )
+        if failed:
+            logger.warning(
+                "UCM connector: %d block(s) could not be saved: %s",
+                len(failed), "; ".join(list(task.failure_reasons.values())[:2]),
+            )
+        if self.config.store_is_process_local and ok:
+            self._meta.stored_ids.setdefault(self.tp_rank, []).extend(ok)
+
+    def handle_preemptions(self, meta: UcmConnectorMetadata) -> None:
+        """vLLM is about to reuse the blocks of preempted requests: their dumps must have read them first."""
+        self._reap(meta.preempted_req_ids, block=True)
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests (among those the scheduler delayed) whose dumps have all ended."""
+        self._finished.update(r for r in finished_req_ids if r in self._dumped_reqs)
+        for req_id in finished_req_ids:
+            if req_id not in self._dumped_reqs:
+                self._block_ids.pop(req_id, None)
+        self._reap(list(self._dumps))
+        done = {r for r in self._finished if r not in self._dumps}
+        for req_id in done:
+            self._finished.discard(req_id)
+            self._dumped_reqs.discard(req_id)
+            self._block_ids.pop(req_id, None)
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def take_stats(self) -> UcmConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, UcmConnectorStats()
+        return stats
+
+    def take_worker_meta(self) -> UcmWorkerMetadata | None:
+        if self._meta.is_empty():
+            return None
+        meta, self._meta = self._meta, UcmWorkerMetadata()
+        return meta
+
+    def close(self) -> None:
+        self._reap(list(self._dumps), block=True)
+        if self.store is not None:
+            self.store.close()
