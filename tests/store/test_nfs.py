@@ -13,6 +13,7 @@ from conftest import NUM_PAGES, ids_for, make_cache, page_bytes, row_bytes
 
 from ucm.store import BlockPages, StoreLoadError, create_store
 from ucm.store.blockfile import HEADER_SIZE
+from ucm.store.nfs import NfsStore
 
 WIDTH = row_bytes(make_cache())
 FILE = HEADER_SIZE + WIDTH
@@ -31,7 +32,10 @@ def temp_files(*roots) -> list:
     return [p for r in roots for p in r.rglob(".tmp-*")]
 
 
-def test_round_trip_over_two_dirs(backend, tmp_path):
+@pytest.mark.parametrize("staged", [False, True], ids=["from-pages", "staged"])
+def test_round_trip_over_two_dirs(backend, tmp_path, monkeypatch, staged):
+    if staged:  # the path device caches take: gather into pinned staging, write from there
+        monkeypatch.setattr(NfsStore, "_writes_from_pages", staticmethod(lambda pages: False))
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     src, dst = make_cache(11), make_cache()

@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 try:  # xxh3 runs at memory speed; zlib's crc32 is the always-available fallback
     import xxhash
@@ -44,11 +44,28 @@ def default_checksum() -> str:
     return "xxh3_64" if xxhash is not None else "crc32"
 
 
-def _checksum_fn(algo: int) -> Callable[[memoryview], int] | None:
+def _xxh3(parts: Sequence[memoryview]) -> int:
+    if len(parts) == 1:
+        return xxhash.xxh3_64_intdigest(parts[0])
+    state = xxhash.xxh3_64()
+    for part in parts:
+        state.update(part)
+    return state.intdigest()
+
+
+def _crc32(parts: Sequence[memoryview]) -> int:
+    value = 0
+    for part in parts:
+        value = zlib.crc32(part, value)
+    return value
+
+
+def _checksum_fn(algo: int) -> Callable[[Sequence[memoryview]], int] | None:
+    """The checksum of a payload given as consecutive parts (equal to that of the parts concatenated)."""
     if algo == 1:
-        return xxhash.xxh3_64_intdigest if xxhash is not None else None
+        return _xxh3 if xxhash is not None else None
     if algo == 2:
-        return zlib.crc32
+        return _crc32
     return None
 
 
@@ -67,13 +84,14 @@ def header_buffer() -> memoryview:
     return buf
 
 
-def fill_header(buf: memoryview, block_id: str, payload: memoryview, checksum: str) -> None:
-    """Write the header of `payload` into `buf` (HEADER_SIZE bytes)."""
+def fill_header(buf: memoryview, block_id: str, payload: Sequence[memoryview], checksum: str) -> None:
+    """Write the header of the payload (given as consecutive parts) into `buf` (HEADER_SIZE bytes)."""
     algo = CHECKSUMS[checksum]
     digest = _checksum_fn(algo)(payload)
+    size = sum(part.nbytes for part in payload)
     raw = block_id.encode("ascii")
     buf[:] = bytes(HEADER_SIZE)
-    _FIELDS.pack_into(buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, payload.nbytes, algo, 0, digest, len(raw), raw)
+    _FIELDS.pack_into(buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, size, algo, 0, digest, len(raw), raw)
     _HEADER_CRC.pack_into(buf, _FIELDS.size, zlib.crc32(buf[: _FIELDS.size]))
 
 
@@ -97,7 +115,7 @@ def check_block(header: memoryview, payload: memoryview, block_id: str, file_siz
     fn = _checksum_fn(algo)
     if fn is None:
         raise BlockFileError(f"checksum algorithm {algo} is not available here (install xxhash)")
-    if fn(payload) != digest:
+    if fn([payload]) != digest:
         raise BlockFileError("payload checksum mismatch")
 
 

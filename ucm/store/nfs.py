@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ucm.device import Backend, PinnedBufferPool
@@ -49,6 +50,7 @@ TEMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _GC_LOW_WATERMARK = 0.9
 _ATIME_REFRESH_S = 60.0
+_MAX_IOV = 1000  # writev takes at most IOV_MAX (1024) buffers: header + one per page tensor
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
 
 
@@ -92,7 +94,9 @@ class NfsStore(KVStoreBase):
         super().__init__(config, backend)
 
         self._chunk_rows = max(1, staging // block)
-        self._staging = PinnedBufferPool(backend, self.io_threads * _pool_class(self._chunk_rows * block))
+        self._align_pad = blockfile.ALIGN if self.o_direct else 0  # room to page-align plain host memory
+        pool_bytes = self.io_threads * _pool_class(self._chunk_rows * block + self._align_pad)
+        self._staging = PinnedBufferPool(backend, pool_bytes)
         self._pool = concurrent.futures.ThreadPoolExecutor(self.io_threads, thread_name_prefix="ucm-nfs-io")
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -151,14 +155,21 @@ class NfsStore(KVStoreBase):
             todo = [i for i, b in enumerate(ids) if not os.path.exists(self._path(b)[2])]
             with self._lock:
                 self._stats.dumps_skipped += len(ids) - len(todo)
-            if todo:
+            pages = source.pages
+            if todo and self._writes_from_pages(pages):
+                # Host-resident cache (e.g. vLLM on CPU): write straight from the pages, no staging copy.
+                ready.synchronize()
+                for i in todo:
+                    slot = int(slots[i])
+                    self._dump_one(task, ids[i], [_byte_view(page[slot]) for page in pages])
+            elif todo:
                 with self._staging_rows(len(todo)) as buf:
                     stream = self._stream()
                     self.backend.wait_event(ready, stream)
                     self.backend.gather_blocks(source.cache, slots[todo], buf, stream=stream).wait()
                     rows = buf.numpy()
                     for row, i in enumerate(todo):
-                        self._dump_one(task, ids[i], memoryview(rows[row]))
+                        self._dump_one(task, ids[i], [memoryview(rows[row])])
         except Exception as exc:  # a device/staging failure fails the blocks not yet published
             unpublished = [b for b in ids if not os.path.exists(self._path(b)[2])]
             task.fail(unpublished, f"dump failed: {type(exc).__name__}: {exc}")
@@ -170,7 +181,13 @@ class NfsStore(KVStoreBase):
                 self._pending += Counter()  # drop ids whose count reached 0
             task.part_done()
 
-    def _dump_one(self, task: ThreadTask, block_id: str, payload: memoryview) -> None:
+    @staticmethod
+    def _writes_from_pages(pages: list[torch.Tensor]) -> bool:
+        """Whether blocks go straight between the cache pages (host memory) and files/staging, without a
+        device copy: dumps write from the pages, loads copy verified rows into them."""
+        return all(p.device.type == "cpu" for p in pages) and len(pages) < _MAX_IOV
+
+    def _dump_one(self, task: ThreadTask, block_id: str, payload: list[memoryview]) -> None:
         root, _, _ = self._path(block_id)
         try:
             nbytes = self._write_block(block_id, payload)
@@ -183,9 +200,9 @@ class NfsStore(KVStoreBase):
             return
         with self._lock:
             self._stats.blocks_dumped += 1
-            self._stats.bytes_dumped += payload.nbytes
+            self._stats.bytes_dumped += self.kv_block_size
             self._stats.used_bytes += nbytes
-            self._stats.stored_blocks += 1
+            self._stats.stored_blocks += 1 if nbytes else 0
             over = self.max_storage_size is not None and self._stats.used_bytes > self.max_storage_size
         if over:
             self._schedule_gc()
@@ -196,14 +213,30 @@ class NfsStore(KVStoreBase):
         try:
             with self._staging_rows(len(ids)) as buf:
                 rows = buf.numpy()
+                pages = destination.pages
+                to_host = self._writes_from_pages(pages)
+                if to_host:
+                    ready.synchronize()
+                # Open every file first and let the kernel read ahead, so disk reads overlap verification.
+                opened = [self._open_for_read(block_id, memoryview(rows[i])) for i, block_id in enumerate(ids)]
                 good: list[int] = []
-                for i, block_id in enumerate(ids):
-                    reason = self._read_block(block_id, memoryview(rows[i]))
-                    if reason is None:
+                try:
+                    for i, block_id in enumerate(ids):
+                        fd, reason = opened[i]
+                        opened[i] = (None, None)
+                        if fd is not None:
+                            reason = self._read_block(block_id, fd, memoryview(rows[i]))
+                        if reason is not None:
+                            task.fail([block_id], reason)
+                            continue
                         good.append(i)
-                    else:
-                        task.fail([block_id], reason)
-                if good:
+                        if to_host:  # host-resident cache: copy the verified row while it is still in cache
+                            _copy_row_to_pages(rows[i], pages, int(slots[i]), destination.row_offset)
+                finally:
+                    for fd, _ in opened:
+                        if fd is not None:
+                            os.close(fd)
+                if good and not to_host:
                     stream = self._stream()
                     self.backend.wait_event(ready, stream)
                     start = destination.row_offset
@@ -232,8 +265,9 @@ class NfsStore(KVStoreBase):
         shard = os.path.join(root, block_id[:2])
         return root, shard, os.path.join(shard, block_id + SUFFIX)
 
-    def _write_block(self, block_id: str, payload: memoryview) -> int:
-        """Write, sync and publish one block file; returns its size. Raises OSError (temp file removed)."""
+    def _write_block(self, block_id: str, payload: list[memoryview]) -> int:
+        """Write, sync and publish one block file; returns the bytes it adds to the store (0 when it replaced a
+        copy another writer published meanwhile). Raises OSError (temp file removed)."""
         root, shard, final = self._path(block_id)
         with contextlib.suppress(FileExistsError):
             os.mkdir(shard)  # never makedirs: a vanished storage dir must fail, not be recreated
@@ -242,7 +276,7 @@ class NfsStore(KVStoreBase):
         blockfile.fill_header(header, block_id, payload, self.checksum)
         fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload)
         try:
-            blockfile.write_all(fd, [header, payload])
+            blockfile.write_all(fd, [header, *payload])
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
@@ -253,6 +287,7 @@ class NfsStore(KVStoreBase):
         os.close(fd)
         try:
             self._before_publish(tmp)
+            replaced = os.path.exists(final)  # another writer published it meanwhile (same bytes): not new
             os.rename(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -264,20 +299,27 @@ class NfsStore(KVStoreBase):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        return blockfile.HEADER_SIZE + payload.nbytes
+        return 0 if replaced else blockfile.HEADER_SIZE + self.kv_block_size
 
     def _before_publish(self, temp_path: str) -> None:
         """Called after a block's temporary file is complete and synced, right before the rename (test hook)."""
 
-    def _read_block(self, block_id: str, payload: memoryview) -> str | None:
-        """Read and verify one block into `payload`; None on success, else why it cannot be used."""
+    def _open_for_read(self, block_id: str, payload: memoryview) -> tuple[int | None, str | None]:
+        """(fd, None), or (None, why the block file cannot be opened); hints the kernel to read it ahead."""
         root, _, path = self._path(block_id)
         try:
-            fd = self._open(root, path, os.O_RDONLY, payload)
+            fd = self._open(root, path, os.O_RDONLY, [payload])
         except FileNotFoundError:
-            return "not in the store (never dumped, garbage-collected, or its dump has not finished)"
+            return None, "not in the store (never dumped, garbage-collected, or its dump has not finished)"
         except OSError as exc:
-            return self._describe(exc, root)
+            return None, self._describe(exc, root)
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return fd, None
+
+    def _read_block(self, block_id: str, fd: int, payload: memoryview) -> str | None:
+        """Read and verify one block from `fd` (closed here) into `payload`; None on success, else why not."""
+        root, _, path = self._path(block_id)
         try:
             st = os.fstat(fd)
             header = blockfile.header_buffer()
@@ -296,9 +338,9 @@ class NfsStore(KVStoreBase):
                 os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
         return None
 
-    def _open(self, root: str, path: str, flags: int, buf: memoryview) -> int:
+    def _open(self, root: str, path: str, flags: int, bufs: list[memoryview]) -> int:
         flags |= os.O_CLOEXEC
-        if self._direct_ok[root] and _address(buf) % blockfile.ALIGN == 0:
+        if self._direct_ok[root] and all(_aligned(b) for b in bufs):
             try:
                 return os.open(path, flags | os.O_DIRECT, 0o644)
             except OSError as exc:
@@ -403,9 +445,11 @@ class NfsStore(KVStoreBase):
 
     @contextlib.contextmanager
     def _staging_rows(self, rows: int) -> Iterator[torch.Tensor]:
-        buf = self._staging.acquire(rows * self.kv_block_size)
+        nbytes = rows * self.kv_block_size
+        buf = self._staging.acquire(nbytes + self._align_pad)
+        skip = -buf.data_ptr() % blockfile.ALIGN if self._align_pad else 0  # O_DIRECT needs page-aligned rows
         try:
-            yield buf.view(rows, self.kv_block_size)
+            yield buf[skip : skip + nbytes].view(rows, self.kv_block_size)
         finally:
             self._staging.release(buf)
 
@@ -429,6 +473,20 @@ def _scandir(path: str) -> list[os.DirEntry]:
         return []
 
 
-def _address(buf: memoryview) -> int:
-    """Start address of a writable buffer (O_DIRECT needs it aligned)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+def _aligned(buf: memoryview) -> bool:
+    """O_DIRECT needs every buffer's address and length aligned."""
+    return buf.nbytes % blockfile.ALIGN == 0 and ctypes.addressof(ctypes.c_char.from_buffer(buf)) % blockfile.ALIGN == 0
+
+
+def _copy_row_to_pages(row: np.ndarray, pages: list[torch.Tensor], slot: int, row_offset: int) -> None:
+    """Copy the bytes of a stored row, from `row_offset` on, into page `slot` of each host page tensor."""
+    offset = row_offset
+    for page in pages:
+        dest = page[slot].reshape(-1).view(torch.uint8).numpy()
+        dest[:] = row[offset : offset + dest.nbytes]
+        offset += dest.nbytes
+
+
+def _byte_view(page: torch.Tensor) -> memoryview:
+    """The bytes of one (contiguous) page of a host tensor, without copying."""
+    return memoryview(page.reshape(-1).view(torch.uint8).numpy())
