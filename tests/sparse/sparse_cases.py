@@ -35,11 +35,14 @@ def make_case(
     needles_per_request: int = 0,
     needle_lo: int = 1,
     structured: bool = False,
+    topic_scale: float = 1.5,
+    query_topics: int = 1,
     seed: int = 0,
 ) -> PagedCase:
     """Random K/V/query. ``needles_per_request`` blocks at random logical positions >= needle_lo get keys
     aligned with the request's query (the attention's heavy hitters). ``structured``: keys drift slowly with
-    the position (blocks differ in topic) so the attention mass is concentrated, as in real text."""
+    the position (a topic every 4 blocks, weight ``topic_scale``) and the query mixes ``query_topics`` topics, so
+    the attention mass is concentrated, as in real text."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(seq_lens)
     blocks_per = [-(-n // block_size) for n in seq_lens]
@@ -61,9 +64,10 @@ def make_case(
         for b in range(batch):
             pages = table[b, : blocks_per[b]].long()
             for pos, page in enumerate(pages.tolist()):
-                k_cache[page] = 0.5 * k_cache[page] + 1.5 * topics[pos // 4]
-            topic = int(torch.randint(len(topics), (1,), generator=gen))
-            query[b] = 0.5 * query[b] + 1.5 * topics[topic].repeat_interleave(group, 0)
+                k_cache[page] = 0.5 * k_cache[page] + topic_scale * topics[pos // 4]
+            chosen = torch.randint(len(topics), (query_topics,), generator=gen)
+            mix = topics[chosen].sum(0)
+            query[b] = 0.5 * query[b] + topic_scale * mix.repeat_interleave(group, 0)
     needles: list[list[int]] = []
     for b in range(batch):
         hi = blocks_per[b]
