@@ -98,8 +98,9 @@ def scatter_blocks(
     for page in pages:
         nbytes = page_nbytes(page)
         if n:
-            chunk = src[:n] if rows is None else src.index_select(0, rows.to(src.device))
-            data = chunk[:, offset : offset + nbytes].to(page.device, non_blocking=True).contiguous()
+            cols = src[:, offset : offset + nbytes]  # select this page's columns only, not whole rows per page
+            chunk = cols[:n] if rows is None else cols.index_select(0, rows.to(src.device))
+            data = chunk.to(page.device, non_blocking=True).contiguous()
             page.index_copy_(0, block_ids.to(page.device), data.view(page.dtype).view(n, *page.shape[1:]))
         offset += nbytes
 
