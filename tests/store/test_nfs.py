@@ -66,6 +66,7 @@ def test_missing_block_fails_only_that_block(backend, tmp_path):
     ids = ids_for(12, 3)
     with nfs(backend, tmp_path) as store:
         store.dump([ids[0], ids[2]], BlockPages(src, torch.tensor([1, 3]))).wait()
+        assert store.lookup_prefix(ids) == 1 and store.lookup(ids) == [True, False, True]
         task = store.load(ids, BlockPages(dst, torch.tensor([5, 6, 7])))
         with pytest.raises(StoreLoadError, match="not in the store") as info:
             task.wait()

@@ -118,6 +118,19 @@ class NfsStore(KVStoreBase):
             self._stats.lookup_misses += len(hits) - sum(hits)
         return hits
 
+    def lookup_prefix(self, block_ids: Sequence[str]) -> int:
+        """Stops at the first miss: each lookup is a stat, a round trip on NFS."""
+        self._check_open()
+        count = 0
+        for block_id in block_ids:
+            if not os.path.exists(self._path(check_block_id(block_id))[2]):
+                break
+            count += 1
+        with self._lock:
+            self._stats.lookup_hits += count
+            self._stats.lookup_misses += int(count < len(block_ids))
+        return count
+
     # ------------------------------------------------------------------ transfers
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
