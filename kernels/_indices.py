@@ -28,3 +28,12 @@ def to_device_int64(tensors: list[torch.Tensor | list[int]], device: torch.devic
             out[i] = packed[start : start + t.numel()]
             start += t.numel()
     return out  # type: ignore[return-value]
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor goes through pinned memory so the copy never blocks the host."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type != "cpu":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -22,21 +22,21 @@ from ._triton import tl, triton
 
 _CHUNK_BYTES = 8192  # bytes one program moves per step: enough loads in flight to hide PCIe latency
 _MAX_CHUNK_PROGRAMS = 65535  # grid limit of axis 1
-_WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
-_DESC = 5  # per page tensor: address, block stride, bytes per page, offset in a buffer row, number of blocks
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 @triton.jit
 def _copy_blocks_kernel(
-    desc,  # int64 [num_pages, 5], in words: address (bytes), block stride, page words, row offset, num blocks
+    anchor,  # word pointer every address is expressed from (word offsets; pointers made from raw ints lose alignment)
+    desc,  # int64 [num_pages, 5] in words from anchor: page tensor, block stride, page words, row offset; num blocks
     ids,  # int64 [n] block ids
     rows,  # int64 [n] buffer rows (only read when HAS_ROWS)
-    buf_addr,  # address of buffer row 0 (bytes)
+    buf,  # buffer row 0, in words from anchor
     buf_row_words,
     num_pages,
     HAS_ROWS: tl.constexpr,
     TO_BUFFER: tl.constexpr,
-    WORD: tl.constexpr,
+    VEC: tl.constexpr,  # every offset and size is a multiple of VEC words: lets loads/stores be 16 bytes wide
     CHUNK: tl.constexpr,
 ):
     job = tl.program_id(0)  # one (block, page tensor) pair
@@ -47,23 +47,31 @@ def _copy_blocks_kernel(
         row = tl.load(rows + i)
     else:
         row = i.to(tl.int64)
-    page_addr = tl.load(desc + p * 5)
+    page_base = tl.load(desc + p * 5)
     block_stride = tl.load(desc + p * 5 + 1)
-    words = tl.load(desc + p * 5 + 2)
+    words = tl.multiple_of(tl.load(desc + p * 5 + 2), VEC)
     row_offset = tl.load(desc + p * 5 + 3)
     num_blocks = tl.load(desc + p * 5 + 4)
     # Device-resident ids are not checked on the host (that would synchronize): out-of-range ids copy nothing.
     if (block >= 0) & (block < num_blocks):
-        page = page_addr.to(tl.pointer_type(WORD)) + block * block_stride
-        buf = buf_addr.to(tl.pointer_type(WORD)) + row * buf_row_words + row_offset
+        page = anchor + tl.multiple_of(page_base + block * block_stride, VEC)
+        row_ptr = anchor + tl.multiple_of(buf + row * buf_row_words + row_offset, VEC)
         offsets = tl.arange(0, CHUNK)
         for start in range(tl.program_id(1).to(tl.int64) * CHUNK, words, tl.num_programs(1) * CHUNK):
             idx = start + offsets
             mask = idx < words
             if TO_BUFFER:
-                tl.store(buf + idx, tl.load(page + idx, mask=mask), mask=mask)
+                tl.store(row_ptr + idx, tl.load(page + idx, mask=mask), mask=mask)
             else:
-                tl.store(page + idx, tl.load(buf + idx, mask=mask), mask=mask)
+                tl.store(page + idx, tl.load(row_ptr + idx, mask=mask), mask=mask)
+
+
+def _anchor(t: torch.Tensor, word: int) -> torch.Tensor:
+    """A one-word tensor aliasing the first byte of `t`: the base pointer the kernel offsets from."""
+    dtype = _WORD_DTYPES[word]
+    anchor = torch.empty(0, dtype=dtype, device=t.device)
+    anchor.set_(t.untyped_storage(), t.storage_offset() * t.element_size() // word, (1,), (1,))
+    return anchor
 
 
 def _check_ids(block_ids: torch.Tensor, rows: torch.Tensor | None, pages: Sequence[torch.Tensor], buf_rows: int):
@@ -124,9 +132,12 @@ def copy_blocks(
         table.append([page.data_ptr(), page.stride(0) * page.element_size(), nbytes, offset, page.shape[0]])
         offset += nbytes
     buf_row_bytes = buf.stride(0) * buf.element_size() if buf.shape[0] > 1 else width
-    # The widest word that keeps every address, stride, size and offset aligned.
-    word = math.gcd(8, buf.data_ptr(), buf_row_bytes, *(v for entry in table for v in entry[:4]))
+    # The widest alignment shared by every address, stride, size and offset: 8-byte words, 16-byte vectors.
+    base = pages[0].data_ptr()
+    align = math.gcd(16, buf.data_ptr(), buf_row_bytes, *(v for entry in table for v in entry[:4]))
+    word = min(align, 8)
     for entry in table:
+        entry[0] = (entry[0] - base) // word
         entry[1:4] = [v // word for v in entry[1:4]]
     desc, ids, row_ids = to_device_int64(
         [[v for entry in table for v in entry], block_ids, rows if rows is not None else []], device
@@ -136,15 +147,16 @@ def copy_blocks(
     grid = (n * len(pages), min(triton.cdiv(max_words, chunk), _MAX_CHUNK_PROGRAMS))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _copy_blocks_kernel[grid](
+            _anchor(pages[0], word),
             desc,
             ids,
             row_ids if rows is not None else ids,
-            buf.data_ptr(),
+            (buf.data_ptr() - base) // word,
             buf_row_bytes // word,
             len(pages),
             HAS_ROWS=rows is not None,
             TO_BUFFER=to_buffer,
-            WORD=_WORDS[word],
+            VEC=align // word,
             CHUNK=chunk,
             num_warps=4,
         )

@@ -2,7 +2,8 @@
 
 Called by `CudaBackend.block_scores` / `select_blocks` in decode (semantics: `ucm.device.reference.block_scores`).
 A program scores BLOCK_N consecutive blocks of one request: it sums the query heads of each KV group once,
-then streams the blocks' float32 representations (the only large read: a memory-bound matrix-vector product).
+then reads the blocks' float32 representations as one tile (the only large read: a memory-bound matrix-vector
+product; the tile is sized so short contexts still spread over every SM).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ucm.errors import UcmConfigError
 from ._indices import to_device_int64
 from ._triton import tl, triton
 
-_BLOCK_N = 16  # blocks per program: small, so short contexts still spread over every SM
+_TILE = 8192  # elements of one program's representation tile: BLOCK_N blocks x all KV heads x head dim
 
 
 @triton.jit(do_not_specialize=["width"])
@@ -31,10 +32,11 @@ def _block_scores_kernel(
     out,
     stride_ob,
     width,
-    num_kv_heads,
-    group,
     head_dim,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -43,20 +45,22 @@ def _block_scores_kernel(
     count = tl.load(cu_blocks + b + 1) - start
     j = first + tl.arange(0, BLOCK_N)
     block_mask = j < count
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < head_dim
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # One flat axis over (KV head, dim), so a block's whole representation is one row of the tile.
+    hd = tl.arange(0, BLOCK_H * BLOCK_D)
+    head = hd // BLOCK_D
+    dim = hd % BLOCK_D
+    hd_mask = (head < NUM_KV_HEADS) & (dim < head_dim)
+    score = tl.zeros([BLOCK_N], dtype=tl.float32)
     if first < count:
+        q = tl.zeros([BLOCK_H * BLOCK_D], dtype=tl.float32)
+        for g in tl.static_range(GROUP):  # sum the query heads of each KV group
+            q_ptrs = query + b * stride_qb + (head * GROUP + g) * stride_qh + dim * stride_qd
+            q += tl.load(q_ptrs, mask=hd_mask, other=0.0).to(tl.float32)
         rows = (start + j).to(tl.int64)
-        for h in range(num_kv_heads):
-            q = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for g in range(group):
-                q_ptrs = query + b * stride_qb + (h * group + g) * stride_qh + dims * stride_qd
-                q += tl.load(q_ptrs, mask=dim_mask, other=0.0).to(tl.float32)
-            r_ptrs = reps + rows[:, None] * stride_rn + h * stride_rh + dims[None, :] * stride_rd
-            r = tl.load(r_ptrs, mask=block_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-            acc += r * q[None, :]
-    score = tl.where(block_mask, tl.sum(acc, axis=1), float("-inf"))
+        r_ptrs = reps + rows[:, None] * stride_rn + (head * stride_rh + dim * stride_rd)[None, :]
+        r = tl.load(r_ptrs, mask=block_mask[:, None] & hd_mask[None, :], other=0.0).to(tl.float32)
+        score = tl.sum(r * q[None, :], axis=1)
+    score = tl.where(block_mask, score, float("-inf"))
     tl.store(out + b * stride_ob + j, score, mask=j < width)
 
 
@@ -93,7 +97,9 @@ def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tenso
         return out
     (cu,) = to_device_int64([cu_blocks], device)
     query = query.to(device)
-    grid = (batch, triton.cdiv(width, _BLOCK_N))
+    block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
+    block_n = max(1, min(16, _TILE // (block_h * block_d)))
+    grid = (batch, triton.cdiv(width, block_n))
     _block_scores_kernel[grid](
         query,
         *query.stride(),
@@ -103,11 +109,12 @@ def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tenso
         out,
         out.stride(0),
         width,
-        num_kv_heads,
-        num_q_heads // num_kv_heads,
         head_dim,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=num_q_heads // num_kv_heads,
+        BLOCK_N=block_n,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
         num_warps=4,
     )
     return out

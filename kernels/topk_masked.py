@@ -13,7 +13,7 @@ import torch
 
 from ucm.errors import UcmConfigError
 
-from ._indices import to_device_int64
+from ._indices import to_device_async, to_device_int64
 from ._triton import tl, triton
 
 _MAX_SINGLE = 16384  # widest row kept in registers by one program
@@ -171,7 +171,7 @@ def topk_masked(
         return out, counts
     k_rows = k.reshape(-1).expand(batch) if isinstance(k, torch.Tensor) else [k] * batch
     k_dev, len_dev = to_device_int64([k_rows, lengths if lengths is not None else []], device)
-    excl = exclude.to(device).view(torch.uint8) if exclude is not None else counts
+    excl = to_device_async(exclude, device).view(torch.uint8) if exclude is not None else counts
     single = width <= _MAX_SINGLE
     chunk = triton.next_power_of_2(max(width, 1)) if single else _CHUNK
     _topk_masked_kernel[(batch,)](
