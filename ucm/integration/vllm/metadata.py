@@ -34,6 +34,8 @@ class UcmConnectorMetadata(KVConnectorMetadata):
     new_requests: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=dict)
     loads: list[BlockTransfer] = dataclasses.field(default_factory=list)  # before this step's forward
     dumps: list[BlockTransfer] = dataclasses.field(default_factory=list)  # computed by this step's forward
+    #: requests whose blocks vLLM may reuse from this step on: their dumps must have read them first
+    finished_req_ids: list[str] = dataclasses.field(default_factory=list)
     preempted_req_ids: list[str] = dataclasses.field(default_factory=list)
     # --- sparse hook (hooks engineer): per-step metadata of the sparse algorithm's scheduler side, or None.
     sparse: Any = None

@@ -9,6 +9,7 @@ Prefix reuse: the full blocks of a prompt beyond vLLM's own prefix-cache hit tha
 run, in every worker's namespace) are reported as external tokens and loaded synchronously before the forward.
 At least one prompt token is always left to compute. Dumps: the full prompt blocks computed in a step are dumped
 after it (planned from the step's computed range, so blocks recomputed after a failed load are dumped again).
+Finished requests free their blocks at once (see `request_finished`).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ class ConnectorScheduler:
                 continue
             meta.dumps.append(BlockTransfer(req_id, positions, [block_ids[p] for p in positions]))
             state.dumped_positions += len(positions)
-        meta.preempted_req_ids = list(getattr(scheduler_output, "preempted_req_ids", None) or [])
+        meta.finished_req_ids = sorted(scheduler_output.finished_req_ids or ())
+        meta.preempted_req_ids = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return meta
 
     def _block_ids(self, req_id: str) -> list[int] | None:
@@ -201,7 +203,11 @@ class ConnectorScheduler:
                     index.pop(block_id, None)
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any]]:
-        """(delay freeing the blocks until the workers' dumps end, per-request stats for the output)."""
+        """(False: the blocks are freed at once, per-request summary for the output's kv_transfer_params).
+
+        Freeing at once is safe: vLLM reuses a freed block at the earliest in the next step, and the workers
+        wait in `handle_preemptions` (before that step touches any block) for the dumps of finished requests.
+        """
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, {"ucm": {"hit_blocks": 0}}
@@ -212,7 +218,7 @@ class ConnectorScheduler:
             "saved_blocks_planned": state.dumped_positions,
             "block_size": self.block_size,
         }
-        return state.dumped_positions > 0, {"ucm": summary}
+        return False, {"ucm": summary}
 
     def take_stats(self) -> UcmConnectorStats | None:
         if self.stats.is_empty():

@@ -152,12 +152,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        # --- sparse hook (hooks engineer): release the worker-side state of finished requests.
-        if self.ucm_sparse is not None:
-            for req_id in finished_req_ids:
-                self.ucm_sparse.request_finished(req_id)
-        done = self._worker.get_finished(finished_req_ids)
-        return (done or None), None
+        # (the worker's sparse object learns finished requests from the model-runner hook, not here)
+        self._worker.poll()
+        return None, None  # blocks are never held after a request finishes (see ConnectorWorker)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()

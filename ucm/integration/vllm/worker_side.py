@@ -8,10 +8,10 @@ Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's mo
   forward when a step has external tokens. Blocks the store cannot deliver (missing, evicted, checksum mismatch,
   I/O error) are returned by `get_block_ids_with_load_errors`; vLLM then discards the step's output for those
   requests and recomputes from the first failed block (the connector sets vLLM's failure policy to recompute).
-- Dumps run asynchronously after the forward (`wait_for_save` submits them as one batched task per request).
-  A request's blocks stay allocated until its dumps end: the scheduler half delays freeing them and this half
-  reports the request in `get_finished` once they are done; a preempted request's dumps are waited before
-  vLLM reuses its blocks. Blocks already in the store are not written again. Blocks computed in a step in which
+- Dumps run asynchronously after the forward (`wait_for_save` submits them as one batched task per request)
+  and overlap the following steps. vLLM frees a finished or preempted request's blocks at once; the first step
+  that may reuse them calls `handle_preemptions` before touching any block, and there this half waits for the
+  dumps of those requests. Blocks already in the store are not written again. Blocks computed in a step in which
   some load failed are not dumped (they may have been computed from bad KV).
 """
 
@@ -43,8 +43,6 @@ class ConnectorWorker:
         self.namespace = ""
         self._block_ids: dict[str, list[str]] = {}  # req_id -> store ids of its full prompt blocks (this rank)
         self._dumps: dict[str, list[StoreTask]] = {}  # req_id -> dump tasks in flight
-        self._dumped_reqs: set[str] = set()  # requests the scheduler delays freeing for (they had dumps planned)
-        self._finished: set[str] = set()  # finished requests waiting for their dumps
         self._load_errors: set[int] = set()
         self._failed_this_step = False
         self._meta = UcmWorkerMetadata()
@@ -130,7 +128,6 @@ class ConnectorWorker:
     def save(self, meta: UcmConnectorMetadata) -> None:
         """Submit dumps of the full prompt blocks this step computed (asynchronous)."""
         for transfer in meta.dumps:
-            self._dumped_reqs.add(transfer.req_id)
             if self._failed_this_step:
                 self.stats.add(save_dropped_blocks=len(transfer.positions))
                 continue
@@ -190,22 +187,15 @@ class ConnectorWorker:
             self._meta.stored_ids.setdefault(self.tp_rank, []).extend(ok)
 
     def handle_preemptions(self, meta: UcmConnectorMetadata) -> None:
-        """vLLM is about to reuse the blocks of preempted requests: their dumps must have read them first."""
-        self._reap(meta.preempted_req_ids, block=True)
-
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
-        """Requests (among those the scheduler delayed) whose dumps have all ended."""
-        self._finished.update(r for r in finished_req_ids if r in self._dumped_reqs)
-        for req_id in finished_req_ids:
-            if req_id not in self._dumped_reqs:
-                self._block_ids.pop(req_id, None)
-        self._reap(list(self._dumps))
-        done = {r for r in self._finished if r not in self._dumps}
-        for req_id in done:
-            self._finished.discard(req_id)
-            self._dumped_reqs.discard(req_id)
+        """Before a step touches any block: vLLM may now reuse the blocks of the finished and preempted requests,
+        so their dumps must have read them (waited here; usually long done)."""
+        self._reap(meta.finished_req_ids + meta.preempted_req_ids, block=True)
+        for req_id in meta.finished_req_ids:
             self._block_ids.pop(req_id, None)
-        return done
+
+    def poll(self) -> None:
+        """Account the dumps that have ended (non-blocking; called once per step)."""
+        self._reap(list(self._dumps))
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

