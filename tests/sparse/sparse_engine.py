@@ -10,6 +10,7 @@ attention reads can be identified, and a recomputed (preempted) request writes t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,12 @@ class LayerRecord:
 
     positions: list[int]
     output: torch.Tensor
-    dense_output: torch.Tensor
+    _dense: Callable[[], torch.Tensor]
+
+    @property
+    def dense_output(self) -> torch.Tensor:
+        """Dense attention over the request's true KV (computed when a test asks for it)."""
+        return self._dense()
 
 
 class MiniEngine:
@@ -77,6 +83,7 @@ class MiniEngine:
         self.layer_names = [f"model.layers.{i}.attn" for i in range(num_layers)]
         self.worker.register_kv_caches(dict(zip(self.layer_names, self.caches, strict=True)))
         self.reqs: dict[str, Req] = {}
+        self._truth: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.history: list[dict[str, list[LayerRecord]]] = []
         self.stats: list[SparseStepStats] = []
 
@@ -92,6 +99,16 @@ class MiniEngine:
         return [blocks // 3, blocks // 2 + 1]
 
     def truth(self, req: Req, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """True K and V of these token positions (memoized per request and layer)."""
+        key = (req.seed, layer)
+        k_all, v_all = self._truth.get(key, (torch.empty(0, self.hkv, self.d), torch.empty(0, self.hkv, self.d)))
+        if positions.stop > k_all.shape[0]:
+            k_new, v_new = self._make_truth(req, layer, range(k_all.shape[0], positions.stop))
+            k_all, v_all = torch.cat([k_all, k_new]), torch.cat([v_all, v_new])
+            self._truth[key] = (k_all, v_all)
+        return k_all[positions.start : positions.stop], v_all[positions.start : positions.stop]
+
+    def _make_truth(self, req: Req, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = [], []
         for pos in positions:
             gen = torch.Generator().manual_seed(hash((req.seed, layer, pos)) % (2**31))
@@ -184,9 +201,12 @@ class MiniEngine:
                 out = paged_decode_attention(q, k_cache, v_cache, use_table[row : row + 1], use_lens[row : row + 1])
                 positions = self._identify(r, layer, use_table[row], int(use_lens[row]), s.seq_len)
                 tk, tv = self.truth(r, layer, range(s.seq_len))
-                dense = paged_decode_attention(q, tk[None], tv[None], torch.zeros(1, 1, dtype=torch.int32),
-                                               torch.tensor([s.seq_len]))
-                records[r.request_id].append(LayerRecord(positions, out[0], dense[0]))
+
+                def dense(q=q, tk=tk, tv=tv, n=s.seq_len) -> torch.Tensor:
+                    table1 = torch.zeros(1, 1, dtype=torch.int32)
+                    return paged_decode_attention(q, tk[None], tv[None], table1, torch.tensor([n]))[0]
+
+                records[r.request_id].append(LayerRecord(positions, out[0], dense))
             self.worker.attention_finished(name, query, None, None, None, self.caches[layer])
         for r, s in zip(reqs, steps, strict=True):  # the connector's dump of the prompt blocks (all layers)
             if s.finishes_prefill and self.store is not None:
@@ -208,15 +228,21 @@ class MiniEngine:
         n = -(-length // self.bs)
         tk, tv = self.truth(req, layer, range(seq_len))
         k_cache, v_cache = self.caches[layer]
+        by_content = {}
+        for p in range(-(-seq_len // self.bs)):
+            span = slice(p * self.bs, (p + 1) * self.bs)
+            by_content[(tk[span].numpy().tobytes(), tv[span].numpy().tobytes())] = p
         positions = []
         for i, block in enumerate(row[:n].tolist()):
             valid = self.bs if i < n - 1 else length - (n - 1) * self.bs
-            got = k_cache[block, :valid]
-            match = [p for p in range(-(-seq_len // self.bs))
-                     if torch.equal(tk[p * self.bs : p * self.bs + valid], got)
-                     and torch.equal(tv[p * self.bs : p * self.bs + valid], v_cache[block, :valid])]
-            assert match, f"{req.request_id} layer {layer}: block {block} holds no block of the request (garbage)"
-            positions.append(match[0])
+            if i == n - 1:  # the block being written: compare its valid tokens with the request's last block
+                last = -(-seq_len // self.bs) - 1
+                span = slice(last * self.bs, last * self.bs + valid)
+                assert torch.equal(k_cache[block, :valid], tk[span]) and torch.equal(v_cache[block, :valid], tv[span])
+                positions.append(last)
+                continue
+            got = (k_cache[block].numpy().tobytes(), v_cache[block].numpy().tobytes())
+            assert got in by_content, f"{req.request_id} layer {layer}: block {block} holds no block of it (garbage)"
+            positions.append(by_content[got])
         assert len(set(positions)) == len(positions), positions
-        assert positions[-1] == -(-seq_len // self.bs) - 1  # the block being written stays last
         return positions

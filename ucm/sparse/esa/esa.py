@@ -54,6 +54,9 @@ class _LayerState:
     loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
+    version: int = 0  # bumped whenever slots / selected change (invalidates `row`)
+    row: torch.Tensor | None = None  # cached host block-table row (int32) for `row_key`
+    row_key: tuple[int, int] = (-1, -1)  # (version, blocks of the request) the cached row was built for
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Esa(UcmSparseBase):
             return None
         index = self._layer(layer_name)
         rows: list[int] = []
-        tables: list[list[int]] = []
+        tables: list[torch.Tensor] = []
         lengths: list[int] = []
         for row, step in enumerate(batch.requests):
             state = self._requests.get(step.req_id)
@@ -212,7 +215,7 @@ class Esa(UcmSparseBase):
             rows.append(row)
             tables.append(table)
             lengths.append(length)
-            self._stats.resident_blocks += len(table)
+            self._stats.resident_blocks += table.numel()
             self._stats.full_blocks += -(-step.seq_len // self.block_size)
         if not rows:
             return None
@@ -283,6 +286,7 @@ class Esa(UcmSparseBase):
         selected = [layout.sink_end + c for c in picked]
         if not self.offload:
             layer_state.selected = selected
+            layer_state.version += 1
             return
         if layer_state.load_task is not None:
             self._wait_loads(step, layer_state)
@@ -310,6 +314,7 @@ class Esa(UcmSparseBase):
         for j, pos in loadable:
             layer_state.loading[j] = (pos, layer_state.slots[j])
             layer_state.slots[j] = -1  # being written: never attended until the wait
+        layer_state.version += 1
         self._stats.blocks_loaded += len(loadable)
 
     def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
@@ -337,20 +342,29 @@ class Esa(UcmSparseBase):
             else:
                 layer_state.slots[j] = pos
         layer_state.loading = {}
+        layer_state.version += 1
 
     def _sparse_row(
         self, step: SparseRequestStep, layout: WindowLayout, layer_state: _LayerState
-    ) -> tuple[list[int], int]:
-        """The layer's block-table row (sink, work, local + tail; the partial last block last) and its length."""
+    ) -> tuple[torch.Tensor, int]:
+        """The layer's block-table row (sink, work, local + tail; the partial last block last) and its length.
+
+        The row only changes when the layer's resident set changes or a block is appended, so it is cached on the
+        host and rebuilt then (rebuilding is O(k) Python; a step costs O(1) per request and layer otherwise)."""
         bs = self.block_size
-        ids = step.block_ids
         total = -(-step.seq_len // bs)
-        if self.offload:
-            work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
-        else:
-            work = [ids[pos] for pos in layer_state.selected]
-        row = [ids[p] for p in range(layout.sink_end)] + work + [ids[p] for p in range(layout.local_start, total)]
-        length = (len(row) - 1) * bs + step.seq_len - (total - 1) * bs
+        key = (layer_state.version, total)
+        if layer_state.row is None or layer_state.row_key != key:
+            ids = step.block_ids
+            if self.offload:
+                work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
+            else:
+                work = [ids[pos] for pos in layer_state.selected]
+            row = [ids[p] for p in range(layout.sink_end)] + work + [ids[p] for p in range(layout.local_start, total)]
+            layer_state.row = torch.tensor(row, dtype=torch.int32)
+            layer_state.row_key = key
+        row = layer_state.row
+        length = (row.numel() - 1) * bs + step.seq_len - (total - 1) * bs
         return row, length
 
     def _view(
@@ -358,19 +372,23 @@ class Esa(UcmSparseBase):
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         rows: list[int],
-        tables: list[list[int]],
+        tables: list[torch.Tensor],
         lengths: list[int],
         max_len: int,
     ) -> SparseAttentionView:
+        """The engine's table and lengths with the sparse rows replaced (one pinned staging copy each)."""
         width = block_table.shape[1]
-        host = torch.zeros(len(rows), width, dtype=block_table.dtype)
+        host = self.backend.alloc_pinned(len(rows) * width * 4).view(torch.int32).view(len(rows), width)
+        host.zero_()  # padding: the null block, never read (beyond seq_len)
         for i, table in enumerate(tables):
-            host[i, : len(table)] = torch.tensor(table, dtype=block_table.dtype)
+            host[i, : table.numel()] = table
+        meta = self.backend.alloc_pinned(len(rows) * 16).view(torch.int64).view(2, len(rows))
+        meta[0] = torch.tensor(rows, dtype=torch.int64)
+        meta[1] = torch.tensor(lengths, dtype=torch.int64)
+        device = block_table.device
+        meta_dev = meta.to(device, non_blocking=True)
         new_table = block_table.clone()
+        new_table.index_copy_(0, meta_dev[0], host.to(device, non_blocking=True).to(block_table.dtype))
         new_lens = seq_lens.clone()
-        row_ids = torch.tensor(rows, dtype=torch.int64, device=block_table.device)
-        new_table.index_copy_(0, row_ids, host.to(block_table.device, non_blocking=True))
-        new_lens.index_copy_(
-            0, row_ids.to(seq_lens.device), torch.tensor(lengths, dtype=seq_lens.dtype).to(seq_lens.device)
-        )
+        new_lens.index_copy_(0, meta_dev[0].to(seq_lens.device), meta_dev[1].to(seq_lens.device, seq_lens.dtype))
         return SparseAttentionView(new_table, new_lens, max_len)
