@@ -6,6 +6,9 @@ layer's block-buffer convention). Pages are moved as raw bytes, so two engines m
 their pages have the same physical layout; the tag computed here (attention backend, dtype, page shape and the
 physical order of its dimensions) goes into the block namespace so different layouts never share ids.
 
+Each page tensor is re-viewed in its physical dimension order (a logical view with permuted strides becomes a
+view whose pages are contiguous), so a row is the page's bytes as they lie in memory.
+
 Accepted per-layer caches (vLLM 0.32 and the layouts of earlier releases / vllm-ascend):
 - one tensor ``[num_blocks, ...]`` (vLLM 0.32: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, a view
   whose physical order differs by backend);
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ucm.device.reference import as_page_tensors, page_nbytes
+from ucm.device.reference import page_nbytes
 from ucm.errors import UcmConfigError
 
 
@@ -54,15 +57,25 @@ def _dim_order(t: torch.Tensor) -> str:
     return "".join(str(d - 1) for d in order)
 
 
-def _pages_of(name: str, cache: Any, num_blocks: int) -> Any:
+def _physical(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its dims after dim 0 permuted into memory order, so a page is contiguous when its bytes are.
+
+    vLLM 0.32 hands out a logical view whose strides follow the backend's physical order; rows are moved as raw
+    bytes in that physical order (the tag records it), which is also the fastest copy."""
+    order = sorted(range(1, t.dim()), key=lambda d: (-t.stride(d), d))
+    return t.permute(0, *order)
+
+
+def _logical_pages(name: str, cache: Any, num_blocks: int) -> tuple[str, list[torch.Tensor]]:
+    """("t", [tensor]) or ("kv", [k, v]): the layer's page tensors as vLLM registered them (blocks along dim 0)."""
     if isinstance(cache, torch.Tensor):
         if cache.dim() >= 2 and cache.shape[0] == num_blocks:
-            return cache
+            return "t", [cache]
         if cache.dim() >= 3 and cache.shape[0] == 2 and cache.shape[1] == num_blocks:
-            return (cache[0], cache[1])
+            return "kv", [cache[0], cache[1]]
     elif isinstance(cache, Sequence) and len(cache) > 0 and all(isinstance(c, torch.Tensor) for c in cache):
         if all(c.dim() >= 2 and c.shape[0] == num_blocks for c in cache):
-            return tuple(cache)
+            return "kv", list(cache)
     shape = tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache).__name__
     raise UcmConfigError(
         f"KV cache layout of layer {name}",
@@ -84,13 +97,12 @@ def detect_layout(
         raise UcmConfigError("registered KV caches", sorted(kv_caches), f"every layer of the KV group: {missing}")
     caches, page_bytes, signatures = [], [], []
     for name in layer_order:
-        cache = _pages_of(name, kv_caches[name], num_blocks)
-        pages = as_page_tensors(cache)
-        caches.append(cache)
+        kind, logical = _logical_pages(name, kv_caches[name], num_blocks)
+        pages = [_physical(t) for t in logical]
+        caches.append(pages[0] if kind == "t" else tuple(pages))
         page_bytes.append(sum(page_nbytes(p) for p in pages))  # raises when a block's page is not contiguous
-        kind = "kv" if isinstance(cache, tuple) else "t"
         backend = (attn_backend_names or {}).get(name, "?")
-        parts = [f"{str(p.dtype).replace('torch.', '')}{list(p.shape[1:])}o{_dim_order(p)}" for p in pages]
+        parts = [f"{str(t.dtype).replace('torch.', '')}{list(t.shape[1:])}o{_dim_order(t)}" for t in logical]
         signatures.append(f"{backend}/{kind}/" + "+".join(parts))
     # One tag for the whole row: layers usually share a signature; list the distinct ones in order otherwise.
     distinct = list(dict.fromkeys(signatures))

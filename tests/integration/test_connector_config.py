@@ -1,0 +1,133 @@
+"""Connector configuration and KV-layout checks (no engine: fast). Each bad input must give one
+`UcmConfigError` naming the field, the value and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucm.errors import UcmConfigError
+from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape
+from ucm.integration.vllm.kv_layout import detect_layout
+from ucm.integration.vllm.metadata import UcmWorkerMetadata
+from ucm.integration.vllm.stats import UcmConnectorStats
+
+BLOCK = ModelBlockShape(block_size=128, num_layers=2, page_bytes=65536, dtype="bfloat16")
+
+
+def nfs(tmp_path, **store) -> dict:
+    return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(tmp_path), **store}}
+
+
+def error(extra) -> UcmConfigError:
+    with pytest.raises(UcmConfigError) as info:
+        ConnectorConfig.parse(extra, BLOCK)
+    return info.value
+
+
+def test_valid_config_derives_kv_block_size(tmp_path) -> None:
+    cfg = ConnectorConfig.parse({**nfs(tmp_path), "ucm_sparse_method": "ESA"}, BLOCK)
+    assert cfg.store_config["kv_block_size"] == 131072
+    assert cfg.sparse_method == "ESA" and cfg.prefix_reuse and cfg.save_blocks
+    assert cfg.load_failure_policy == "recompute"
+    assert not cfg.store_is_process_local
+    dram = ConnectorConfig.parse(
+        {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20, "kv_block_size": 131072}},
+        BLOCK,
+    )
+    assert dram.store_is_process_local and dram.sparse_method is None
+
+
+def test_unknown_store_lists_the_known_ones() -> None:
+    err = error({"ucm_connector_name": "UcmS3", "ucm_connector_config": {}})
+    assert err.field == "ucm_connector_name" and err.value == "UcmS3"
+    assert "'UcmDram'" in str(err) and "'UcmNfsStore'" in str(err)
+
+
+def test_unknown_sparse_method_lists_the_known_ones(tmp_path) -> None:
+    err = error({**nfs(tmp_path), "ucm_sparse_method": "Quest"})
+    assert err.field == "ucm_sparse_method" and "'ESA'" in str(err)
+
+
+def test_missing_storage_path(tmp_path) -> None:
+    err = error({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"kv_block_size": 131072}})
+    assert err.field == "ucm_connector_config.storage_backends" and "directory" in str(err)
+
+
+def test_kv_block_size_must_match_the_model(tmp_path) -> None:
+    err = error(nfs(tmp_path, kv_block_size=33554432))
+    assert err.field == "ucm_connector_config.kv_block_size" and err.value == 33554432
+    assert "131072 for this model (2 layers x 65536 B" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"ucm_connector_name": "UcmNfsStore"}, "ucm_connector_config"),
+        ({"ucm_connector_config": {}}, "ucm_connector_name"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"kv_block_size": 131072}},
+         "ucm_connector_config.max_cache_size"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1, "bogus": 2}},
+         "ucm_connector_config.bogus"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20},
+          "ucm_prefix_reuse": "yes"}, "ucm_prefix_reuse"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20},
+          "ucm_load_failure_policy": "ignore"}, "ucm_load_failure_policy"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20},
+          "ucm_sparse_metod": "ESA"}, "kv_connector_extra_config.ucm_sparse_metod"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20},
+          "ucm_device_backend": "tpu"}, "ucm_device_backend"),
+    ],
+)
+def test_bad_fields_name_the_field(extra, field) -> None:
+    assert error(extra).field == field
+
+
+def test_layout_of_vllm_032_cpu_caches_and_its_tag() -> None:
+    caches = {f"l{i}": torch.zeros(6, 2, 128, 128, dtype=torch.bfloat16) for i in range(2)}
+    layout = detect_layout(caches, ["l0", "l1"], 6, {"l0": "CPU_ATTN", "l1": "CPU_ATTN"})
+    assert layout.bytes_per_block == 2 * 2 * 128 * 128 * 2
+    assert layout.row_offset("l1") == layout.page_bytes[0]
+    assert layout.tag == "CPU_ATTN/t/bfloat16[2, 128, 128]o012"
+    # the same logical shape with another physical order (e.g. a [k|v]-per-token backend) gets another tag
+    permuted = {n: torch.zeros(6, 128, 2, 128, dtype=torch.bfloat16).transpose(1, 2) for n in caches}
+    other = detect_layout(permuted, ["l0", "l1"], 6, {"l0": "CPU_ATTN", "l1": "CPU_ATTN"})
+    assert other.tag != layout.tag and other.bytes_per_block == layout.bytes_per_block
+
+
+def test_layout_splits_stacked_kv_and_accepts_kv_tuples() -> None:
+    stacked = detect_layout({"a": torch.zeros(2, 5, 16, 4, 8)}, ["a"], 5)
+    assert isinstance(stacked.caches[0], tuple) and stacked.bytes_per_block == 2 * 16 * 4 * 8 * 4
+    pair = (torch.zeros(5, 16, 4, 8), torch.zeros(5, 16, 4, 8))
+    assert detect_layout({"a": pair}, ["a"], 5).tag.startswith("?/kv/")
+
+
+def test_layout_rejects_wrong_shapes_and_strided_pages() -> None:
+    with pytest.raises(UcmConfigError, match="KV cache layout of layer a"):
+        detect_layout({"a": torch.zeros(4, 5, 16)}, ["a"], 5)
+    with pytest.raises(UcmConfigError, match="every layer of the KV group"):
+        detect_layout({"a": torch.zeros(5, 16)}, ["a", "b"], 5)
+    blocks_inside = torch.zeros(16, 5, 8).transpose(0, 1)  # dim 0 = blocks, but a block's page is strided
+    with pytest.raises(UcmConfigError, match="page tensor strides"):
+        detect_layout({"a": blocks_inside}, ["a"], 5)
+
+
+def test_stats_sum_and_reduce() -> None:
+    a, b = UcmConnectorStats(), UcmConnectorStats()
+    a.add(lookup_blocks=4, hit_blocks=3, loaded_bytes=10)
+    b.add(lookup_blocks=4, hit_blocks=1, resident_blocks=3, full_blocks=12)
+    total = a.aggregate(b)
+    reduced = total.reduce()
+    assert reduced["hit_blocks"] == 4 and reduced["hit_rate"] == 0.5 and reduced["resident_share"] == 0.25
+    assert "saved_blocks" not in reduced  # zero counters are left out of the log line
+    assert UcmConnectorStats().is_empty() and not total.is_empty()
+    rebuilt = UcmConnectorStats(data=dict(total.data))  # what vLLM's build_kv_connector_stats does
+    assert rebuilt.reduce() == reduced
+
+
+def test_worker_metadata_counts_a_block_loaded_only_if_every_worker_loaded_it() -> None:
+    a = UcmWorkerMetadata(load_results={"r": [4, 0]}, stored_ids={0: ["aa"]})
+    b = UcmWorkerMetadata(load_results={"r": [3, 1]}, stored_ids={1: ["bb"]}, missing_ids={1: ["cc"]})
+    merged = a.aggregate(b)
+    assert merged.load_results == {"r": [3, 1]}
+    assert merged.stored_ids == {0: ["aa"], 1: ["bb"]} and merged.missing_ids == {1: ["cc"]}
