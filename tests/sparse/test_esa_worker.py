@@ -150,3 +150,21 @@ def test_offload_without_store_is_a_config_error():
 
     with pytest.raises(UcmConfigError, match="store"):
         create_sparse("ESA", None, UcmSparseRole.WORKER, block_size=16, backend=get_backend("cpu"))
+
+
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_any_block_size_offload(block_size):
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=2)
+    row = LAYERS * 2 * block_size * HKV * D * 4
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 200 * row}, get_backend("cpu"))
+    engine = MiniEngine(config, offload=True, store=store, block_size=block_size, needle_scale=6.0)
+    req = engine.add("a", prompt=40 * block_size + 1)  # ragged: the last prompt block holds one token
+    engine.step()
+    for _ in range(block_size + 2):  # fills the ragged block, then opens a new one
+        records = engine.step()["a"]
+        plan = engine.scheduler.block_plan(req, 0)
+        assert sum(1 for b in req.block_ids if b) == plan.num_blocks
+        for rec in records:
+            assert set(engine.needles(req)) <= set(rec.positions)
+            assert torch.isfinite(rec.output).all()
+    assert len(req.block_ids) == 42

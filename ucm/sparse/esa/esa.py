@@ -187,6 +187,8 @@ class Esa(UcmSparseBase):
         if batch is None or not self._requests:
             return None
         index = self._layer(layer_name)
+        if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
+            query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
         rows: list[int] = []
         tables: list[torch.Tensor] = []
         lengths: list[int] = []
@@ -208,7 +210,7 @@ class Esa(UcmSparseBase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
                 layer_state.due, layer_state.pending = layer_state.pending, None
             if self.schedule.is_submit(d) and layer_state.reps is not None:
-                q = query[step.query_start + step.num_scheduled_tokens - 1]
+                q = query[step.query_start + step.num_scheduled_tokens - 1].detach().clone()  # outlives the layer
                 layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work)
                 self._stats.retrievals += 1
             table, length = self._sparse_row(step, state.layout, layer_state)
