@@ -121,6 +121,8 @@ class Esa(UcmSparseBase):
     def register_kv_caches(
         self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None
     ) -> None:
+        self._layer_index, self._caches, self._key_views, self._row_offsets = {}, [], [], []
+        self._requests.clear()  # a re-registered cache holds none of the earlier requests' blocks
         offset = 0
         for index, (layer, cache) in enumerate(kv_caches.items()):
             key_view = (key_views or {}).get(layer)
