@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import NUM_PAGES, ids_for, make_cache, page_bytes, row_bytes
 
+from ucm.errors import UcmConfigError
 from ucm.store import BlockPages, StoreLoadError, create_store
 from ucm.store.blockfile import HEADER_SIZE
 from ucm.store.nfs import NfsStore
@@ -142,3 +143,15 @@ def test_threads_share_one_store(backend, tmp_path):
             t.join()
         assert not errors, errors[0]
         assert not temp_files(tmp_path) and len(block_files(tmp_path)) == store.stats().stored_blocks
+
+
+def test_ids_never_become_paths(backend, tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+    with nfs(backend, root) as store:
+        for bad in ("../" * 8 + "etc/passwd", "0" * 30 + "/x", "A" * 32):
+            with pytest.raises(UcmConfigError, match="block id"):
+                store.lookup([bad])
+            with pytest.raises(UcmConfigError, match="block id"):
+                store.dump([bad], BlockPages(make_cache(1), torch.tensor([0])))
+    assert [p.name for p in tmp_path.iterdir()] == ["store"] and not any(root.iterdir())
