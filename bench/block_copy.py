@@ -17,6 +17,7 @@ Needs a CUDA GPU and an installed checkout (`pip install -e .`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -161,6 +162,34 @@ def run_size(backend: Backend, block_bytes: int, total_bytes: int, reps: int) ->
     return results
 
 
+def sweep(backend: Backend, reps: int) -> list[dict]:
+    """Copy-kernel launch shapes (bytes per program step x warps) at 16 KiB and 256 KiB blocks, zero-copy and D2D."""
+    from ucm.kernels import block_copy
+
+    defaults = (block_copy._CHUNK_BYTES, block_copy._NUM_WARPS)
+    rows = []
+    for block_bytes in (16 << 10, 256 << 10):
+        n = (64 << 20) // block_bytes
+        cache = torch.empty(2 * n, block_bytes, dtype=torch.uint8, device="cuda")
+        ids = torch.randperm(2 * n)[:n]
+        host = torch.empty(n, block_bytes, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(n, block_bytes, dtype=torch.uint8, device="cuda")
+        for chunk in (4096, 8192, 16384, 32768):
+            for warps in (2, 4, 8):
+                block_copy._CHUNK_BYTES, block_copy._NUM_WARPS = chunk, warps
+                row = {"block_bytes": block_bytes, "chunk_bytes": chunk, "num_warps": warps}
+                for name, fn in (
+                    ("D2H", functools.partial(backend.gather_blocks, cache, ids, host)),
+                    ("H2D", functools.partial(backend.scatter_blocks, host, cache, ids)),
+                    ("D2D", functools.partial(backend.gather_blocks, cache, ids, dev)),
+                ):
+                    row[name + "_GBps"] = round(n * block_bytes / time_ms(fn, reps) / 1e6, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    block_copy._CHUNK_BYTES, block_copy._NUM_WARPS = defaults
+    return rows
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Batched block copy, paged GPU cache <-> pinned host memory (GB/s)",
@@ -205,6 +234,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--sizes-kib", type=int, nargs="*", default=[s >> 10 for s in BLOCK_SIZES])
+    parser.add_argument("--sweep", action="store_true", help="also time the copy kernel's launch shapes")
     args = parser.parse_args()
     import triton
 
@@ -220,9 +250,10 @@ def main() -> None:
     rows = []
     for kib in args.sizes_kib:
         rows += run_size(backend, kib << 10, args.total_mib << 20, args.reps)
+    swept = sweep(backend, args.reps) if args.sweep else []
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "block_copy.json"), "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
+        json.dump({"meta": meta, "results": rows, "sweep": swept}, f, indent=1)
     with open(os.path.join(args.out_dir, "block_copy.md"), "w") as f:
         f.write(markdown(rows, meta))
     print(markdown(rows, meta))

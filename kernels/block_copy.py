@@ -21,6 +21,7 @@ from ._indices import to_device_int64
 from ._triton import tl, triton
 
 _CHUNK_BYTES = 8192  # bytes one program moves per step: enough loads in flight to hide PCIe latency
+_NUM_WARPS = 4
 _MAX_CHUNK_PROGRAMS = 65535  # grid limit of axis 1
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
@@ -158,6 +159,6 @@ def copy_blocks(
             TO_BUFFER=to_buffer,
             VEC=align // word,
             CHUNK=chunk,
-            num_warps=4,
+            num_warps=_NUM_WARPS,
         )
 

@@ -1,10 +1,10 @@
 """Masked top-k: per row of a score matrix the k best eligible indices, in ascending order, in one launch.
 
 Called by `CudaBackend.topk_masked` / `select_blocks` (semantics: `ucm.device.reference.topk_masked`). One program
-per row finds the k-th largest score exactly by a 32-step bitwise search on order-preserving integer keys
-(a radix select; no sort), then writes the selected indices in index order with a prefix sum, so the result is
-already ascending. Ties at the threshold are taken lowest index first. Rows up to `_MAX_SINGLE` entries stay in
-registers; longer rows are streamed in chunks.
+per row finds the k-th largest score exactly by a bitwise search on order-preserving integer keys, a few bits
+per pass (a radix select; no sort), then writes the selected indices in index order with a prefix sum, so the
+result is already ascending. Ties at the threshold are taken lowest index first. Rows up to `_MAX_SINGLE`
+entries stay in registers; longer rows are streamed in chunks.
 """
 
 from __future__ import annotations
@@ -18,18 +18,28 @@ from ._triton import tl, triton
 
 _MAX_SINGLE = 16384  # widest row kept in registers by one program
 _CHUNK = 4096  # chunk of a longer row
+_RADIX_BITS = 2  # threshold bits decided per pass: 2**bits - 1 independent counts per pass, 32 / bits passes
+
+
+def _num_warps(chunk: int) -> int:
+    """Warps of a row's program: few, since every pass ends in a block-wide reduction whose latency dominates."""
+    return max(1, min(8, chunk // 1024))
 
 
 @triton.jit
 def _row_keys(row, stride_w, excl_row, stride_ew, idx, limit, HAS_EXCL: tl.constexpr):
-    """Order-preserving int64 keys of float scores (in [0, 2**32)) and the eligibility mask of entries idx."""
+    """Order-preserving int32 keys of float scores and the eligibility mask of entries idx."""
     eligible = idx < limit
     if HAS_EXCL:
         eligible = eligible & (tl.load(excl_row + idx * stride_ew, mask=eligible, other=1) == 0)
     vals = tl.load(row + idx * stride_w, mask=eligible, other=0.0).to(tl.float32)
     bits = vals.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 with the order of the floats
-    return ordered.to(tl.int64) - (-2147483648), eligible
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF), eligible  # negative floats: flip the magnitude bits
+
+
+@triton.jit
+def _count_at_least(key, eligible, threshold):
+    return tl.sum((eligible & (key >= threshold.to(tl.int32))).to(tl.int32), axis=0)
 
 
 @triton.jit(do_not_specialize=["width", "out_width"])
@@ -51,6 +61,7 @@ def _topk_masked_kernel(
     HAS_EXCL: tl.constexpr,
     SINGLE: tl.constexpr,
     CHUNK: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     row = scores + b * stride_sb
@@ -61,19 +72,22 @@ def _topk_masked_kernel(
         limit = tl.minimum(tl.load(lengths + b).to(tl.int64), limit)
     k = tl.maximum(tl.load(k_rows + b).to(tl.int64), 0)
     offs = tl.arange(0, CHUNK)
-    step = (tl.zeros([], tl.int64) + 1073741824) * 2  # 2**31: highest bit of a key
-    prefix = tl.zeros([], tl.int64)
+    # The threshold is the largest t with at least `count` eligible keys >= t (the k-th largest key), found
+    # BITS bits at a time from the top; thresholds are int64 scalars holding int32 key values.
+    prefix = tl.zeros([], tl.int64) - 2147483647 - 1
     if SINGLE:
         key, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, offs, limit, HAS_EXCL)
         count = tl.minimum(k, tl.sum(eligible.to(tl.int64), axis=0))
-        # Largest threshold t with at least `count` eligible keys >= t: the k-th largest key.
-        for _ in range(32):
-            cand = prefix + step
-            hits = tl.sum((eligible & (key >= cand)).to(tl.int64), axis=0)
-            prefix = tl.where(hits >= count, cand, prefix)
-            step = step // 2
-        above = eligible & (key > prefix)
-        ties = eligible & (key == prefix)
+        for p in tl.static_range(32 // BITS):
+            step = tl.full([], 1, tl.int64) << (32 - BITS * (p + 1))
+            best = prefix
+            for d in tl.static_range(1, 2**BITS):  # independent counts: their reductions overlap
+                cand = prefix + d * step
+                best = tl.where(_count_at_least(key, eligible, cand) >= count, cand, best)
+            prefix = best
+        threshold = prefix.to(tl.int32)
+        above = eligible & (key > threshold)
+        ties = eligible & (key == threshold)
         need = count - tl.sum(above.to(tl.int64), axis=0)
         tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
         selected = above | (ties & (tie_rank < need))
@@ -86,26 +100,26 @@ def _topk_masked_kernel(
             _, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, start + offs, limit, HAS_EXCL)
             total += tl.sum(eligible.to(tl.int64), axis=0)
         count = tl.minimum(k, total)
-        for _ in range(32):
-            cand = prefix + step
+        for p in range(32):  # one bit per pass: each count is a pass over the row
+            cand = prefix + (tl.full([], 1, tl.int64) << (31 - p))
             hits = tl.zeros([], tl.int64)
             for start in range(0, width, CHUNK):
                 key, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, start + offs, limit, HAS_EXCL)
-                hits += tl.sum((eligible & (key >= cand)).to(tl.int64), axis=0)
+                hits += _count_at_least(key, eligible, cand)
             prefix = tl.where(hits >= count, cand, prefix)
-            step = step // 2
+        threshold = prefix.to(tl.int32)
         above_total = tl.zeros([], tl.int64)
         for start in range(0, width, CHUNK):
             key, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, start + offs, limit, HAS_EXCL)
-            above_total += tl.sum((eligible & (key > prefix)).to(tl.int64), axis=0)
+            above_total += tl.sum((eligible & (key > threshold)).to(tl.int64), axis=0)
         need = count - above_total
         written = tl.zeros([], tl.int64)
         ties_seen = tl.zeros([], tl.int64)
         for start in range(0, width, CHUNK):
             idx = start + offs
             key, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, idx, limit, HAS_EXCL)
-            above = eligible & (key > prefix)
-            ties = eligible & (key == prefix)
+            above = eligible & (key > threshold)
+            ties = eligible & (key == threshold)
             tie_rank = ties_seen + tl.cumsum(ties.to(tl.int32), axis=0) - 1
             selected = above | (ties & (tie_rank < need))
             pos = written + tl.cumsum(selected.to(tl.int32), axis=0) - 1
@@ -191,7 +205,8 @@ def topk_masked(
         HAS_EXCL=exclude is not None,
         SINGLE=single,
         CHUNK=chunk,
-        num_warps=max(4, min(16, chunk // 512)),
+        BITS=_RADIX_BITS,
+        num_warps=_num_warps(chunk),
     )
     if host_counts is None:
         out = out[:, : int(counts.max())]
