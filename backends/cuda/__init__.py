@@ -126,5 +126,29 @@ class CudaBackend(Backend):
         lengths = cu_blocks[1:] - cu_blocks[:-1]  # stays where cu_blocks is: on the host, no sync in top-k
         return topk_masked(scores, k, lengths, exclude)
 
+    def sparse_decode_attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selected: torch.Tensor,
+        counts: torch.Tensor,
+        sink_end: int,
+        local_start: torch.Tensor,
+        max_seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """One launch (+ split merge) reading the selection and the engine's table; no sync."""
+        if not k_cache.is_cuda:
+            return super().sparse_decode_attention(
+                query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start
+            )
+        from ucm.kernels.sparse_paged_attention import sparse_paged_decode_attention
+
+        return sparse_paged_decode_attention(
+            query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start, max_seq_len
+        )
+
 
 __all__ = ["CudaBackend"]

@@ -7,7 +7,8 @@ CUDA and Ascend (PrivateUse1 "npu") share this code; a backend subclass override
 
 Who calls what:
 - stores: `gather_blocks` / `scatter_blocks` on a side stream, pinned buffers, `CopyHandle` polling;
-- sparse algorithms: `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode.
+- sparse algorithms: `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode,
+  `sparse_decode_attention` (attention straight over a selection, resident mode without an engine table).
 """
 
 from __future__ import annotations
@@ -198,3 +199,23 @@ class Backend:
         scores = self.block_scores(query, reps, cu_blocks)
         lengths = cu_blocks[1:] - cu_blocks[:-1]
         return self.topk_masked(scores, k, lengths.to(scores.device), exclude)
+
+    # ------------------------------------------------------------------ 8. attention over a selection
+    def sparse_decode_attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selected: torch.Tensor,
+        counts: torch.Tensor,
+        sink_end: int,
+        local_start: torch.Tensor,
+        max_seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """Decode attention over sink + ``selected`` + local blocks; see `reference.sparse_decode_attention`.
+        ``max_seq_len``: a host bound on the kept tokens (lets a kernel size its grid without a sync)."""
+        return reference.sparse_decode_attention(
+            query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start
+        )

@@ -179,3 +179,47 @@ def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tenso
     scores = (grouped.to(reps.device)[owner] * reps[: owner.numel()].float()).sum((1, 2))
     out[owner, torch.arange(owner.numel(), device=reps.device) - cu_blocks[owner]] = scores
     return out
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor,
+    counts: torch.Tensor,
+    sink_end: int,
+    local_start: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention of each request over its sparse selection of a paged cache (float32 softmax).
+
+    Request b attends to its logical blocks ``[0, sink_end)``, ``sink_end + selected[b, :counts[b]]`` (candidate
+    indices as `topk_masked` returns them), then ``[local_start[b], ceil(seq_lens[b] / block_size))``, mapped to
+    physical blocks by ``block_table[b]``; the last block holds the partial tail. ``query`` ``[B, num_q_heads,
+    head_dim]``, caches ``[num_blocks, block_size, num_kv_heads, head_dim]``; query head h reads KV head
+    ``h // (num_q_heads // num_kv_heads)``. Returns ``[B, num_q_heads, head_dim]`` in the query dtype.
+    """
+    batch, num_q_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise UcmConfigError("num_q_heads", num_q_heads, f"a multiple of num_kv_heads={num_kv_heads}")
+    scale = head_dim**-0.5 if scale is None else scale
+    out = torch.empty_like(query)
+    for b in range(batch):
+        seq_len, count, local = int(seq_lens[b]), int(counts[b]), int(local_start[b])
+        total = -(-seq_len // block_size)
+        if not sink_end <= local < total:
+            raise UcmConfigError("local_start", local, f"in [sink_end={sink_end}, {total}) for request {b}")
+        logical = torch.cat([torch.arange(sink_end), sink_end + selected[b, :count].cpu().long(),
+                             torch.arange(local, total)])
+        pages = block_table[b].cpu().long()[logical].to(k_cache.device)
+        kept = len(logical) * block_size - (total * block_size - seq_len)
+        keys = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:kept].float()
+        values = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:kept].float()
+        group = num_q_heads // num_kv_heads
+        logits = torch.einsum("hd,thd->ht", query[b].float(), keys.repeat_interleave(group, 1)) * scale
+        probs = logits.softmax(-1)
+        out[b] = torch.einsum("ht,thd->hd", probs, values.repeat_interleave(group, 1)).to(query.dtype)
+    return out

@@ -1,9 +1,12 @@
-"""One batched ESA decode step in resident mode: select the top-k candidate blocks of every request and build
-the sparse block table and sequence lengths the attention reads, entirely on the device (no host round trip).
+"""One batched ESA decode step in resident mode, entirely on the device (no host round trip).
 
-Used by the ESA tests and benchmark (scoring + top-k + table; the attention is the caller's), and usable by an
-integration whose KV stays resident. The per-request worker pipeline (`ucm.sparse.esa.esa`) applies the same
-layout rule: sink blocks, selected blocks, then local window + generated blocks, the partial last block last.
+Two forms of the same step (scoring + top-k, then the kept blocks: sink blocks, selected blocks, then local
+window + generated blocks, the partial last block last):
+- `esa_decode_attention`: the attention reads the top-k output and the engine's block table directly
+  (`Backend.sparse_decode_attention`, one fused kernel on CUDA); the step when the attention is ours (tests,
+  benchmark `bench/esa_step.py`).
+- `esa_sparse_tables`: materializes the sparse block table and sequence lengths, for an engine attention that
+  only takes a table. The per-request worker pipeline (`ucm.sparse.esa.esa`) applies the same layout rule.
 """
 
 from __future__ import annotations
@@ -77,3 +80,30 @@ def esa_sparse_tables(
         block_table, seq_lens, selected, counts, sink_end, local_start, block_size, max_tail
     )
     return table, lens, selected, counts
+
+
+def esa_decode_attention(
+    backend: Backend,
+    query: torch.Tensor,
+    reps: torch.Tensor,
+    cu_blocks: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sink_end: int,
+    local_start: torch.Tensor,
+    k: int | torch.Tensor,
+    max_seq_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scoring + top-k (`Backend.select_blocks`) + attention over the kept blocks, no table in between.
+
+    Same inputs as `esa_sparse_tables` plus the caches (``[num_blocks, block_size, num_kv_heads, head_dim]``);
+    ``max_seq_len``: a host bound on the kept tokens. Returns (attention output, selected, counts); the output
+    equals paged attention over `esa_sparse_tables`' table and lengths."""
+    selected, counts = backend.select_blocks(query, reps, cu_blocks, k)
+    out = backend.sparse_decode_attention(
+        query, k_cache, v_cache, block_table, seq_lens.to(query.device), selected, counts, sink_end,
+        local_start.to(query.device), max_seq_len,
+    )
+    return out, selected, counts

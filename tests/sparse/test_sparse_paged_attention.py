@@ -1,0 +1,104 @@
+"""Attention straight over an ESA selection (no sparse table): the fused Triton kernel, the device layer's
+reference and the batched ESA step all equal paged attention over the materialized sparse table."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from sparse_cases import candidate_reps, make_case
+
+from ucm.device import get_backend
+from ucm.errors import UcmConfigError
+from ucm.sparse.attention import paged_decode_attention
+from ucm.sparse.config import EsaConfig
+from ucm.sparse.esa.step import esa_decode_attention, esa_sparse_tables
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _both_steps(backend, case, config):
+    reps, cu, sink_end, local_start, ks = candidate_reps(backend, case, config)
+    k = torch.tensor(ks, dtype=torch.int64, device=reps.device)
+    table, lens, selected, counts = esa_sparse_tables(
+        backend, case.query, reps, cu, case.block_table, case.seq_lens, sink_end, local_start, k, case.block_size
+    )
+    via_table = paged_decode_attention(case.query, case.k_cache, case.v_cache, table, lens)
+    fused, fused_sel, fused_counts = esa_decode_attention(
+        backend, case.query, reps, cu, case.k_cache, case.v_cache, case.block_table, case.seq_lens, sink_end,
+        local_start, k, int(lens.max()),
+    )
+    assert torch.equal(fused_sel, selected) and torch.equal(fused_counts, counts)
+    return fused, via_table, lens
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_esa_step_without_table_equals_table_path(block_size):
+    case = make_case([60 * block_size + 3, 21 * block_size, 9 * block_size + 1], block_size=block_size,
+                     needles_per_request=2, needle_lo=2, seed=5)
+    fused, via_table, lens = _both_steps(get_backend("cpu"), case, EsaConfig(sparse_ratio=0.25, min_blocks=4))
+    assert bool((lens < case.seq_lens).all())  # really sparse
+    torch.testing.assert_close(fused, via_table, atol=1e-5, rtol=1e-5)
+
+
+def test_ratio_one_equals_dense():
+    case = make_case([803, 400], block_size=16, seed=6)
+    fused, _, lens = _both_steps(get_backend("cpu"), case, EsaConfig(sparse_ratio=1.0))
+    assert torch.equal(lens, case.seq_lens)
+    dense = paged_decode_attention(case.query, case.k_cache, case.v_cache, case.block_table, case.seq_lens)
+    torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_local_start_outside_the_request_is_a_config_error():
+    case = make_case([64], block_size=16, seed=7)
+    selected, counts = torch.tensor([[0]]), torch.tensor([1])
+    with pytest.raises(UcmConfigError, match="local_start"):  # 4 blocks: local_start must be < 4
+        get_backend("cpu").sparse_decode_attention(case.query, case.k_cache, case.v_cache, case.block_table,
+                                                   case.seq_lens, selected, counts, 1, torch.tensor([4]))
+
+
+def test_kernel_rejects_a_selection_of_another_batch():
+    pytest.importorskip("triton")
+    from ucm.kernels.sparse_paged_attention import sparse_paged_decode_attention
+
+    case = make_case([64, 80], block_size=16, seed=8)
+    with pytest.raises(UcmConfigError, match="selected"):
+        sparse_paged_decode_attention(case.query, case.k_cache, case.v_cache, case.block_table, case.seq_lens,
+                                      torch.zeros(3, 2, dtype=torch.int64), torch.ones(2, dtype=torch.int64), 1,
+                                      torch.tensor([2, 3]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the compiled kernel is tested")
+def test_kernel_matches_reference_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE))
+    result = subprocess.run([sys.executable, str(HERE / "sparse_kernel_check.py"), "cpu", "small"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok") == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_matches_reference_on_cuda():
+    sys.path.insert(0, str(HERE))
+    from sparse_kernel_check import check
+
+    assert len(check("cuda", big=True)) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_esa_step_matches_cpu_reference():
+    config = EsaConfig(sparse_ratio=0.2)
+    shape = dict(block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, needles_per_request=4, needle_lo=2,
+                 seed=9)
+    ref, _, _ = _both_steps(get_backend("cpu"), make_case([8000, 3000, 5555], **shape), config)
+    fused, via_table, _ = _both_steps(get_backend("cuda"), make_case([8000, 3000, 5555], device="cuda", **shape),
+                                      config)
+    torch.testing.assert_close(fused, via_table, atol=2e-2, rtol=2e-2)  # float32 inputs: tf32 dots
+    torch.testing.assert_close(fused.cpu(), ref, atol=2e-2, rtol=2e-2)
