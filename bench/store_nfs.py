@@ -5,7 +5,8 @@ For each block size, the same random bytes (a CPU page tensor, one page per bloc
   and loaded back into other pages (read, verify, scatter), and
 - written dd-style into one file (sequential writes of block-sized chunks, one fsync at the end) and read back.
 Reads are measured cold (page cache dropped before each read, when this process may) and warm. Each
-measurement is repeated and the median reported; store and baseline alternate so load changes hit both.
+measurement is repeated (store and baseline back to back, alternating which goes first); reported: median GB/s
+and the median of the per-repetition store/baseline ratios.
 
     python bench/store_nfs.py --dir /var/tmp/ucm-bench --total-mib 256 --reps 3
 
@@ -137,13 +138,20 @@ def bench_block_size(root: Path, block_mib: int, total_mib: int, reps: int, stor
     return {
         "block_mib": block_mib, "blocks": n, "bytes": nbytes, "page_cache_dropped": cold,
         "gbps": {k: round(v, 3) for k, v in gbps.items()},
+        # per repetition, store and plain ran back to back: the median of their ratios cancels most of the
+        # load other processes put on the machine
         "ratio": {
-            "dump_vs_write": round(gbps["store_dump"] / gbps["plain_write"], 3),
-            "load_vs_read_cold": round(gbps["store_load_cold"] / gbps["plain_read_cold"], 3),
-            "load_vs_read_warm": round(gbps["store_load_warm"] / gbps["plain_read_warm"], 3),
+            "dump_vs_write": _median_ratio(times["plain_write"], times["store_dump"]),
+            "load_vs_read_cold": _median_ratio(times["plain_read_cold"], times["store_load_cold"]),
+            "load_vs_read_warm": _median_ratio(times["plain_read_warm"], times["store_load_warm"]),
         },
         "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
+
+
+def _median_ratio(plain: list[float], store: list[float]) -> float:
+    """Median over repetitions of store throughput / plain throughput (= plain time / store time)."""
+    return round(statistics.median(p / s for p, s in zip(plain, store, strict=True)), 3)
 
 
 def filesystem_of(path: Path) -> str:
@@ -166,6 +174,7 @@ def main() -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     store_config = {"io_threads": args.io_threads, "o_direct": args.o_direct}
+    load_at_start = os.getloadavg()
     rows = []
     for size in [int(s) for s in args.sizes_mib.split(",")]:
         row = bench_block_size(root, size, args.total_mib, args.reps, store_config)
@@ -175,7 +184,7 @@ def main() -> None:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "filesystem": filesystem_of(root.parent),
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "store_config": store_config,
         "target": "store >= 80% of the plain sequential write/read for blocks >= 1 MiB",
         "results": rows,
@@ -187,7 +196,8 @@ def main() -> None:
         "# UcmNfsStore vs plain sequential file I/O (same bytes, same disk, same run)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpus']} CPUs, `{result['machine']['filesystem']}`; median of {args.reps}; "
+        f"Machine: {result['machine']['cpus']} CPUs (shared), `{result['machine']['filesystem']}`; GB/s: median of "
+        f"{args.reps}; ratios: median of the per-repetition ratios (store and plain back to back); "
         f"cold reads after dropping the page cache: {all(r['page_cache_dropped'] for r in rows)}.",
         "",
         "| block MiB | dump GB/s | plain write GB/s | dump/write | load cold | plain read cold | ratio | "
