@@ -44,7 +44,8 @@ def test_sigkill_mid_dump_leaves_no_visible_block(backend, tmp_path):
         assert store.lookup(ids) == [False] * 3 and not block_files(root)
         assert temp.exists()  # too young to be a crashed writer's
         os.utime(temp, (time.time() - 7200, time.time() - 7200))
-        assert store.collect_garbage()["temp_files_removed"] == 1 and not temp_files(root)
+        store.collect_garbage()  # (the start-up pass in the background may be the one that removes it)
+        assert not temp.exists() and not temp_files(root) and store.lookup(ids) == [False] * 3
 
 
 def test_one_process_dumps_another_loads(backend, tmp_path):

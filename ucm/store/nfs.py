@@ -107,7 +107,7 @@ class NfsStore(KVStoreBase):
         self._gc_lock = threading.Lock()
         self._gc_thread: threading.Thread | None = None
         self._closed = False
-        self.collect_garbage()
+        self._schedule_gc()  # in the background: a shared tree may hold millions of files
 
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:
@@ -376,7 +376,8 @@ class NfsStore(KVStoreBase):
         """One pass over every storage dir: delete stale temporary files and, over `max_storage_size`, the least
         recently accessed blocks (not those this process is loading) down to 90% of it. Returns counts.
 
-        Runs at construction and in the background when a dump goes over the bound; callable any time."""
+        Runs in the background at construction and when a dump goes over the bound (or hits ENOSPC); callable any
+        time (passes are serialized)."""
         with self._gc_lock:
             now = time.time()
             temps_removed = 0
