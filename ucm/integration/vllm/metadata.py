@@ -49,6 +49,8 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
     stored_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index)
     missing_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    #: sparse hooks' counters of this step: [sparse requests, resident blocks, full blocks] (summed over layers)
+    sparse: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0])
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, UcmWorkerMetadata)
@@ -56,6 +58,8 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
             {k: list(v) for k, v in self.load_results.items()},
             {k: list(v) for k, v in self.stored_ids.items()},
             {k: list(v) for k, v in self.missing_ids.items()},
+            # tensor-parallel workers attend the same blocks (one block table): take one worker's counts
+            [max(a, b) for a, b in zip(self.sparse, other.sparse, strict=True)],
         )
         for req_id, (ok, failed) in other.load_results.items():
             # a block counts as loaded only when every worker loaded its shard of it
@@ -68,7 +72,7 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
         return merged
 
     def is_empty(self) -> bool:
-        return not (self.load_results or self.stored_ids or self.missing_ids)
+        return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse))
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ class _Request:
     loaded_blocks: int = 0
     load_failed_blocks: int = 0
     dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
+    sparse_at_start: tuple[int, int] = (0, 0)  # engine-wide (resident, full) sparse block counts when it began
 
 
 class ConnectorScheduler:
@@ -59,6 +60,7 @@ class ConnectorScheduler:
         self._pending_loads: list[BlockTransfer] = []
         self._kv_cache_manager: Any = None
         self.stats = UcmConnectorStats()
+        self._sparse_totals = [0, 0]  # engine-wide resident / full blocks attended by sparse requests
 
     # ------------------------------------------------------------------ start-up
     def set_handshakes(self, metadata: dict[int, Any]) -> None:
@@ -76,6 +78,7 @@ class ConnectorScheduler:
         state = self._requests.get(request.request_id)
         if state is None or state.request is not request:
             state = self._requests[request.request_id] = _Request(request)
+            state.sparse_at_start = (self._sparse_totals[0], self._sparse_totals[1])
         return state
 
     def _ids(self, state: _Request) -> dict[int, list[str]]:
@@ -184,6 +187,8 @@ class ConnectorScheduler:
         worker_meta = getattr(output, "kv_connector_worker_meta", None)
         if not isinstance(worker_meta, UcmWorkerMetadata):
             return
+        self._sparse_totals[0] += worker_meta.sparse[1]
+        self._sparse_totals[1] += worker_meta.sparse[2]
         for req_id, (ok, failed) in worker_meta.load_results.items():
             state = self._requests.get(req_id)
             if state is not None:
@@ -218,6 +223,11 @@ class ConnectorScheduler:
             "saved_blocks_planned": state.dumped_positions,
             "block_size": self.block_size,
         }
+        full = self._sparse_totals[1] - state.sparse_at_start[1]
+        if full:
+            # engine-wide while the request ran (the request's own share when it ran alone)
+            resident = self._sparse_totals[0] - state.sparse_at_start[0]
+            summary["sparse"] = {"resident_blocks": resident, "full_blocks": full, "resident_share": resident / full}
         return False, {"ucm": summary}
 
     def take_stats(self) -> UcmConnectorStats | None:

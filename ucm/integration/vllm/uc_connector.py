@@ -170,11 +170,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         """Worker: counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse hooks."""
         # --- sparse hook (hooks engineer): resident vs full blocks go into the connector's stats.
         if self._worker is not None:
-            self._worker.stats.add(
-                sparse_requests=stats.sparse_requests,
-                resident_blocks=stats.resident_blocks,
-                full_blocks=stats.full_blocks,
-            )
+            self._worker.record_sparse_step(stats.sparse_requests, stats.resident_blocks, stats.full_blocks)
 
     def request_block_ids(self, req_id: str) -> list[str] | None:
         """Worker: store ids of the request's full prompt blocks, position order (for the sparse hooks)."""
