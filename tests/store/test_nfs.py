@@ -54,9 +54,14 @@ def test_round_trip_over_two_dirs(backend, tmp_path, monkeypatch, staged):
         store.load(ids, BlockPages(dst, dst_slots)).wait()
         for s, d in zip(slots.tolist(), dst_slots.tolist(), strict=True):
             assert page_bytes(dst, d) == page_bytes(src, s)
+        # one layer's (k, v) only: a sub-range of the stored rows
+        layer = make_cache()[1]
+        store.load(ids[:4], BlockPages(layer, torch.arange(4), row_offset=WIDTH // 3)).wait()
+        for j, s in enumerate(slots[:4].tolist()):
+            assert torch.equal(layer[0][j], src[1][0][s]) and torch.equal(layer[1][j], src[1][1][s])
         store.dump(ids[:3], BlockPages(src, slots[:3])).wait()
         stats = store.stats()
-        assert (stats.blocks_dumped, stats.dumps_skipped, stats.blocks_loaded, stats.stored_blocks) == (12, 3, 12, 12)
+        assert (stats.blocks_dumped, stats.dumps_skipped, stats.blocks_loaded, stats.stored_blocks) == (12, 3, 16, 12)
     # a new engine (same list, other order) finds everything
     with nfs(backend, [b, a]) as store:
         store.collect_garbage()  # the start-up pass runs in the background; this one is done on return
