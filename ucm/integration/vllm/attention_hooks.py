@@ -76,7 +76,7 @@ class SparseAttentionForward:
             adapter.block_table(attn_metadata), adapter.seq_lens(attn_metadata),
         )
         if view is not None:
-            attn_metadata = adapter.with_view(attn_metadata, view, layer, layer.impl)
+            attn_metadata = adapter.with_view(attn_metadata, view, layer, getattr(self.forward, "__self__", None))
             step.layers_sparse += 1
         elif step.shrunk_rows:
             raise SparseViewMissingError(

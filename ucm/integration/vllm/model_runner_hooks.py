@@ -120,14 +120,13 @@ def worker_hook(runner: Any) -> WorkerSparseHook | None:
     return hook
 
 
-def install() -> None:
-    """Wrap the model runner's step methods (idempotent)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if getattr(GPUModelRunner.execute_model, "_ucm_sparse_hook", False):
+def hook_runner_class(cls: type) -> None:
+    """Wrap ``cls.execute_model`` and ``cls._model_forward`` (idempotent). Runner classes that override them
+    (vllm-ascend's NPUModelRunner) are wrapped themselves, see `ucm.integration.vllm.ascend`."""
+    if getattr(cls.execute_model, "_ucm_sparse_hook", False) and getattr(cls._model_forward, "_ucm_sparse_hook", False):
         return
-    execute_model = GPUModelRunner.execute_model
-    model_forward = GPUModelRunner._model_forward
+    execute_model = cls.execute_model
+    model_forward = cls._model_forward
 
     @functools.wraps(execute_model)
     def execute_model_hooked(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -144,8 +143,8 @@ def install() -> None:
         from vllm.forward_context import get_forward_context
 
         context = get_forward_context()
-        if context.attn_metadata is None or self.input_batch.num_reqs == 0:
-            return model_forward(self, *args, **kwargs)  # dummy / profiling run
+        if context.attn_metadata is None or self.input_batch.num_reqs == 0 or getattr(context, STEP_ATTR, None):
+            return model_forward(self, *args, **kwargs)  # dummy/profiling run, or already inside a step
         batch, shrunk = hook.build_batch(self)
         hook.sparse.execute_begin(batch)
         step = SparseStep(hook.sparse, shrunk)
@@ -158,5 +157,13 @@ def install() -> None:
             hook.record(hook.sparse.execute_finished())
 
     execute_model_hooked._ucm_sparse_hook = True  # type: ignore[attr-defined]
-    GPUModelRunner.execute_model = execute_model_hooked
-    GPUModelRunner._model_forward = model_forward_hooked
+    model_forward_hooked._ucm_sparse_hook = True  # type: ignore[attr-defined]
+    cls.execute_model = execute_model_hooked
+    cls._model_forward = model_forward_hooked
+
+
+def install() -> None:
+    """Wrap vLLM's model runner step methods (idempotent)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    hook_runner_class(GPUModelRunner)

@@ -43,17 +43,22 @@ def register() -> None:
         _unsupported = error
         logger.warning("UCM sparse hooks NOT installed: %s", error)
         return
-    install_hooks()
+    try:
+        install_hooks()
+    except Exception as error:  # e.g. vllm-ascend's runner moved: refuse sparse later, keep dense engines running
+        _unsupported = UnsupportedVllmError(str(installed_vllm_version()), f"installing the hooks failed: {error!r}")
+        logger.exception("UCM sparse hooks NOT installed")
 
 
 def install_hooks() -> None:
     """Install all hook sets in this process (idempotent)."""
     global _installed
-    from ucm.integration.vllm import attention_hooks, model_runner_hooks, scheduler_hooks
+    from ucm.integration.vllm import ascend, attention_hooks, model_runner_hooks, scheduler_hooks
 
     scheduler_hooks.install()
     model_runner_hooks.install()
     attention_hooks.install()
+    ascend.install()  # vllm-ascend's runner overrides the step methods; no-op without vllm-ascend
     _installed = True
     logger.debug("UCM sparse hooks installed for vLLM %s", installed_vllm_version())
 
