@@ -177,9 +177,10 @@ class KVStoreBase(abc.ABC):
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         """Copy whole rows ``source`` (slot i -> block_ids[i]) into the store and publish each block once durable.
 
-        Asynchronous: returns at once with a task. Ids already stored (or being stored) are skipped (counted as
-        success). The source pages must not be overwritten until the task is done. Failures (no space,
-        read-only or missing directory, store full of blocks being loaded) are reported by the task per id."""
+        Asynchronous: returns at once with a task. Ids already stored are skipped (success); an id another task
+        is dumping right now is done only once it is stored. The source pages must not be overwritten until the
+        task is done. Failures (no space, read-only or missing directory, store full of blocks being loaded) are
+        reported by the task per id; a failed block is not visible."""
 
     @abc.abstractmethod
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
