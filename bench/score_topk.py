@@ -39,7 +39,7 @@ def gpu_ms(fn, iters: int) -> float:
     torch.cuda.synchronize()
     samples = []
     for _ in range(3):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s: the CPU queues every call before the GPU reaches them
+        torch.cuda._sleep(100_000_000)  # ~50 ms: the CPU queues every call before the GPU reaches them
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
@@ -78,8 +78,10 @@ def run_case(backend: Backend, context: int, batch: int, iters: int) -> dict:
     keys = torch.randn(batch, HKV, context, D, device="cuda", dtype=torch.bfloat16)
     values = torch.randn_like(keys)
 
+    reps_bf16 = reps.to(torch.bfloat16)  # what a store of means in the cache dtype holds
     calls = {
         "select_blocks": lambda: backend.select_blocks(query, reps, cu_blocks, k, exclude),
+        "select_blocks_bf16_reps": lambda: backend.select_blocks(query, reps_bf16, cu_blocks, k, exclude),
         "block_scores": lambda: backend.block_scores(query, reps, cu_blocks),
         "topk_masked": lambda: backend.topk_masked(scores, k, lengths, exclude),
         "torch_ops_select": lambda: reference.topk_masked(
@@ -92,6 +94,9 @@ def run_case(backend: Backend, context: int, batch: int, iters: int) -> dict:
         row[f"{name}_gpu_ms"] = round(gpu_ms(fn, iters), 4)
         row[f"{name}_wall_ms"] = round(wall_ms(fn, iters), 4)
     row["select_share_of_sdpa"] = round(row["select_blocks_gpu_ms"] / row["sdpa_decode_gpu_ms"], 4)
+    row["select_bf16_reps_share_of_sdpa"] = round(
+        row["select_blocks_bf16_reps_gpu_ms"] / row["sdpa_decode_gpu_ms"], 4
+    )
     row["torch_ops_share_of_sdpa"] = round(row["torch_ops_select_gpu_ms"] / row["sdpa_decode_gpu_ms"], 4)
 
     # Correctness: same counts as the reference, and no left-out block beats a kept one (up to rounding).
@@ -111,28 +116,27 @@ def run_case(backend: Backend, context: int, batch: int, iters: int) -> dict:
     return row
 
 
-def sweep(backend: Backend, iters: int) -> list[dict]:
-    """Top-k kernel variants: bits decided per pass x warps per row, at the benchmark's row widths."""
+def sweep(backend: Backend, iters: int, save) -> list[dict]:
+    """Top-k kernel launch shapes (warps per row) at the benchmark's row widths."""
     from ucm.kernels import topk_masked
 
-    defaults = (topk_masked._RADIX_BITS, topk_masked._num_warps)
+    default = topk_masked._num_warps
     rows = []
     for width in (2048, 8192):
         for batch in (1, 8):
             scores = torch.randn(batch, width, device="cuda")
             k = int(width * RATIO)
             want = reference.topk_masked(scores, k)
-            for bits in (1, 2, 4):
-                for warps in (1, 2, 4, 8):
-                    topk_masked._RADIX_BITS = bits
-                    topk_masked._num_warps = lambda chunk, w=warps: w
-                    got = backend.topk_masked(scores, k)
-                    row = {"width": width, "batch": batch, "bits": bits, "num_warps": warps}
-                    row["gpu_ms"] = round(gpu_ms(functools.partial(backend.topk_masked, scores, k), iters), 4)
-                    row["correct"] = bool(torch.equal(got[0], want[0]))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    topk_masked._RADIX_BITS, topk_masked._num_warps = defaults
+            for warps in (4, 8, 16):
+                topk_masked._num_warps = lambda chunk, w=warps: w
+                got = backend.topk_masked(scores, k)
+                row = {"width": width, "batch": batch, "num_warps": warps}
+                row["gpu_ms"] = round(gpu_ms(functools.partial(backend.topk_masked, scores, k), iters), 4)
+                row["correct"] = bool(torch.equal(got[0], want[0]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                save(rows)
+    topk_masked._num_warps = default
     return rows
 
 
@@ -141,20 +145,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# ESA retrieval (block scores + top-k) vs dense SDPA decode attention",
         "",
         f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}. 32 query / 8 KV heads, head dim 128, "
-        "block size 16, keep 20% of the candidate blocks. GPU ms per call (calls queued behind a sleep kernel, "
-        "CUDA events); wall = CPU-bound back-to-back calls.",
+        "block size 16, keep 20% of the candidate blocks (init 1 / local 2 blocks excluded). Block representations "
+        "float32 (the contract) and, for comparison, bf16. GPU ms per call (calls queued behind a sleep kernel, "
+        "CUDA events); wall = CPU-bound back-to-back calls, steady state.",
         "",
         f"Command: `{meta['command']}`",
         "",
         "| context | batch | SDPA decode ms | select_blocks ms | share of SDPA | scores ms | top-k ms | "
-        "torch ops ms (share) | select wall ms | correct |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "bf16 reps: select ms (share) | torch ops ms (share) | select wall ms | correct |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['context'] // 1024}K | {r['batch']} | {r['sdpa_decode_gpu_ms']:.4f} | "
             f"{r['select_blocks_gpu_ms']:.4f} | {100 * r['select_share_of_sdpa']:.1f}% | "
             f"{r['block_scores_gpu_ms']:.4f} | {r['topk_masked_gpu_ms']:.4f} | "
+            f"{r['select_blocks_bf16_reps_gpu_ms']:.4f} ({100 * r['select_bf16_reps_share_of_sdpa']:.1f}%) | "
             f"{r['torch_ops_select_gpu_ms']:.4f} ({100 * r['torch_ops_share_of_sdpa']:.0f}%) | "
             f"{r['select_blocks_wall_ms']:.4f} | {r['correct']} |"
         )
@@ -177,11 +183,24 @@ def main() -> None:
         "command": "python " + " ".join(["bench/score_topk.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    rows = [run_case(backend, ctx, b, args.iters) for ctx in (32 << 10, 128 << 10) for b in (1, 8)]
-    swept = sweep(backend, args.iters) if args.sweep else []
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "score_topk.json"), "w") as f:
-        json.dump({"meta": meta, "results": rows, "sweep": swept}, f, indent=1)
+    rows: list[dict] = []
+    swept: list[dict] = []
+
+    def save(_=None) -> None:  # after every row: a run cut short keeps what it measured
+        with open(os.path.join(args.out_dir, "score_topk.json"), "w") as f:
+            json.dump({"meta": meta, "results": rows, "sweep": swept}, f, indent=1)
+
+    for ctx in (32 << 10, 128 << 10):
+        for b in (1, 8):
+            rows.append(run_case(backend, ctx, b, args.iters))
+            save()
+    if args.sweep:
+        def save_sweep(done: list[dict]) -> None:
+            swept[:] = done
+            save()
+
+        sweep(backend, args.iters, save_sweep)
     with open(os.path.join(args.out_dir, "score_topk.md"), "w") as f:
         f.write(markdown(rows, meta))
     print(markdown(rows, meta))

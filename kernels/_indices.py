@@ -21,7 +21,7 @@ def to_device_int64(tensors: list[torch.Tensor | list[int]], device: torch.devic
             host.append((i, t.reshape(-1).to("cpu", torch.int64)))
     if host:
         packed = torch.cat([t for _, t in host]) if len(host) > 1 else host[0][1]
-        if device.type != "cpu":
+        if device.type != "cpu" and packed.numel():
             packed = packed.pin_memory().to(device, non_blocking=True)
         start = 0
         for i, t in host:

@@ -64,10 +64,13 @@ def _block_scores_kernel(
     tl.store(out + b * stride_ob + j, score, mask=j < width)
 
 
-def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor) -> torch.Tensor:
+def block_scores(
+    query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor, *, cu_device: torch.Tensor | None = None
+) -> torch.Tensor:
     """float32 ``[B, max_blocks]`` scores padded with -inf (see `reference.block_scores`).
 
     With `cu_blocks` on the host the launch needs no synchronization; on the device, reading the width does.
+    `cu_device` (optional): `cu_blocks` already copied to the device, int64.
     """
     if query.dim() != 3 or reps.dim() != 3:
         raise UcmConfigError(
@@ -95,7 +98,7 @@ def block_scores(query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tenso
     out = torch.empty(batch, width, dtype=torch.float32, device=device)
     if batch == 0 or width == 0:
         return out
-    (cu,) = to_device_int64([cu_blocks], device)
+    (cu,) = to_device_int64([cu_device if cu_device is not None else cu_blocks], device)
     query = query.to(device)
     block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
     block_n = max(1, min(16, _TILE // (block_h * block_d)))

@@ -1,7 +1,7 @@
 """Masked top-k: per row of a score matrix the k best eligible indices, in ascending order, in one launch.
 
 Called by `CudaBackend.topk_masked` / `select_blocks` (semantics: `ucm.device.reference.topk_masked`). One program
-per row finds the k-th largest score exactly by a bitwise search on order-preserving integer keys, a few bits
+per row finds the k-th largest score exactly by a bitwise search on order-preserving integer keys, two bits
 per pass (a radix select; no sort), then writes the selected indices in index order with a prefix sum, so the
 result is already ascending. Ties at the threshold are taken lowest index first. Rows up to `_MAX_SINGLE`
 entries stay in registers; longer rows are streamed in chunks.
@@ -16,14 +16,12 @@ from ucm.errors import UcmConfigError
 from ._indices import to_device_async, to_device_int64
 from ._triton import tl, triton
 
-_MAX_SINGLE = 16384  # widest row kept in registers by one program
+_MAX_SINGLE = 16384  # widest row kept in registers by one program (its counts fit the 16-bit fields below)
 _CHUNK = 4096  # chunk of a longer row
-_RADIX_BITS = 2  # threshold bits decided per pass: 2**bits - 1 independent counts per pass, 32 / bits passes
 
 
 def _num_warps(chunk: int) -> int:
-    """Warps of a row's program: few, since every pass ends in a block-wide reduction whose latency dominates."""
-    return max(1, min(8, chunk // 1024))
+    return max(4, min(16, chunk // 256))
 
 
 @triton.jit
@@ -42,13 +40,14 @@ def _count_at_least(key, eligible, threshold):
     return tl.sum((eligible & (key >= threshold.to(tl.int32))).to(tl.int32), axis=0)
 
 
-@triton.jit(do_not_specialize=["width", "out_width"])
+@triton.jit(do_not_specialize=["width", "out_width", "k_value"])
 def _topk_masked_kernel(
     scores,
     stride_sb,
     stride_sw,
     width,
     k_rows,
+    k_value,
     lengths,
     excl,
     stride_eb,
@@ -57,34 +56,46 @@ def _topk_masked_kernel(
     stride_ob,
     out_width,
     counts,
-    HAS_LENGTHS: tl.constexpr,
+    HAS_K_ROWS: tl.constexpr,
+    LENGTHS: tl.constexpr,  # 0: none, 1: lengths[b], 2: offsets (cu_blocks): lengths[b + 1] - lengths[b]
     HAS_EXCL: tl.constexpr,
     SINGLE: tl.constexpr,
     CHUNK: tl.constexpr,
-    BITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     row = scores + b * stride_sb
     excl_row = excl + b * stride_eb
     out_row = out + b * stride_ob
     limit = tl.zeros([], tl.int64) + width
-    if HAS_LENGTHS:
+    if LENGTHS == 1:
         limit = tl.minimum(tl.load(lengths + b).to(tl.int64), limit)
-    k = tl.maximum(tl.load(k_rows + b).to(tl.int64), 0)
+    if LENGTHS == 2:
+        limit = tl.minimum(tl.load(lengths + b + 1).to(tl.int64) - tl.load(lengths + b).to(tl.int64), limit)
+    if HAS_K_ROWS:
+        k = tl.maximum(tl.load(k_rows + b).to(tl.int64), 0)
+    else:
+        k = tl.maximum(tl.zeros([], tl.int64) + k_value, 0)
     offs = tl.arange(0, CHUNK)
-    # The threshold is the largest t with at least `count` eligible keys >= t (the k-th largest key), found
-    # BITS bits at a time from the top; thresholds are int64 scalars holding int32 key values.
+    # The threshold is the largest t with at least `count` eligible keys >= t (the k-th largest key), decided
+    # from the top bit down; thresholds are int64 scalars holding int32 key values.
     prefix = tl.zeros([], tl.int64) - 2147483647 - 1
     if SINGLE:
         key, eligible = _row_keys(row, stride_sw, excl_row, stride_ew, offs, limit, HAS_EXCL)
         count = tl.minimum(k, tl.sum(eligible.to(tl.int64), axis=0))
-        for p in tl.static_range(32 // BITS):
-            step = tl.full([], 1, tl.int64) << (32 - BITS * (p + 1))
-            best = prefix
-            for d in tl.static_range(1, 2**BITS):  # independent counts: their reductions overlap
-                cand = prefix + d * step
-                best = tl.where(_count_at_least(key, eligible, cand) >= count, cand, best)
-            prefix = best
+        for p in tl.static_range(16):  # two bits per pass: three counts packed in 16-bit fields, one reduction
+            step = tl.full([], 1, tl.int64) << (30 - 2 * p)
+            c1, c2, c3 = prefix + step, prefix + 2 * step, prefix + 3 * step
+            packed = (
+                (eligible & (key >= c1.to(tl.int32))).to(tl.int64)
+                + ((eligible & (key >= c2.to(tl.int32))).to(tl.int64) << 16)
+                + ((eligible & (key >= c3.to(tl.int32))).to(tl.int64) << 32)
+            )
+            hits = tl.sum(packed, axis=0)
+            prefix = tl.where(
+                ((hits >> 32) & 0xFFFF) >= count,
+                c3,
+                tl.where(((hits >> 16) & 0xFFFF) >= count, c2, tl.where((hits & 0xFFFF) >= count, c1, prefix)),
+            )
         threshold = prefix.to(tl.int32)
         above = eligible & (key > threshold)
         ties = eligible & (key == threshold)
@@ -154,11 +165,14 @@ def topk_masked(
     k: int | torch.Tensor,
     lengths: torch.Tensor | None = None,
     exclude: torch.Tensor | None = None,
+    *,
+    cu_device: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices [B, K] ascending, -1 padded, counts [B])`` (see `reference.topk_masked`).
 
     When k, lengths and exclude are host tensors (or None / an int), the output width is computed on the host
-    and the call never synchronizes; otherwise reading K = max(counts) does.
+    and the call never synchronizes; otherwise reading K = max(counts) does. `cu_device` (optional): the
+    offsets whose differences are `lengths`, already on the device (saves a copy when scoring made them).
     """
     if scores.dim() != 2:
         raise UcmConfigError("scores shape", tuple(scores.shape), "[batch, width]")
@@ -183,8 +197,13 @@ def topk_masked(
     counts = torch.empty(batch, dtype=torch.int64, device=device)
     if batch == 0:
         return out, counts
-    k_rows = k.reshape(-1).expand(batch) if isinstance(k, torch.Tensor) else [k] * batch
-    k_dev, len_dev = to_device_int64([k_rows, lengths if lengths is not None else []], device)
+    k_rows = k.reshape(-1).expand(batch) if isinstance(k, torch.Tensor) else []
+    length_src = [] if lengths is None or cu_device is not None else lengths
+    k_dev, len_dev = to_device_int64([k_rows, length_src], device)
+    if cu_device is not None and lengths is not None:
+        len_dev, lengths_mode = cu_device, 2
+    else:
+        lengths_mode = 0 if lengths is None else 1
     excl = to_device_async(exclude, device).view(torch.uint8) if exclude is not None else counts
     single = width <= _MAX_SINGLE
     chunk = triton.next_power_of_2(max(width, 1)) if single else _CHUNK
@@ -193,7 +212,8 @@ def topk_masked(
         *scores.stride(),
         width,
         k_dev,
-        len_dev if lengths is not None else k_dev,
+        k if isinstance(k, int) else 0,
+        len_dev,
         excl,
         excl.stride(0) if exclude is not None else 0,
         excl.stride(1) if exclude is not None else 0,
@@ -201,11 +221,11 @@ def topk_masked(
         out.stride(0),
         out_width,
         counts,
-        HAS_LENGTHS=lengths is not None,
+        HAS_K_ROWS=isinstance(k, torch.Tensor),
+        LENGTHS=lengths_mode,
         HAS_EXCL=exclude is not None,
         SINGLE=single,
         CHUNK=chunk,
-        BITS=_RADIX_BITS,
         num_warps=_num_warps(chunk),
     )
     if host_counts is None:

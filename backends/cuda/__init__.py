@@ -119,12 +119,14 @@ class CudaBackend(Backend):
         """Scoring + top-k: two launches; with `cu_blocks`, `k` and `exclude` on the host, no synchronization."""
         if not reps.is_cuda:
             return super().select_blocks(query, reps, cu_blocks, k, exclude)
+        from ucm.kernels._indices import to_device_int64
         from ucm.kernels.block_scores import block_scores
         from ucm.kernels.topk_masked import topk_masked
 
-        scores = block_scores(query, reps, cu_blocks)
+        (cu_device,) = to_device_int64([cu_blocks], reps.device)  # one copy serves both launches
+        scores = block_scores(query, reps, cu_blocks, cu_device=cu_device)
         lengths = cu_blocks[1:] - cu_blocks[:-1]  # stays where cu_blocks is: on the host, no sync in top-k
-        return topk_masked(scores, k, lengths, exclude)
+        return topk_masked(scores, k, lengths, exclude, cu_device=cu_device)
 
     def sparse_decode_attention(
         self,

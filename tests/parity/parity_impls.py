@@ -50,6 +50,15 @@ class TritonInterpretBackend(CpuBackend):
 
         return block_scores(query, reps, cu_blocks)
 
+    def select_blocks(self, query, reps, cu_blocks, k, exclude=None):  # noqa: ANN001
+        """As `CudaBackend.select_blocks`: one offsets tensor serves both launches."""
+        from ucm.kernels.block_scores import block_scores
+        from ucm.kernels.topk_masked import topk_masked
+
+        cu_device = cu_blocks.to(torch.int64).clone()
+        scores = block_scores(query, reps, cu_blocks, cu_device=cu_device)
+        return topk_masked(scores, k, cu_blocks[1:] - cu_blocks[:-1], exclude, cu_device=cu_device)
+
 
 def _interpret_unavailable_reason() -> str | None:
     reason = kernels.triton_unavailable_reason()
