@@ -48,12 +48,6 @@ def backend():
     return get_backend("cpu")
 
 
-def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.Popen:
-    """Start `code` in a fresh interpreter (same venv), with this directory importable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env)
-
-
 def _mount(args: list[str]) -> str | None:
     """Run mount; None on success, else the reason it failed."""
     try:
