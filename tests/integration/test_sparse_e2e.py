@@ -287,7 +287,8 @@ def test_smollm2_passkey_answered_with_esa(root: Path) -> None:
     ids = tok(prompt)["input_ids"]
     assert len(ids) >= 32 * BLOCK
     esa = dict(ESA_02, sparse_ratio=0.4)
-    result = run_engine(root, model="smollm2", connector=True, esa=esa,
+    result = run_engine(root, model="smollm2", connector=True, esa=esa, max_model_len=2048,
+                        max_num_batched_tokens=2048,
                         requests=[{"name": "passkey", "ids": ids, "max_tokens": 8}])
     assert result["budget"]["shrinks"] == 1 and result["share"]["passkey"] < 0.5
     assert PASSKEY in result["text"]["passkey"], result["text"]
