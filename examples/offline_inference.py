@@ -52,7 +52,7 @@ def long_prompt(tokenizer, num_tokens: int, seed: int) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model folder or name (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompt-tokens", type=int, default=6000)
+    parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sparse-ratio", type=float, default=0.2)
     parser.add_argument("--no-sparse", action="store_true", help="dense attention (the connector alone)")
