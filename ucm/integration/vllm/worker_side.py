@@ -11,8 +11,9 @@ Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's mo
 - Dumps run asynchronously after the forward (`wait_for_save` submits them as one batched task per request)
   and overlap the following steps. vLLM frees a finished or preempted request's blocks at once; the first step
   that may reuse them calls `handle_preemptions` before touching any block, and there this half waits for the
-  dumps of those requests. Blocks already in the store are not written again. Blocks computed in a step in which
-  some load failed are not dumped (they may have been computed from bad KV).
+  dumps of those requests (with a sparse method: for every dump in flight, since the sparse budget frees blocks
+  of running requests and loads them back from the store). Blocks already in the store are not written again.
+  Blocks computed in a step in which some load failed are not dumped (they may have been computed from bad KV).
 """
 
 from __future__ import annotations
@@ -199,7 +200,12 @@ class ConnectorWorker:
         if meta.preempted_req_ids:
             count = len(meta.preempted_req_ids)
             logger.info("UCM connector: %d request(s) preempted, their blocks are released", count)
-        self._reap(meta.finished_req_ids + meta.preempted_req_ids, block=True)
+        if self.config.sparse_method is not None:
+            # The sparse budget frees blocks of running requests at their first decode step, and the sparse
+            # algorithm loads them back from the store: every dump must be complete before that step runs.
+            self._reap(list(self._dumps), block=True)
+        else:
+            self._reap(meta.finished_req_ids + meta.preempted_req_ids, block=True)
         for req_id in meta.finished_req_ids:
             self._block_ids.pop(req_id, None)
 
