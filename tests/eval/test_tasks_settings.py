@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ucm.errors import UcmConfigError
-from ucm.eval.__main__ import _contexts, _depths, _tasks
+from ucm.eval.__main__ import _contexts, _depths, _run_argv, _tasks
 from ucm.eval.report import common_prefix, summarize, write_report
 from ucm.eval.settings import DEFAULT_SETTINGS, parse_setting, parse_settings
 from ucm.eval.tasks import build_cases, default_depths
@@ -69,6 +69,8 @@ def test_cli_parsing():
     assert _depths("11") == default_depths(11) and len(_depths("11")) == 11
     assert _depths("0,0.5,1") == [0.0, 0.5, 1.0]
     assert _tasks("needle,passkey") == ["needle", "passkey"]
+    # The recorded command is the run's, also when the report is re-rendered with a note.
+    assert _run_argv(["--contexts", "2K", "--report-only", "--note", "n.md", "--no-progress"]) == ["--contexts", "2K"]
     for fn, bad, field in ((_contexts, "2X", "contexts"), (_depths, "a,b", "depths"), (_tasks, "qa", "tasks")):
         with pytest.raises(UcmConfigError) as err:
             fn(bad)

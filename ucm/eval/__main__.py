@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="accuracy_smollm2", help="report file stem")
     p.add_argument("--log", default=None, help="JSONL result log (default: <out-dir>/<name>.log.jsonl); resumable")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the log")
+    p.add_argument("--note", default=None, help="markdown file appended to the report (analysis of the results)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in settings]
     meta = {
         "title": f"{Path(model).name}, {', '.join(names)}",
-        "command": "python -m ucm.eval " + shlex.join(argv),
+        "command": "python -m ucm.eval " + shlex.join(_run_argv(argv)),
         "model": model,
         "engine": "vLLM " + _vllm_version() + f", block size {args.block_size}, greedy, enforce_eager, "
         f"prefix caching {'on' if args.prefix_caching else 'off'}, one request at a time",
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "run_key": key,
         "log": str(log_path),
     }
+    if args.note:
+        meta["note"] = Path(args.note).read_text()
 
     def write() -> list[Path]:
         rows = [r for r in runner.load_log(log_path) if r.get("run_key") == key]
@@ -168,6 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     for path in write():
         print(path)
     return 0
+
+
+def _run_argv(argv: list[str]) -> list[str]:
+    """The arguments that define the run (the report options are left out, so a re-render names the run)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--report-only", "--no-progress"):
+            continue
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
 
 
 def _vllm_version() -> str:

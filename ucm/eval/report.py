@@ -143,6 +143,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
             lines.append(f"- **{name}** ({len(misses)}): {shown}")
     if not any_miss:
         lines.append("- none: every answer full attention gets is also got by each sparse setting run so far.")
+    if meta.get("note"):
+        lines += ["", "## Notes", "", meta["note"].strip()]
     lines.append("")
     return "\n".join(lines)
 
