@@ -13,6 +13,7 @@ import torch
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
+from ._keys import key_bin, score_key
 from ._triton import tl, triton
 
 _TILE = 8192  # elements of one program's representation tile: BLOCK_N blocks x all KV heads x head dim
@@ -33,6 +34,13 @@ def _block_scores_kernel(
     stride_ob,
     width,
     head_dim,
+    hist,  # int32 [B, 2**HIST_BITS], zeroed: counts of the eligible scores' key bins (only when HIST_BITS > 0)
+    stride_hb,
+    excl,  # uint8 [B, width]: excluded entries (only when HAS_EXCL)
+    stride_eb,
+    stride_ew,
+    HIST_BITS: tl.constexpr,
+    HAS_EXCL: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -60,17 +68,31 @@ def _block_scores_kernel(
         r_ptrs = reps + rows[:, None] * stride_rn + (head * stride_rh + dim * stride_rd)[None, :]
         r = tl.load(r_ptrs, mask=block_mask[:, None] & hd_mask[None, :], other=0.0).to(tl.float32)
         score = tl.sum(r * q[None, :], axis=1)
+        if HIST_BITS > 0:  # the top-k kernel finds the threshold's bin from this histogram instead of the row
+            eligible = block_mask
+            if HAS_EXCL:
+                eligible = eligible & (tl.load(excl + b * stride_eb + j * stride_ew, mask=block_mask, other=1) == 0)
+            bins = key_bin(score_key(score), HIST_BITS)
+            tl.atomic_add(hist + b * stride_hb + bins, tl.full([BLOCK_N], 1, tl.int32), mask=eligible, sem="relaxed")
     score = tl.where(block_mask, score, float("-inf"))
     tl.store(out + b * stride_ob + j, score, mask=j < width)
 
 
 def block_scores(
-    query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor, *, cu_device: torch.Tensor | None = None
+    query: torch.Tensor,
+    reps: torch.Tensor,
+    cu_blocks: torch.Tensor,
+    *,
+    cu_device: torch.Tensor | None = None,
+    histogram: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, max_blocks]`` scores padded with -inf (see `reference.block_scores`).
 
     With `cu_blocks` on the host the launch needs no synchronization; on the device, reading the width does.
-    `cu_device` (optional): `cu_blocks` already copied to the device, int64.
+    `cu_device` (optional): `cu_blocks` already copied to the device, int64. `histogram` (optional, for
+    `topk_masked`): a zeroed int32 ``[B, 2**bits]`` device tensor that receives the key-bin counts of every
+    eligible score (in range and not in `exclude`, a bool ``[B, max_blocks]`` device tensor).
     """
     if query.dim() != 3 or reps.dim() != 3:
         raise UcmConfigError(
@@ -103,6 +125,8 @@ def block_scores(
     block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
     block_n = max(1, min(16, _TILE // (block_h * block_d)))
     grid = (batch, triton.cdiv(width, block_n))
+    hist_bits = histogram.shape[1].bit_length() - 1 if histogram is not None else 0
+    excl = exclude.expand(batch, width).view(torch.uint8) if exclude is not None else out
     _block_scores_kernel[grid](
         query,
         *query.stride(),
@@ -113,6 +137,13 @@ def block_scores(
         out.stride(0),
         width,
         head_dim,
+        histogram if histogram is not None else out,
+        histogram.stride(0) if histogram is not None else 0,
+        excl,
+        excl.stride(0) if exclude is not None else 0,
+        excl.stride(1) if exclude is not None else 0,
+        HIST_BITS=hist_bits,
+        HAS_EXCL=exclude is not None and histogram is not None,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=num_q_heads // num_kv_heads,
         BLOCK_N=block_n,

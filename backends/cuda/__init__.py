@@ -116,17 +116,32 @@ class CudaBackend(Backend):
         k: int | torch.Tensor,
         exclude: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scoring + top-k: two launches; with `cu_blocks`, `k` and `exclude` on the host, no synchronization."""
+        """Scoring + top-k, two launches, no synchronization when `cu_blocks`, `k`, `exclude` are on the host.
+
+        Scoring also counts the scores' key bins, so top-k finds the threshold's bin without scanning the row.
+        """
         if not reps.is_cuda:
             return super().select_blocks(query, reps, cu_blocks, k, exclude)
-        from ucm.kernels._indices import to_device_int64
+        from ucm.kernels._indices import to_device_async, to_device_int64
         from ucm.kernels.block_scores import block_scores
-        from ucm.kernels.topk_masked import topk_masked
+        from ucm.kernels.topk_masked import histogram_bits, topk_masked
 
-        (cu_device,) = to_device_int64([cu_blocks], reps.device)  # one copy serves both launches
-        scores = block_scores(query, reps, cu_blocks, cu_device=cu_device)
+        device = reps.device
+        (cu_device,) = to_device_int64([cu_blocks], device)  # one copy serves both launches
         lengths = cu_blocks[1:] - cu_blocks[:-1]  # stays where cu_blocks is: on the host, no sync in top-k
-        return topk_masked(scores, k, lengths, exclude, cu_device=cu_device)
+        histogram = exclude_device = None
+        if cu_blocks.device.type == "cpu" and lengths.numel():
+            bits = histogram_bits(int(lengths.max()))
+            if bits:  # scoring counts key bins, so top-k ranks only the threshold's bin
+                histogram = torch.zeros(lengths.numel(), 1 << bits, dtype=torch.int32, device=device)
+        if exclude is not None:
+            exclude_device = to_device_async(exclude, device)
+        scores = block_scores(
+            query, reps, cu_blocks, cu_device=cu_device, histogram=histogram, exclude=exclude_device
+        )
+        return topk_masked(
+            scores, k, lengths, exclude, cu_device=cu_device, histogram=histogram, exclude_device=exclude_device
+        )
 
     def sparse_decode_attention(
         self,

@@ -53,11 +53,14 @@ class TritonInterpretBackend(CpuBackend):
     def select_blocks(self, query, reps, cu_blocks, k, exclude=None):  # noqa: ANN001
         """As `CudaBackend.select_blocks`: one offsets tensor serves both launches."""
         from ucm.kernels.block_scores import block_scores
-        from ucm.kernels.topk_masked import topk_masked
+        from ucm.kernels.topk_masked import histogram_bits, topk_masked
 
         cu_device = cu_blocks.to(torch.int64).clone()
-        scores = block_scores(query, reps, cu_blocks, cu_device=cu_device)
-        return topk_masked(scores, k, cu_blocks[1:] - cu_blocks[:-1], exclude, cu_device=cu_device)
+        lengths = cu_blocks[1:] - cu_blocks[:-1]
+        bits = histogram_bits(int(lengths.max())) if lengths.numel() else 0
+        histogram = torch.zeros(lengths.numel(), 1 << bits, dtype=torch.int32) if bits else None
+        scores = block_scores(query, reps, cu_blocks, cu_device=cu_device, histogram=histogram, exclude=exclude)
+        return topk_masked(scores, k, lengths, exclude, cu_device=cu_device, histogram=histogram)
 
 
 def _interpret_unavailable_reason() -> str | None:

@@ -222,3 +222,17 @@ def test_select_blocks_matches_reference(impl: Backend, case, dtype: torch.dtype
     ref_scores = reference.block_scores(query.cpu(), reps.cpu(), cu_blocks)
     _, atol = score_tolerance(dtype, case[1], case[3])
     check_selection(got, ref_scores, k, lengths, exclude, atol=atol)
+
+
+@pytest.mark.parametrize("blocks", [[300, 7], [40]], ids=["wide-bin", "narrow-bin"])
+def test_select_blocks_with_many_equal_scores(impl: Backend, blocks: list[int]):
+    """Equal scores share one key bin: past the ranked capacity the selection falls back to the bitwise search."""
+    counts, hq, hkv, hd = blocks, 4, 2, 16
+    query, _, cu_blocks = make_scoring_inputs((counts, hq, hkv, hd), torch.float32, impl.device, True)
+    total = int(cu_blocks[-1])
+    reps = torch.ones(total, hkv, hd, device=impl.device)
+    reps[::5] = 2.0  # a few strictly better blocks, the rest tied
+    k = 150
+    got = impl.select_blocks(query.abs(), reps, cu_blocks, k)
+    ref_scores = reference.block_scores(query.abs().cpu(), reps.cpu(), cu_blocks)
+    check_selection(got, ref_scores, k, cu_blocks[1:] - cu_blocks[:-1], None)
