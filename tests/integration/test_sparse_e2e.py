@@ -135,6 +135,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             "retrievals": hook.totals.retrievals,
             "blocks_loaded": hook.totals.blocks_loaded,
             "load_failures": hook.totals.load_failures,
+            "last_step_layers": [hook.last_step.layers_seen, hook.last_step.layers_sparse] if hook.last_step else None,
         },
         "layers": len(layers),
         "layers_hooked": sum(isinstance(m.impl.forward, SparseAttentionForward) for m in layers),
@@ -222,6 +223,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
         assert sparse["tokens"][name] == dense["tokens"][name]
     # the worker attended sparsely (connector stats source) and every block went back to the pool
     worker = sparse["worker"]
+    assert worker["last_step_layers"] == [2, 2]  # both layers of the last decode step attended sparsely
     assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
     assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]

@@ -15,11 +15,12 @@ original implementation is called with the original arguments.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ucm.errors import UcmError
 from ucm.integration.vllm.attention_backends import adapter_for
 from ucm.sparse.base import UcmSparseBase
 
@@ -27,7 +28,7 @@ from ucm.sparse.base import UcmSparseBase
 STEP_ATTR = "ucm_sparse_step"
 
 
-class SparseViewMissingError(RuntimeError):
+class SparseViewMissingError(UcmError, RuntimeError):
     """A request whose blocks were freed by the budget would be attended densely (it would read freed blocks)."""
 
 
@@ -37,14 +38,13 @@ class SparseStep:
 
     ``shrunk_rows``: batch rows of requests whose freed positions still hold stale block ids in vLLM's own
     block table; their attention must use the sparse view. ``layers_seen`` counts hooked layer calls (tests and
-    stats read it).
+    stats read it), ``layers_sparse`` those that attended through a sparse view.
     """
 
     sparse: UcmSparseBase
     shrunk_rows: frozenset[int] = frozenset()
     layers_seen: int = 0
     layers_sparse: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SparseAttentionForward:
