@@ -33,13 +33,17 @@ HQ, HKV, D, BS = 32, 8, 128, 16
 RATIO, INIT, LOCAL = 0.2, 1, 2
 
 
-def gpu_ms(fn, iters: int) -> float:
-    """GPU milliseconds per call: `iters` calls queued behind a sleep kernel, timed by CUDA events."""
+def gpu_ms(fn, iters: int, cpu_ms_per_call: float = 1.0) -> float:
+    """GPU milliseconds per call: `iters` calls queued behind a sleep kernel, timed by CUDA events.
+
+    The sleep lasts twice as long as the CPU needs to queue the calls, so the GPU never waits for the CPU.
+    """
     fn()
     torch.cuda.synchronize()
+    sleep_cycles = int(2e6 * max(20.0, 2 * iters * cpu_ms_per_call))  # ~2 GHz SM clock
     samples = []
     for _ in range(3):
-        torch.cuda._sleep(100_000_000)  # ~50 ms: the CPU queues every call before the GPU reaches them
+        torch.cuda._sleep(sleep_cycles)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
@@ -92,8 +96,8 @@ def run_case(backend: Backend, context: int, batch: int, iters: int) -> dict:
     }
     row = {"context": context, "batch": batch, "blocks_per_request": blocks, "k": k}
     for name, fn in calls.items():
-        row[f"{name}_gpu_ms"] = round(gpu_ms(fn, iters), 4)
         row[f"{name}_wall_ms"] = round(wall_ms(fn, iters), 4)
+        row[f"{name}_gpu_ms"] = round(gpu_ms(fn, iters, row[f"{name}_wall_ms"]), 4)
     row["select_share_of_sdpa"] = round(row["select_blocks_gpu_ms"] / row["sdpa_decode_gpu_ms"], 4)
     row["select_no_mask_share_of_sdpa"] = round(row["select_blocks_no_mask_gpu_ms"] / row["sdpa_decode_gpu_ms"], 4)
     row["select_bf16_reps_share_of_sdpa"] = round(

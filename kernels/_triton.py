@@ -13,4 +13,14 @@ if _reason is not None:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-__all__ = ["tl", "triton"]
+__all__ = ["cdiv", "next_pow2", "tl", "triton"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on host ints (triton.cdiv is a constexpr function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()

@@ -18,7 +18,7 @@ from ucm.device.reference import check_block_buffer, page_nbytes
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
-from ._triton import tl, triton
+from ._triton import cdiv, tl, triton
 
 _CHUNK_BYTES = 8192  # bytes one program moves per step: enough loads in flight to hide PCIe latency
 _NUM_WARPS = 4
@@ -145,7 +145,7 @@ def copy_blocks(
     )
     chunk = _CHUNK_BYTES // word
     max_words = max(entry[2] for entry in table)
-    grid = (n * len(pages), min(triton.cdiv(max_words, chunk), _MAX_CHUNK_PROGRAMS))
+    grid = (n * len(pages), min(cdiv(max_words, chunk), _MAX_CHUNK_PROGRAMS))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _copy_blocks_kernel[grid](
             _anchor(pages[0], word),

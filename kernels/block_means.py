@@ -12,7 +12,7 @@ import torch
 from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
-from ._triton import tl, triton
+from ._triton import next_pow2, tl, triton
 
 
 @triton.jit(do_not_specialize=["block_size"])
@@ -76,8 +76,8 @@ def block_means(
     if n == 0 or num_heads == 0 or head_dim == 0:
         return out.zero_()
     ids, counts = to_device_int64([block_ids, num_tokens if num_tokens is not None else []], device)
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = max(1, min(triton.next_power_of_2(block_size), 4096 // block_d))
+    block_d = next_pow2(head_dim)
+    block_t = max(1, min(next_pow2(block_size), 4096 // block_d))
     _block_means_kernel[(n, num_heads)](
         k_cache,
         *k_cache.stride(),

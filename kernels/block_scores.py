@@ -14,7 +14,7 @@ from ucm.errors import UcmConfigError
 
 from ._indices import to_device_int64
 from ._keys import key_bin, score_key
-from ._triton import tl, triton
+from ._triton import cdiv, next_pow2, tl, triton
 
 _TILE = 8192  # elements of one program's representation tile: BLOCK_N blocks x all KV heads x head dim
 
@@ -109,22 +109,22 @@ def block_scores(
     if cu_blocks.numel() != batch + 1:
         raise UcmConfigError("cu_blocks", f"{cu_blocks.numel()} entries", f"batch + 1 = {batch + 1}")
     device = reps.device
-    cu_host = cu_blocks.to("cpu", torch.int64) if cu_blocks.device.type == "cpu" else None
-    if cu_host is not None:
-        counts = cu_host[1:] - cu_host[:-1]
-        if batch and (int(counts.min()) < 0 or int(cu_host[0]) < 0 or int(cu_host[-1]) > reps.shape[0]):
-            raise UcmConfigError("cu_blocks", cu_host.tolist(), f"non-decreasing offsets in [0, {reps.shape[0]}]")
+    if cu_blocks.device.type == "cpu":  # plain ints: a handful of offsets, cheaper than tensor ops
+        offsets = cu_blocks.tolist()
+        counts = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+        if batch and (min(counts) < 0 or offsets[0] < 0 or offsets[-1] > reps.shape[0]):
+            raise UcmConfigError("cu_blocks", offsets, f"non-decreasing offsets in [0, {reps.shape[0]}]")
+        width = max(counts) if batch else 0
     else:
-        counts = cu_blocks[1:] - cu_blocks[:-1]
-    width = int(counts.max()) if batch else 0
+        width = int((cu_blocks[1:] - cu_blocks[:-1]).max()) if batch else 0
     out = torch.empty(batch, width, dtype=torch.float32, device=device)
     if batch == 0 or width == 0:
         return out
     (cu,) = to_device_int64([cu_device if cu_device is not None else cu_blocks], device)
     query = query.to(device)
-    block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
+    block_h, block_d = next_pow2(num_kv_heads), next_pow2(head_dim)
     block_n = max(1, min(16, _TILE // (block_h * block_d)))
-    grid = (batch, triton.cdiv(width, block_n))
+    grid = (batch, cdiv(width, block_n))
     hist_bits = histogram.shape[1].bit_length() - 1 if histogram is not None else 0
     excl = exclude.expand(batch, width).view(torch.uint8) if exclude is not None else out
     _block_scores_kernel[grid](

@@ -15,7 +15,7 @@ from ucm.errors import UcmConfigError
 
 from ._indices import to_device_async, to_device_int64
 from ._keys import key_bin, score_key
-from ._triton import tl, triton
+from ._triton import next_pow2, tl, triton
 
 _MAX_SINGLE = 16384  # widest row kept in registers by one program (its counts fit the 16-bit fields below)
 _CHUNK = 4096  # chunk of a longer row
@@ -199,19 +199,18 @@ def _topk_masked_kernel(
 
 def _host_counts(
     batch: int, width: int, k: int | torch.Tensor, lengths: torch.Tensor | None, exclude: torch.Tensor | None
-) -> torch.Tensor | None:
+) -> list[int] | None:
     """counts = min(k, eligible) computed on the host when every input is there (no synchronization)."""
     on_host = [t.device.type == "cpu" for t in (k, lengths, exclude) if isinstance(t, torch.Tensor)]
     if not all(on_host):
         return None
-    eligible = torch.full((batch,), width, dtype=torch.int64)
-    if lengths is not None:
-        eligible = lengths.to(torch.int64).clamp(0, width)
+    eligible = [width] * batch if lengths is None else [min(max(n, 0), width) for n in lengths.tolist()]
     if exclude is not None:
-        inside = torch.arange(width)[None, :] < eligible[:, None]
-        eligible = eligible - (exclude.expand(batch, width) & inside).sum(1)
-    k_rows = torch.as_tensor(k, dtype=torch.int64).expand(batch).clamp(min=0)
-    return torch.minimum(k_rows, eligible)
+        inside = torch.arange(width)[None, :] < torch.tensor(eligible)[:, None]
+        excluded = (exclude.expand(batch, width) & inside).sum(1).tolist()
+        eligible = [e - x for e, x in zip(eligible, excluded, strict=True)]
+    k_rows = [k] * batch if isinstance(k, int) else torch.as_tensor(k).expand(batch).tolist()
+    return [min(max(kr, 0), e) for kr, e in zip(k_rows, eligible, strict=True)]
 
 
 def topk_masked(
@@ -246,7 +245,7 @@ def topk_masked(
         exclude = exclude.expand(batch, width)
     host_counts = _host_counts(batch, width, k, lengths, exclude)
     if host_counts is not None:
-        out_width = int(host_counts.max()) if batch else 0
+        out_width = max(host_counts) if batch else 0
     elif isinstance(k, int):
         out_width = max(0, min(k, width))
     else:
@@ -269,7 +268,7 @@ def topk_masked(
     single = width <= _MAX_SINGLE
     use_hist = histogram is not None and single
     scratch = torch.empty(2 * batch * _CAP if use_hist else 1, dtype=torch.int32, device=device)
-    chunk = triton.next_power_of_2(max(width, 1)) if single else _CHUNK
+    chunk = next_pow2(max(width, 1)) if single else _CHUNK
     _topk_masked_kernel[(batch,)](
         scores,
         *scores.stride(),
