@@ -139,6 +139,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "layers": len(layers),
         "layers_hooked": sum(isinstance(m.impl.forward, SparseAttentionForward) for m in layers),
+        "cpu_isa": sorted({str(getattr(m, "isa", None)) for m in layers}),
         "init_s": round(init_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -222,6 +223,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
         assert sparse["share"][name] == 1.0
         assert sparse["tokens"][name] == dense["tokens"][name]
     # the worker attended sparsely (connector stats source) and every block went back to the pool
+    assert sparse["cpu_isa"] == ["vec"]  # K readable by the sparse algorithm (amx packs it unreadably)
     worker = sparse["worker"]
     assert worker["last_step_layers"] == [2, 2]  # both layers of the last decode step attended sparsely
     assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
@@ -288,11 +290,10 @@ def test_smollm2_passkey_answered_with_esa(root: Path) -> None:
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "The pass key is"
     ids = tok(prompt)["input_ids"]
     assert len(ids) >= 32 * BLOCK
-    esa = dict(ESA_02, sparse_ratio=0.4)
-    result = run_engine(root, model="smollm2", connector=True, esa=esa, max_model_len=2048,
+    result = run_engine(root, model="smollm2", connector=True, esa=ESA_02, max_model_len=2048,
                         max_num_batched_tokens=2048,
                         requests=[{"name": "passkey", "ids": ids, "max_tokens": 8}])
-    assert result["budget"]["shrinks"] == 1 and result["share"]["passkey"] < 0.5
+    assert result["budget"]["shrinks"] == 1 and result["share"]["passkey"] <= 0.30
     assert PASSKEY in result["text"]["passkey"], result["text"]
 
 

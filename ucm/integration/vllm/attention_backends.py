@@ -17,6 +17,7 @@ Backends:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -126,30 +127,43 @@ def adapter_for(metadata: Any) -> MetadataAdapter:
     return adapter
 
 
-def key_view(kv_cache: Any, block_size: int, num_kv_heads: int, head_size: int) -> torch.Tensor:
+#: The CPU attention kernel layout the sparse hooks read K from. vLLM's CPU kernels pack a block's K per KV head
+#: by ISA: "vec" stores it transposed, ``[head_size, block_size]`` (V follows as ``[block_size, head_size]``), a
+#: layout a strided view can express; "amx" interleaves pairs of head dims across tokens, which no view can, so
+#: sparse engines run the vec kernel (`install_cpu_layout_hook`).
+CPU_SPARSE_ISA = "vec"
+
+
+def key_view(
+    kv_cache: Any, block_size: int, num_kv_heads: int, head_size: int, backend: str = "CPU_ATTN"
+) -> torch.Tensor:
     """The K pages of one layer's cache as ``[num_blocks, block_size, num_kv_heads, head_size]`` (a view, no copy).
 
     - (k, v) tuple (vllm-ascend): k already has that shape.
-    - CPU backend, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``: per (block, head) the
-      ``block_size`` K rows come first, then the V rows.
-    - FlashAttention-style ``[num_blocks, block_size, num_kv_heads, 2 * head_size]`` is not head-major: K is
-      the first half of the last dimension.
+    - ``CPU_ATTN``, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` filled by the vec kernel: per
+      (block, head) the K part is stored ``[head_size, block_size]``.
+    - other backends: ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (K first), or the 4-D logical
+      ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` view whose strides address K as ``[..., :head]``.
     """
     if isinstance(kv_cache, (tuple, list)):
         k = kv_cache[0]
         _check_shape(k, (block_size, num_kv_heads, head_size), "k cache")
         return k
-    if kv_cache.dim() == 4 and kv_cache.shape[1:] == (num_kv_heads, block_size, 2 * head_size):
-        num_blocks = kv_cache.shape[0]
-        rows = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
-        return rows[:, :, :block_size, :].permute(0, 2, 1, 3)
-    if kv_cache.dim() == 4 and kv_cache.shape[1:] == (block_size, num_kv_heads, 2 * head_size):
-        return kv_cache[..., :head_size]
+    logical = (num_kv_heads, block_size, 2 * head_size)
+    if kv_cache.dim() == 4 and tuple(kv_cache.shape[1:]) == logical:
+        if backend == "CPU_ATTN":
+            pages = kv_cache.view(kv_cache.shape[0], num_kv_heads, 2, head_size, block_size)
+            return pages[:, :, 0].permute(0, 3, 1, 2)
+        return kv_cache[..., :head_size].permute(0, 2, 1, 3)
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and tuple(kv_cache.shape[2:]) == (
+        block_size, num_kv_heads, head_size
+    ):
+        return kv_cache[0]
     raise UcmConfigError(
         "kv cache shape",
         tuple(kv_cache.shape),
-        f"[num_blocks, {num_kv_heads}, {block_size}, {2 * head_size}] (CPU), "
-        f"[num_blocks, {block_size}, {num_kv_heads}, {2 * head_size}] or a (k, v) tuple",
+        f"[num_blocks, {num_kv_heads}, {block_size}, {2 * head_size}], "
+        f"[2, num_blocks, {block_size}, {num_kv_heads}, {head_size}] or a (k, v) tuple",
     )
 
 
@@ -164,4 +178,48 @@ def key_views(kv_caches: Mapping[str, Any], vllm_config: Any) -> dict[str, torch
     num_kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
     head_size = model.get_head_size()
     block_size = vllm_config.cache_config.block_size
-    return {name: key_view(cache, block_size, num_kv_heads, head_size) for name, cache in kv_caches.items()}
+    layers = vllm_config.compilation_config.static_forward_context
+    views = {}
+    for name, cache in kv_caches.items():
+        layer = layers.get(name)
+        backend = getattr(layer, "attn_backend", None)
+        backend_name = backend.get_name() if backend is not None else "CPU_ATTN"
+        isa = getattr(layer, "isa", None)
+        if backend_name == "CPU_ATTN" and isa is not None and isa != CPU_SPARSE_ISA:
+            raise UcmConfigError(f"CPU attention kernel of {name}", isa, f"{CPU_SPARSE_ISA!r} for sparse attention")
+        views[name] = key_view(cache, block_size, num_kv_heads, head_size, backend_name)
+    return views
+
+
+def sparse_requested(vllm_config: Any) -> bool:
+    """True when the engine's KV connector config asks for a sparse method."""
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    extra = getattr(kv, "kv_connector_extra_config", None) or {}
+    return bool(extra.get("ucm_sparse_method"))
+
+
+def install_cpu_layout_hook() -> None:
+    """Make CPU attention of sparse engines use the `CPU_SPARSE_ISA` kernel (idempotent; dense engines keep
+    vLLM's choice). Every write and read of the KV cache goes through the builder's ISA, so switching it
+    before the first forward keeps the cache consistent; only the kernel speed differs."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+    if getattr(CPUAttentionMetadataBuilder.__init__, "_ucm_sparse_hook", False):
+        return
+    original = CPUAttentionMetadataBuilder.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.isa != CPU_SPARSE_ISA and sparse_requested(self.vllm_config):
+            if self.isa != "amx":
+                raise UcmConfigError("CPU attention kernel", self.isa, f"{CPU_SPARSE_ISA!r} or 'amx' (x86) for sparse")
+            self.isa = CPU_SPARSE_ISA
+            self._set_isa_to_layers(self.layer_names)
+
+    __init__._ucm_sparse_hook = True  # type: ignore[attr-defined]
+    CPUAttentionMetadataBuilder.__init__ = __init__

@@ -53,11 +53,12 @@ def register() -> None:
 def install_hooks() -> None:
     """Install all hook sets in this process (idempotent)."""
     global _installed
-    from ucm.integration.vllm import ascend, attention_hooks, model_runner_hooks, scheduler_hooks
+    from ucm.integration.vllm import ascend, attention_backends, attention_hooks, model_runner_hooks, scheduler_hooks
 
     scheduler_hooks.install()
     model_runner_hooks.install()
     attention_hooks.install()
+    attention_backends.install_cpu_layout_hook()
     ascend.install()  # vllm-ascend's runner overrides the step methods; no-op without vllm-ascend
     _installed = True
     logger.debug("UCM sparse hooks installed for vLLM %s", installed_vllm_version())

@@ -243,6 +243,11 @@ def _attn_backend_names(group: Any) -> dict[str, str]:
         backend = getattr(layer, "attn_backend", None)
         if backend is not None:
             names[layer_name] = backend.get_name() if hasattr(backend, "get_name") else backend.__name__
+            # --- sparse hook (hooks engineer): vLLM's CPU kernels pack K by ISA (amx vs vec) and sparse engines
+            # run vec (attention_backends.CPU_SPARSE_ISA): engines with different packings must not share blocks.
+            isa = getattr(layer, "isa", None)
+            if isa:
+                names[layer_name] += f"/{isa}"
     return names
 
 
