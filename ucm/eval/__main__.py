@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the keys/needles")
     p.add_argument("--block-size", type=int, default=128, help="vLLM KV block size (tokens)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="engine max_model_len (default: the largest context); give the grid's value to add a subset to its log",
+    )
     p.add_argument("--kv-cache-mb", type=int, default=512, help="vLLM KV cache memory (MiB)")
     p.add_argument("--store-mb", type=int, default=1024, help="UcmDram store size for connector settings (MiB)")
     p.add_argument("--esa-config", default="{}", help="JSON of further ESA fields (init_window_sz, ...)")
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A killed run (SIGTERM) unwinds like Ctrl-C, so the engine's processes are shut down, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = build_parser().parse_args(argv)
     tasks, contexts, depths = _tasks(args.tasks), _contexts(args.contexts), _depths(args.depths)
     settings = parse_settings(args.settings)
@@ -112,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     max_pos = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
     if max_pos and max(contexts) > max_pos:
         raise UcmConfigError("contexts", max(contexts), f"at most the model's max_position_embeddings={max_pos}")
+    if args.max_model_len is not None and args.max_model_len < max(contexts):
+        raise UcmConfigError("max-model-len", args.max_model_len, f"at least the largest context {max(contexts)}")
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
     cases = build_cases(tokenizer, tasks, contexts, depths, args.gen_tokens, args.samples, args.seed, chat)
     eos = {i for i in [tokenizer.eos_token_id] if i is not None}
     engine_args = {
         "model": model,
         "dtype": args.dtype,
-        "max_model_len": max(contexts),
+        "max_model_len": args.max_model_len or max(contexts),
         "block_size": args.block_size,
         "kv_cache_memory_bytes": args.kv_cache_mb << 20,
         "enforce_eager": True,
