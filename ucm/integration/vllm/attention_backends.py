@@ -1,14 +1,16 @@
 """What differs between vLLM attention backends for sparse attention: how a layer's metadata takes a sparse
 block table, and where the K pages of a layer's KV cache are.
 
-Called by `ucm.integration.vllm.attention_hooks` (per layer, per step: `with_sparse_view`) and by whoever
-registers the KV caches with the sparse algorithm (`key_view`: the connector's worker side). The sparse algorithm
-itself never sees vLLM types: it receives the engine's block table and sequence lengths as tensors and returns a
-`ucm.sparse.SparseAttentionView`; this module turns that view back into the backend's metadata object.
+Called by `ucm.integration.vllm.attention_hooks` (per layer, per step: `adapter_for(...).with_view`), by the
+connector's worker side when it registers the KV caches with the sparse algorithm (`key_views`), and by the
+plugin (`install_cpu_layout_hook`). The sparse algorithm never sees vLLM types: it receives the engine's block
+table and sequence lengths as tensors and returns a `ucm.sparse.SparseAttentionView`; this module turns that view
+back into the backend's metadata object.
 
 Backends:
 - vLLM CPU (``CPUAttentionMetadata``): the kernel also reads a work partition (``scheduler_metadata``) computed
-  from the sequence lengths, so it is recomputed for the sparse lengths.
+  from the sequence lengths, so it is recomputed for the sparse lengths. Its KV pages are packed per ISA; sparse
+  engines use the "vec" packing, whose K a strided view can address (`CPU_SPARSE_ISA`).
 - GPU backends with ``block_table`` / ``seq_lens`` / ``max_seq_len`` fields (FlashAttention, Triton): the
   ahead-of-time FA3 schedule is dropped (it was planned for the dense lengths) and cascade attention must be off.
 - vllm-ascend (``AscendMetadata``): see `ucm.integration.vllm.ascend`.
