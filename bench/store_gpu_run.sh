@@ -12,11 +12,11 @@ ln -sfn ../../backends/cuda ucm/backends/cuda
 export PYTHONPATH=$PWD
 python -c "import xxhash" 2>/dev/null || pip install -q --no-index build/wheels312/xxhash-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader || true
-timeout 150 python bench/store_dram_gpu.py --device "$DEVICE" --blocks "${BLOCKS:-512}" --reps 5 \
+timeout 90 python bench/store_dram_gpu.py --device "$DEVICE" --blocks "${BLOCKS:-512}" --reps 5 \
   --out "$OUT/store_dram_gpu.json"
 echo "dram rc=$?"
-timeout 60 python bench/store_nfs_gpu.py --device "$DEVICE" --blocks 128 --reps 3 --out "$OUT/store_nfs_gpu.json"
+timeout 30 python bench/store_nfs_gpu.py --device "$DEVICE" --blocks 128 --reps 3 --out "$OUT/store_nfs_gpu.json"
 echo "nfs-gpu rc=$?"
-timeout 60 python bench/store_nfs.py --sizes-mib 1,4,32 --total-mib 256 --reps 3 --dir /tmp/ucm-nfs-bench \
+timeout 40 python bench/store_nfs.py --sizes-mib 1,32 --total-mib 256 --reps 2 --dir /tmp/ucm-nfs-bench \
   --out "$OUT/store_nfs_gpuhost"
 echo "nfs rc=$?"
