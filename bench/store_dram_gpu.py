@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=512, help="blocks moved per call")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--transfer", default="auto", choices=["auto", "kernel", "dma"], help="UcmDram transfer")
     parser.add_argument("--out", default="bench/results/store_dram_gpu.json")
     args = parser.parse_args()
     backend = get_backend(args.device)
@@ -61,7 +62,8 @@ def main() -> None:
     nbytes = n * row
     src_slots = torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(1))[:n] + 1
     dst_slots = torch.tensor(sorted(set(range(1, num_pages)) - set(src_slots.tolist()))[:n])
-    store = create_store("UcmDram", {"max_cache_size": 2 * n * row, "kv_block_size": row}, backend)
+    config = {"max_cache_size": 2 * n * row, "kv_block_size": row, "transfer": args.transfer}
+    store = create_store("UcmDram", config, backend)
 
     # ceilings: one contiguous copy of the same bytes each way, on a side stream
     dense = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -150,6 +152,7 @@ def main() -> None:
         "torch": torch.__version__,
         "kv": {"layers": layers, "block_size": BLOCK, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
                "layout": "[num_blocks, kv_heads, block_size, 2*head_dim] per layer", "bytes_per_block": row},
+        "transfer": args.transfer,
         "blocks_per_call": n,
         "bytes_per_call": nbytes,
         "gbps": gbps,
@@ -176,7 +179,7 @@ def main() -> None:
         "|---|---|---|",
         f"| contiguous pinned copy (ceiling) | {g['ceiling_d2h']} | {g['ceiling_h2d']} |",
         f"| device layer gather/scatter (scattered blocks) | {g['device_gather_d2h']} | {g['device_scatter_h2d']} |",
-        f"| UcmDram dump / load (whole rows) | {g['store_dump']} | {g['store_load']} |",
+        f"| UcmDram dump / load (whole rows, transfer={args.transfer}) | {g['store_dump']} | {g['store_load']} |",
         f"| UcmDram load of one layer (row sub-range, {page >> 10} KiB per block) | | {g['store_load_one_layer']} |",
         "",
         f"Store vs ceiling: dump {result['store_vs_ceiling']['dump']:.0%}, "

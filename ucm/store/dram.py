@@ -1,10 +1,14 @@
 """UcmDram: KV blocks in a pinned host-memory arena of this process, bounded by ``max_cache_size``.
 
 Built by `ucm.store.create_store("UcmDram", ...)`; used by the connector's worker side. The arena is one
-``[rows, kv_block_size]`` uint8 pinned buffer; a block owns one row. Dumps gather straight from the paged cache
-into arena rows and loads scatter straight out of them (one batched copy per call, on a side stream), so
-nothing is staged twice. When the arena is full, the least-recently-used published block that no load is
-reading is evicted.
+``[rows, kv_block_size]`` uint8 pinned buffer; a block owns one row. All copies are queued on the store's side
+stream, ordered after the caller's queued work. Two ways across PCIe (``transfer``):
+- ``kernel``: one batched copy kernel reads/writes the arena rows directly (zero-copy); also used for host caches
+  and for sub-range (one-layer) loads;
+- ``dma`` (``auto`` for device caches): a batched copy kernel between the cache and a small device staging buffer
+  (HBM speed, brief) plus one DMA per run of consecutive arena rows on the copy engines, so compute running on
+  other streams keeps the SMs (the zero-copy kernel holds them for the whole PCIe transfer).
+When the arena is full, the least-recently-used published block that no load is reading is evicted.
 """
 
 from __future__ import annotations
@@ -20,10 +24,23 @@ import torch
 from ucm.device import Backend, CopyHandle
 from ucm.errors import UcmConfigError
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import get_int
+from ucm.store.config import get_choice, get_int
 from ucm.store.errors import StoreClosedError
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
+
+_DEVICE_STAGING_BYTES = 64 << 20  # device memory of the 'dma' transfer; chunks larger calls
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Split arena rows into runs of consecutive rows: (first index, end index, first row)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append((start, i, rows[start]))
+            start = i
+    return runs
 
 
 class _Entry:
@@ -65,17 +82,24 @@ class DramStore(KVStoreBase):
     config_fields = {
         "max_cache_size": "int bytes of pinned host memory, >= kv_block_size (required)",
         "kv_block_size": "int bytes of one stored block = one vLLM block of all layers of the worker (required)",
+        "transfer": "how blocks cross PCIe: 'kernel' (one copy kernel reading/writing pinned memory directly), "
+        "'dma' (a copy kernel into device staging + DMA on the copy engines, leaves the SMs to compute) or "
+        "'auto' (dma for device caches; default)",
     }
 
     def __init__(self, config: Mapping[str, Any], backend: Backend):
         block = get_int(config, "kv_block_size")
         size = get_int(config, "max_cache_size")
+        self.transfer = get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])
         if size < block:
             raise UcmConfigError("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
         super().__init__(config, backend)
         self.capacity_blocks = size // block
         self._arena = backend.alloc_pinned(self.capacity_blocks * block).view(self.capacity_blocks, block)
         self._stream = backend.new_stream()
+        self._staging_rows = max(1, _DEVICE_STAGING_BYTES // block)
+        self._staging: dict[torch.device, torch.Tensor] = {}  # device staging of the 'dma' transfer
+        self._issue_lock = threading.Lock()  # one thread at a time queues copies through the device staging
         self._lock = threading.Lock()
         self._published: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU order, oldest first
         self._pending: dict[str, _Pending] = {}  # dumps in flight
@@ -128,9 +152,8 @@ class DramStore(KVStoreBase):
                     ids.append(block_id)
         if ids:
             slots = source.slots.index_select(0, torch.tensor(picks, dtype=torch.int64, device=source.slots.device))
-            rows_t = torch.tensor(rows, dtype=torch.int64)
             try:
-                handle = self.backend.gather_blocks(source.cache, slots, self._arena, rows=rows_t, stream=self._stream)
+                handle = self._to_arena(source, slots, rows)
             except Exception as exc:
                 self._publish(ids, rows, ok=False)
                 task.fail(ids, f"device gather failed: {exc}")
@@ -169,11 +192,8 @@ class DramStore(KVStoreBase):
             slots = destination.slots.index_select(
                 0, torch.tensor(picks, dtype=torch.int64, device=destination.slots.device)
             )
-            rows_t = torch.tensor([e.row for e in entries], dtype=torch.int64)
-            start = destination.row_offset
-            src = self._arena[:, start : start + destination.row_bytes]
             try:
-                handle = self.backend.scatter_blocks(src, destination.cache, slots, rows=rows_t, stream=self._stream)
+                handle = self._from_arena(destination, slots, [e.row for e in entries])
             except Exception as exc:
                 self._unpin(entries, 0)
                 task.fail([block_ids[i] for i in picks], f"device scatter failed: {exc}")
@@ -202,6 +222,54 @@ class DramStore(KVStoreBase):
         with self._lock:
             self._published.clear()
             self._arena = None
+
+    # ------------------------------------------------------------------ device copies
+    def _uses_dma(self, pages: BlockPages, whole_row: bool) -> bool:
+        if not whole_row or self.transfer == "kernel":
+            return False  # sub-range rows are strided in the arena: the kernel reads them in place
+        return self.transfer == "dma" or pages.pages[0].device.type != "cpu"  # 'auto': dma for device caches
+
+    def _device_staging(self, device: torch.device) -> torch.Tensor:
+        staging = self._staging.get(device)
+        if staging is None:
+            staging = torch.empty(self._staging_rows, self.kv_block_size, dtype=torch.uint8, device=device)
+            self._staging[device] = staging
+        return staging
+
+    def _to_arena(self, source: BlockPages, slots: torch.Tensor, rows: list[int]) -> CopyHandle:
+        """Queue the copy of pages `slots` into arena `rows` on the side stream."""
+        if not self._uses_dma(source, whole_row=True):
+            rows_t = torch.tensor(rows, dtype=torch.int64)
+            return self.backend.gather_blocks(source.cache, slots, self._arena, rows=rows_t, stream=self._stream)
+        keep = []
+        with self._issue_lock:
+            staging = self._device_staging(source.pages[0].device)
+            for start in range(0, len(rows), self._staging_rows):
+                part = rows[start : start + self._staging_rows]
+                keep.append(self.backend.gather_blocks(
+                    source.cache, slots[start : start + len(part)], staging, stream=self._stream))
+                for i0, i1, row in _runs(part):
+                    keep.append(self.backend.copy_async(self._arena[row : row + i1 - i0], staging[i0:i1], self._stream))
+            return CopyHandle(self.backend.record_event(self._stream), tuple(keep))
+
+    def _from_arena(self, destination: BlockPages, slots: torch.Tensor, rows: list[int]) -> CopyHandle:
+        """Queue the copy of arena `rows` (or their sub-range) into pages `slots` on the side stream."""
+        whole = destination.row_offset == 0 and destination.row_bytes == self.kv_block_size
+        if not self._uses_dma(destination, whole_row=whole):
+            start = destination.row_offset
+            src = self._arena[:, start : start + destination.row_bytes]
+            rows_t = torch.tensor(rows, dtype=torch.int64)
+            return self.backend.scatter_blocks(src, destination.cache, slots, rows=rows_t, stream=self._stream)
+        keep = []
+        with self._issue_lock:
+            staging = self._device_staging(destination.pages[0].device)
+            for start in range(0, len(rows), self._staging_rows):
+                part = rows[start : start + self._staging_rows]
+                for i0, i1, row in _runs(part):
+                    keep.append(self.backend.copy_async(staging[i0:i1], self._arena[row : row + i1 - i0], self._stream))
+                keep.append(self.backend.scatter_blocks(
+                    staging, destination.cache, slots[start : start + len(part)], stream=self._stream))
+            return CopyHandle(self.backend.record_event(self._stream), tuple(keep))
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:
