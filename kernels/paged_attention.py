@@ -21,6 +21,47 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_tile(
+    q, k_ptr, v_ptr, block, within, mask_t, kv_head,
+    stride_kn, stride_kt, stride_kh, stride_vn, stride_vt, stride_vh, scale, m_i, l_i, acc,
+    HEAD_DIM: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) with one tile of tokens, each given as (physical block, offset)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(
+        k_ptr + block[:, None] * stride_kn + within[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        mask=mask_t[:, None], other=0.0,
+    )
+    qk = tl.dot(q, tl.trans(k)) * scale
+    qk = tl.where(mask_t[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_ptr + block[:, None] * stride_vn + within[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        mask=mask_t[:, None], other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_partial(
+    part_ptr, lse_ptr, m_i, l_i, acc, b, heads, mask_g, split,
+    NUM_SPLITS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Write one split's normalized output and log-sum-exp for the merge kernel (empty split: lse = -inf)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    base = (b * NUM_Q_HEADS + heads) * NUM_SPLITS + split
+    tl.store(part_ptr + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_g[:, None])
+    tl.store(lse_ptr + base, lse, mask=mask_g)
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh,
@@ -55,29 +96,11 @@ def _split_kernel(
         mask_t = tok < end
         block = tl.load(row + tok // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
         within = tok % BLOCK_SIZE
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kn + within[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=mask_t[:, None], other=0.0,
+        m_i, l_i, acc = _attend_tile(
+            q, k_ptr, v_ptr, block, within, mask_t, kv_head,
+            stride_kn, stride_kt, stride_kh, stride_vn, stride_vt, stride_vh, scale, m_i, l_i, acc, HEAD_DIM,
         )
-        qk = tl.dot(q, tl.trans(k)) * scale
-        qk = tl.where(mask_t[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vn + within[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=mask_t[:, None], other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    base = (b * NUM_Q_HEADS + heads) * NUM_SPLITS + split
-    tl.store(part_ptr + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_g[:, None])
-    tl.store(lse_ptr + base, lse, mask=mask_g)
+    _store_partial(part_ptr, lse_ptr, m_i, l_i, acc, b, heads, mask_g, split, NUM_SPLITS, NUM_Q_HEADS, HEAD_DIM)
 
 
 @triton.jit

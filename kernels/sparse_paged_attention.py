@@ -22,7 +22,7 @@ import torch
 from ucm.errors import UcmConfigError
 
 from ._triton import tl, triton
-from .paged_attention import _merge_kernel, num_splits_for
+from .paged_attention import _attend_tile, _merge_kernel, _store_partial, num_splits_for
 
 
 @triton.jit
@@ -70,29 +70,11 @@ def _sparse_split_kernel(
         cand = tl.load(sel_row + s, mask=mask_t & in_sel, other=0)
         logical = tl.where(s < 0, kept, tl.where(in_sel, sink_end + cand, local_start + s - count))
         block = tl.load(row + logical, mask=mask_t, other=0).to(tl.int64)
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kn + within[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=mask_t[:, None], other=0.0,
+        m_i, l_i, acc = _attend_tile(
+            q, k_ptr, v_ptr, block, within, mask_t, kv_head,
+            stride_kn, stride_kt, stride_kh, stride_vn, stride_vt, stride_vh, scale, m_i, l_i, acc, HEAD_DIM,
         )
-        qk = tl.dot(q, tl.trans(k)) * scale
-        qk = tl.where(mask_t[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vn + within[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=mask_t[:, None], other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    base = (b * NUM_Q_HEADS + heads) * NUM_SPLITS + split
-    tl.store(part_ptr + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_g[:, None])
-    tl.store(lse_ptr + base, lse, mask=mask_g)
+    _store_partial(part_ptr, lse_ptr, m_i, l_i, acc, b, heads, mask_g, split, NUM_SPLITS, NUM_Q_HEADS, HEAD_DIM)
 
 
 def sparse_paged_decode_attention(
