@@ -5,11 +5,12 @@ side, for `lookup`). Layout: ``<storage dir>/<first 2 hex digits>/<block id>.kv`
 picked by its id's hash, so blocks spread over all ``storage_backends``. File names come only from validated hex
 ids, so an id can never name a path outside the tree.
 
-Writes: gather the pages into a pinned staging buffer (one batched device copy per chunk), then per block a
-temporary file ``.tmp-<id>-<host>-<pid>-...`` in the same directory, header + payload in one ``writev``, fsync,
-``rename`` onto the final name (atomic: readers see no file or a whole one; two engines writing the same block
-both rename a complete file, the last one stays). Reads: one ``preadv`` into staging, verify header, size and
-checksum (`ucm.store.blockfile`), then one batched scatter of the verified rows; a bad block is reported failed
+Writes: gather the pages into a pinned staging buffer (one batched device copy per chunk; host caches are written
+straight from their pages), then per block a temporary file ``.tmp-<id>-<host>-<pid>-...`` in the same directory,
+header + payload in one ``writev``, fsync, then publish: hard-link it to the final name (atomic, and only if the
+name is free, so of two engines writing the same block the first wins) or rename where hard links are missing;
+readers see no file or a whole one. Reads: one ``preadv`` into staging, verify header, size and checksum
+(`ucm.store.blockfile`), then one batched scatter of the verified rows; a bad block is reported failed
 and its file removed. All I/O runs on a thread pool of ``io_threads``.
 
 Capacity: with ``max_storage_size`` set, a garbage collection pass deletes the least recently accessed blocks
@@ -104,6 +105,7 @@ class NfsStore(KVStoreBase):
         self._reading: Counter[str] = Counter()  # loads in flight in this process: GC keeps these files
         self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
         self._stats = StoreStats(capacity_bytes=self.max_storage_size)
+        self._published_count = 0  # blocks this process published (tells a GC pass whether its scan is current)
         self._gc_lock = threading.Lock()
         self._gc_thread: threading.Thread | None = None
         self._closed = False
@@ -216,6 +218,7 @@ class NfsStore(KVStoreBase):
             self._stats.bytes_dumped += self.kv_block_size
             self._stats.used_bytes += nbytes
             self._stats.stored_blocks += 1 if nbytes else 0
+            self._published_count += 1
             over = self.max_storage_size is not None and self._stats.used_bytes > self.max_storage_size
         if over:
             self._schedule_gc()
@@ -279,8 +282,8 @@ class NfsStore(KVStoreBase):
         return root, shard, os.path.join(shard, block_id + SUFFIX)
 
     def _write_block(self, block_id: str, payload: list[memoryview]) -> int:
-        """Write, sync and publish one block file; returns the bytes it adds to the store (0 when it replaced a
-        copy another writer published meanwhile). Raises OSError (temp file removed)."""
+        """Write, sync and publish one block file; returns the bytes it adds to the store (0 when another writer
+        published the block meanwhile). Raises OSError (temp file removed)."""
         root, shard, final = self._path(block_id)
         with contextlib.suppress(FileExistsError):
             os.mkdir(shard)  # never makedirs: a vanished storage dir must fail, not be recreated
@@ -300,18 +303,16 @@ class NfsStore(KVStoreBase):
         os.close(fd)
         try:
             self._before_publish(tmp)
-            replaced = os.path.exists(final)  # another writer published it meanwhile (same bytes): not new
-            os.rename(tmp, final)
-        except BaseException:
+            new = _publish(tmp, final)
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
-        # No directory fsync: a rename lost in a machine crash only loses the block (a miss, its temporary file
+        # No directory fsync: a publish lost in a machine crash only loses the block (a miss, its temporary file
         # is collected later); the content is already durable, so a published name never shows partial data.
-        return 0 if replaced else blockfile.HEADER_SIZE + self.kv_block_size
+        return blockfile.HEADER_SIZE + self.kv_block_size if new else 0
 
     def _before_publish(self, temp_path: str) -> None:
-        """Called after a block's temporary file is complete and synced, right before the rename (test hook)."""
+        """Called after a block's temporary file is complete and synced, right before publishing (test hook)."""
 
     def _open_for_read(self, block_id: str, payload: memoryview) -> tuple[int | None, str | None]:
         """(fd, None), or (None, why the block file cannot be opened); hints the kernel to read it ahead."""
@@ -379,6 +380,8 @@ class NfsStore(KVStoreBase):
         Runs in the background at construction and when a dump goes over the bound (or hits ENOSPC); callable any
         time (passes are serialized)."""
         with self._gc_lock:
+            with self._lock:
+                published_before = self._published_count
             now = time.time()
             temps_removed = 0
             blocks: list[tuple[float, int, str, str]] = []
@@ -399,7 +402,7 @@ class NfsStore(KVStoreBase):
                         elif entry.name.endswith(SUFFIX):
                             blocks.append((st.st_atime, st.st_size, entry.path, entry.name[: -len(SUFFIX)]))
             used = sum(size for _, size, _, _ in blocks)
-            evicted = 0
+            scanned_used, evicted = used, 0
             if self.max_storage_size is not None and used > self.max_storage_size:
                 target = int(self.max_storage_size * _GC_LOW_WATERMARK)
                 with self._lock:
@@ -415,8 +418,12 @@ class NfsStore(KVStoreBase):
                     used -= size
             with self._lock:
                 self._stats.evictions += evicted
-                self._stats.used_bytes = used
-                self._stats.stored_blocks = len(blocks) - evicted
+                if self._published_count == published_before:  # the scan is a consistent picture: take it
+                    self._stats.used_bytes = used
+                    self._stats.stored_blocks = len(blocks) - evicted
+                else:  # blocks were published during the scan: keep the running counts, minus what was deleted
+                    self._stats.used_bytes = max(0, self._stats.used_bytes - (scanned_used - used))
+                    self._stats.stored_blocks = max(0, self._stats.stored_blocks - evicted)
             return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used}
 
     def _schedule_gc(self) -> None:
@@ -481,6 +488,23 @@ def _scandir(path: str) -> list[os.DirEntry]:
             return list(it)
     except OSError:
         return []
+
+
+def _publish(tmp: str, final: str) -> bool:
+    """Give the complete file `tmp` the name `final` atomically; False when another writer already had (its
+    file holds the same block, verified on every load). A hard link publishes only if the name is free, so the
+    first writer wins and counts stay exact; file systems without hard links fall back to rename (last wins)."""
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    existed = os.path.exists(final)
+    os.rename(tmp, final)
+    return not existed
 
 
 def _aligned(buf: memoryview) -> bool:
