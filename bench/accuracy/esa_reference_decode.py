@@ -1,0 +1,164 @@
+"""ESA's selection emulated in plain transformers: what accuracy the algorithm itself gives, without vLLM or ucm.
+
+For prompts of the accuracy harness, prefill is dense; at the end of prefill each layer scores the candidate blocks
+(between init and local windows) with the last prompt token's query (averaged over each GQA group) against the mean
+key of each block, keeps the top int(candidates x ratio), and every decode step of that layer then attends only to
+the init blocks, the kept blocks, the local window and the generated tokens (a fixed initial selection: what
+stride 10 uses for the first 10 steps, which produce the answer). Greedy. The answers are compared with the same
+prompts' results of `python -m ucm.eval` (its JSONL log) when given, to tell the algorithm's misses from the
+engine integration's. Writes JSON + markdown.
+
+    python bench/accuracy/esa_reference_decode.py --contexts 2K --depths 10 --ratios 0.1,0.2,0.3 \
+        --log bench/results/accuracy_smollm2.log.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class EsaEmulation:
+    """A transformers attention function: dense for prefill, fixed per-layer block selection for decode."""
+
+    def __init__(self, block_size: int, init: int, local: int):
+        self.block_size, self.init, self.local = block_size, init, local
+        self.ratio = 0.2
+        self.prompt_len = 0
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> candidate block scores (from the prefill's last query)
+
+    def allowed(self, layer: int, kv_len: int) -> torch.Tensor:
+        bs, n = self.block_size, self.prompt_len
+        nb = -(-n // bs)
+        candidates = torch.arange(self.init, nb - self.local)
+        k = int(len(candidates) * self.ratio)
+        keep = candidates[torch.topk(self.scores[layer], k).indices] if k else candidates[:0]
+        mask = torch.zeros(kv_len, dtype=torch.bool)
+        mask[: self.init * bs] = True
+        mask[(nb - self.local) * bs :] = True  # local window (incl. the partial last block) and generated tokens
+        for b in keep.tolist():
+            mask[b * bs : (b + 1) * bs] = True
+        return mask
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = module.layer_idx
+        if query.shape[2] > 1:  # prefill: dense; score the candidates with the last prompt token's query
+            self.prompt_len = key.shape[2]
+            bs, n = self.block_size, key.shape[2]
+            nb_full = n // bs
+            groups = query.shape[1] // key.shape[1]
+            q = query[0, :, -1].view(key.shape[1], groups, -1).mean(1)  # [kvh, d]
+            means = key[0, :, : nb_full * bs].reshape(key.shape[1], nb_full, bs, -1).mean(2)  # [kvh, nb, d]
+            score = torch.einsum("gd,gbd->b", q.float(), means.float())
+            nb = -(-n // bs)
+            self.scores[layer] = score[self.init : nb - self.local]
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        mask = self.allowed(layer, key.shape[2])
+        bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype)
+        bias[..., ~mask] = float("-inf")
+        return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
+
+
+def main() -> None:
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from ucm.eval.__main__ import _contexts, _depths, _tasks
+    from ucm.eval.models import ensure_smollm2
+    from ucm.eval.tasks import build_cases
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--tasks", default="passkey,needle")
+    p.add_argument("--contexts", default="2K")
+    p.add_argument("--depths", default="10")
+    p.add_argument("--ratios", default="0.1,0.2,0.3")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=32, help="the harness's value (sets the prompt length)")
+    p.add_argument("--decode-tokens", type=int, default=10, help="tokens decoded here (the answer comes first)")
+    p.add_argument("--log", default=None, help="the harness's JSONL log, to compare with vLLM + ucm ESA")
+    p.add_argument("--out", default="bench/results/accuracy_esa_reference")
+    args = p.parse_args()
+    model_path = args.model or ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    emu = EsaEmulation(args.block_size, init=1, local=2)
+    AttentionInterface.register("esa_emulation", emu)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="esa_emulation")
+    model.eval()
+    # Plain-text prompts, as the harness builds them by default (its --chat-template off).
+    grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
+    cases = build_cases(tok, *grid, args.gen_tokens, use_chat_template=False)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    engine: dict[tuple[str, str], bool] = {}
+    if args.log:
+        digests = {c.case_id: c.prompt_digest for c in cases}
+        for line in Path(args.log).read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "case" and digests.get(r["case_id"]) == r["prompt_digest"]:
+                engine[(r["setting"], r["case_id"])] = r["correct"]
+    rows = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for case in cases:
+            ids = torch.tensor([case.prompt_token_ids])
+            pre = model(ids, use_cache=True)
+            first = pre.logits[0, -1].argmax()
+            for ratio in ratios:
+                emu.ratio = ratio
+                cache = copy.deepcopy(pre.past_key_values)
+                tokens, nxt = [int(first)], first.view(1, 1)
+                for _ in range(args.decode_tokens - 1):
+                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    nxt = out.logits[0, -1].argmax().view(1, 1)
+                    tokens.append(int(nxt))
+                eos = tok.eos_token_id
+                text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+                setting = f"esa-r{ratio:g}-s10"
+                row = {"case_id": case.case_id, "ratio": ratio, "correct": case.answer in text, "text": text,
+                       "engine_correct": engine.get((setting, case.case_id)),
+                       "full_correct": engine.get(("full", case.case_id))}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_path, "seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# ESA selection emulated in transformers vs vLLM + ucm ESA (same prompts)",
+        "",
+        f"- Command: `python bench/accuracy/esa_reference_decode.py --tasks {args.tasks} --contexts {args.contexts} "
+        f"--depths {args.depths} --ratios {args.ratios} --log {args.log}`",
+        "- Emulation: fixed initial selection (last prompt token's query vs block-mean keys, per layer), block "
+        f"{args.block_size}, init 1, local 2; greedy {args.decode_tokens} tokens. Engine: the harness's "
+        "`esa-r<ratio>-s10` answers from its log; full: the harness's full-attention answers.",
+        "",
+        "| ratio | prompts | full correct | emulation correct | engine (vLLM + ucm ESA) correct "
+        "| emulation kept vs full | engine kept vs full |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio in ratios:
+        rs = [r for r in rows if r["ratio"] == ratio]
+        fr = [r for r in rs if r["full_correct"]]
+        eng = [r["engine_correct"] for r in rs if r["engine_correct"] is not None]
+        eng_fr = [r["engine_correct"] for r in fr if r["engine_correct"] is not None]
+
+        def pct(xs: list) -> str:
+            return f"{100 * sum(xs) / len(xs):.0f}% ({sum(xs)}/{len(xs)})" if xs else "–"
+
+        full_ok = pct([bool(r["full_correct"]) for r in rs])
+        lines.append(
+            f"| {ratio:g} | {len(rs)} | {full_ok} | {pct([r['correct'] for r in rs])} "
+            f"| {pct(eng)} | {pct([r['correct'] for r in fr])} | {pct(eng_fr)} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(out.with_suffix(".json"), out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
