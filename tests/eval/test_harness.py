@@ -38,9 +38,6 @@ def test_cli_full_vs_esa_on_needle_subset(smollm2_path, tmp_path):
     for depth in (0.0, 1.0):
         if cases[("full", depth)]["correct"]:
             assert cases[(SETTING, depth)]["correct"], cases[(SETTING, depth)]["text"]
-    # The first generated token comes from the (dense) prefill: identical in every case.
-    for depth in (0.0, 0.5, 1.0):
-        assert cases[(SETTING, depth)]["output_token_ids"][0] == cases[("full", depth)]["output_token_ids"][0]
 
     # The goal for ESA at sparse_ratio 0.2; reported as an expected failure (with where) until it holds.
     missed = [m["case_id"] for m in esa["missed_vs_full"]]
