@@ -29,6 +29,7 @@ class EsaEmulation:
     def __init__(self, block_size: int, init: int, local: int):
         self.block_size, self.init, self.local = block_size, init, local
         self.ratio = 0.2
+        self.scoring = "mean"
         self.prompt_len = 0
         self.scores: dict[int, torch.Tensor] = {}  # layer -> candidate block scores (from the prefill's last query)
 
@@ -52,11 +53,7 @@ class EsaEmulation:
         if query.shape[2] > 1:  # prefill: dense; score the candidates with the last prompt token's query
             self.prompt_len = key.shape[2]
             bs, n = self.block_size, key.shape[2]
-            nb_full = n // bs
-            groups = query.shape[1] // key.shape[1]
-            q = query[0, :, -1].view(key.shape[1], groups, -1).mean(1)  # [kvh, d]
-            means = key[0, :, : nb_full * bs].reshape(key.shape[1], nb_full, bs, -1).mean(2)  # [kvh, nb, d]
-            score = torch.einsum("gd,gbd->b", q.float(), means.float())
+            score = block_scores(query[0, :, -1].float(), key[0].float(), bs, self.scoring)
             nb = -(-n // bs)
             self.scores[layer] = score[self.init : nb - self.local]
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -64,6 +61,36 @@ class EsaEmulation:
         bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype)
         bias[..., ~mask] = float("-inf")
         return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
+
+
+SCORINGS = ("mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax", "sub16headsoftmax", "oracle")
+
+
+def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> torch.Tensor:
+    """Score of every full block for one query ``q`` [num_q_heads, d] over ``keys`` [kvh, n, d] (RoPE applied).
+
+    ``mean``: ESA as built (GQA-summed query · block-mean key, summed over KV heads). ``sub<M>max``: means of
+    M-token sub-blocks, a block scores its best sub-block. ``headsoftmax``: per query head, softmax over blocks of
+    q·mean/sqrt(d) (an estimate of the head's attention share per block), summed over heads, so a head that
+    focuses on one block counts as much as one spread over all. ``sub<M>headsoftmax``: both (a block's logit per
+    head is the log-sum-exp over its sub-blocks)."""
+    kvh, n, d = keys.shape
+    groups = q.shape[0] // kvh
+    nb = n // bs
+    if scoring == "oracle":  # the query's true attention mass per block, summed over heads (not ESA: an upper bound)
+        probs = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(kvh, groups, d), keys) / d**0.5, -1)
+        return probs.sum((0, 1))[: nb * bs].view(nb, bs).sum(1)
+    sub = bs
+    if scoring.startswith("sub"):
+        sub = int(scoring[3:].split("m")[0].split("h")[0])
+    m = bs // sub
+    means = keys[:, : nb * bs].reshape(kvh, nb * m, sub, d).mean(2)  # [kvh, nb*m, d]
+    if scoring.endswith("max") or scoring == "mean":
+        s = torch.einsum("gd,gbd->b", q.view(kvh, groups, d).sum(1), means)  # [nb*m]
+        return s.view(nb, m).amax(1)
+    logits = torch.einsum("ghd,gbd->ghb", q.view(kvh, groups, d), means) / d**0.5  # [kvh, groups, nb*m]
+    logits = logits.reshape(kvh * groups, nb, m).logsumexp(-1)  # [heads, nb]
+    return torch.softmax(logits, -1).sum(0)
 
 
 def main() -> None:
@@ -80,6 +107,7 @@ def main() -> None:
     p.add_argument("--depths", default="10")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--scorings", default="mean", help=f"comma-separated, from {', '.join(SCORINGS)}")
     p.add_argument("--gen-tokens", type=int, default=32, help="the harness's value (sets the prompt length)")
     p.add_argument("--decode-tokens", type=int, default=10, help="tokens decoded here (the answer comes first)")
     p.add_argument("--log", default=None, help="the harness's JSONL log, to compare with vLLM + ucm ESA")
@@ -107,10 +135,12 @@ def main() -> None:
     with torch.no_grad():
         for case in cases:
             ids = torch.tensor([case.prompt_token_ids])
-            pre = model(ids, use_cache=True)
-            first = pre.logits[0, -1].argmax()
-            for ratio in ratios:
+            for scoring, ratio in [(sc, r) for sc in args.scorings.split(",") for r in ratios]:
                 emu.ratio = ratio
+                if scoring != emu.scoring or ratio == ratios[0]:  # the prefill call scores the blocks
+                    emu.scoring = scoring
+                    pre = model(ids, use_cache=True)
+                    first = pre.logits[0, -1].argmax()
                 cache = copy.deepcopy(pre.past_key_values)
                 tokens, nxt = [int(first)], first.view(1, 1)
                 for _ in range(args.decode_tokens - 1):
@@ -120,7 +150,8 @@ def main() -> None:
                 eos = tok.eos_token_id
                 text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
                 setting = f"esa-r{ratio:g}-s10"
-                row = {"case_id": case.case_id, "ratio": ratio, "correct": case.answer in text, "text": text,
+                row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring,
+                       "correct": case.answer in text, "text": text,
                        "engine_correct": engine.get((setting, case.case_id)),
                        "full_correct": engine.get(("full", case.case_id))}  # fmt: skip
                 rows.append(row)

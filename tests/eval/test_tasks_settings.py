@@ -4,12 +4,14 @@ metrics (`ucm.eval.report`) with the real SmolLM2 tokenizer; no engine."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from ucm.errors import UcmConfigError
-from ucm.eval.__main__ import _contexts, _depths, _run_argv, _tasks
+from ucm.eval.__main__ import _contexts, _depths, _run_argv, _tasks, _threads_bind
 from ucm.eval.report import common_prefix, summarize, write_report
+from ucm.eval.runner import run_key
 from ucm.eval.settings import DEFAULT_SETTINGS, parse_setting, parse_settings
 from ucm.eval.tasks import build_cases, default_depths
 
@@ -75,6 +77,19 @@ def test_cli_parsing():
         with pytest.raises(UcmConfigError) as err:
             fn(bad)
         assert err.value.field == field
+
+
+def test_cpu_thread_binding_is_pinned_and_part_of_the_run_key():
+    cores = sorted(os.sched_getaffinity(0))
+    assert _threads_bind("all") == ",".join(map(str, cores))
+    assert _threads_bind("auto") is None
+    assert _threads_bind("0-1,3") == "0-1,3"
+    with pytest.raises(UcmConfigError, match="cpu-threads-bind"):
+        _threads_bind("two cores")
+    engine = {"model": "m", "block_size": 128}
+    one, two = ({"VLLM_CPU_OMP_THREADS_BIND": v} for v in ("0", "0,1"))
+    assert run_key(engine, {}, 32, one) != run_key(engine, {}, 32, two)  # thread count changes bf16 numerics
+    assert run_key(engine, {}, 32, one) == run_key(engine, {}, 32, dict(one))
 
 
 def test_settings_parse_and_build_the_connector_config():

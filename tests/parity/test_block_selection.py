@@ -236,3 +236,41 @@ def test_select_blocks_with_many_equal_scores(impl: Backend, blocks: list[int]):
     got = impl.select_blocks(query.abs(), reps, cu_blocks, k)
     ref_scores = reference.block_scores(query.abs().cpu(), reps.cpu(), cu_blocks)
     check_selection(got, ref_scores, k, cu_blocks[1:] - cu_blocks[:-1], None)
+
+
+# ------------------------------------------------------------------ ESA's sub-block representations
+@pytest.mark.parametrize("block_size,parts", [(16, 4), (40, 3), (128, 8)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_representations_per_slice(impl: Backend, block_size: int, parts: int, dtype: torch.dtype):
+    """`block_representations`: the mean of each near-equal token slice of every listed block (slices of 13/13/14
+    tokens for 40 in 3), on a head-major cache seen block-major (the strided views engines hand over)."""
+    from ucm.sparse.esa.retriever import block_representations
+
+    kvh, hd = 2, 24
+    cache = random_tensor((7, kvh, block_size, hd), dtype, impl.device).permute(0, 2, 1, 3)
+    ids = torch.tensor([5, 0, 3], device=impl.device)
+    got = block_representations(impl, cache, ids, parts)
+    bounds = [j * block_size // parts for j in range(parts + 1)]
+    keys = cache.cpu().float()[ids.cpu()]
+    want = torch.stack([keys[:, a:b].mean(1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], 1)
+    assert got.shape == (3 * parts, kvh, hd) and got.dtype == torch.float32
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu(), want.flatten(0, 1), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", SCORE_CASES[1:], ids=lambda c: f"{c[0]}-q{c[1]}kv{c[2]}-d{c[3]}")
+@pytest.mark.parametrize("parts", [1, 4])
+@pytest.mark.parametrize("k", [0, 3, 1000])
+def test_select_blocks_by_best_part(impl: Backend, case, parts: int, k: int):
+    """ESA's selection over blocks of `parts` representations: a valid top-k of each block's best part score."""
+    from ucm.sparse.esa.retriever import select_blocks
+
+    counts, hq, hkv, hd = case
+    query, reps, cu_blocks = make_scoring_inputs(([c * parts for c in counts], hq, hkv, hd), torch.float32,
+                                                 impl.device, True)  # fmt: skip
+    cu = torch.tensor([0, *counts]).cumsum(0)
+    got = select_blocks(impl, query, reps, cu, k, parts)
+    part_scores = reference.block_scores(query.cpu(), reps.cpu(), cu * parts)
+    best = part_scores.view(len(counts), -1, parts).amax(-1)
+    _, atol = score_tolerance(torch.float32, hq, hd)
+    check_selection(got, best, k, cu[1:] - cu[:-1], None, atol=atol)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import signal
 import sys
@@ -88,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="vLLM prefix caching (same in every setting); on roughly halves the prefill work of a depth sweep",
     )
+    p.add_argument(
+        "--cpu-threads-bind",
+        default="all",
+        help="vLLM-CPU's VLLM_CPU_OMP_THREADS_BIND for every setting ('all': every core this process may use; "
+        "'auto': vLLM's choice). Pinned by default because vLLM's auto binding reserves one more core when a KV "
+        "connector is configured, so full and connector settings would otherwise run different thread counts "
+        "and their bf16 results differ in the last bits",
+    )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--name", default="accuracy_smollm2", help="report file stem")
     p.add_argument("--log", default=None, help="JSONL result log (default: <out-dir>/<name>.log.jsonl); resumable")
@@ -137,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": 2,
         "seed": 0,
     }
-    key = runner.run_key(engine_args, esa_overrides, args.gen_tokens)
+    threads_bind = _threads_bind(args.cpu_threads_bind)
+    if threads_bind is not None:
+        # Read by vLLM's engine process when it starts (one engine per setting, all in this process's env).
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+    key = runner.run_key(engine_args, esa_overrides, args.gen_tokens, env)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log) if args.log else out_dir / f"{args.name}.log.jsonl"
@@ -147,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m ucm.eval " + shlex.join(_run_argv(argv)),
         "model": model,
         "engine": "vLLM " + _vllm_version() + f", block size {args.block_size}, greedy, enforce_eager, "
-        f"prefix caching {'on' if args.prefix_caching else 'off'}, one request at a time",
+        f"prefix caching {'on' if args.prefix_caching else 'off'}, one request at a time, "
+        f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']} in every setting",
         "grid": f"tasks {', '.join(tasks)}; contexts {contexts} tokens (prompt = context - {args.gen_tokens} "
         f"generated); depths {depths}; {args.samples} sample(s) per cell; {len(cases)} prompts per setting",
         "notes": "accuracy = the key appears in the answer (up to the first EOS); token agreement compares the "
@@ -156,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "connector's counters (decode steps of sparse requests)",
         "esa_overrides": esa_overrides,
         "engine_args": engine_args,
+        "env": env,
         "run_key": key,
         "log": str(log_path),
     }
@@ -182,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     for path in write():
         print(path)
     return 0
+
+
+def _threads_bind(value: str) -> str | None:
+    """The VLLM_CPU_OMP_THREADS_BIND to pin (None: leave vLLM's auto binding)."""
+    if value == "auto":
+        return None
+    if value == "all":
+        return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    if not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", value):
+        raise UcmConfigError("cpu-threads-bind", value, "'all', 'auto' or a core list such as 0-3 or 0,2")
+    return value
 
 
 def _run_argv(argv: list[str]) -> list[str]:

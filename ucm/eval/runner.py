@@ -57,9 +57,18 @@ def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
 
-def run_key(engine_args: dict[str, Any], esa_overrides: dict[str, Any] | None, gen_tokens: int) -> str:
-    """Identity of everything besides the prompt and the setting that changes an answer."""
-    blob = json.dumps({"engine": engine_args, "esa": esa_overrides or {}, "gen": gen_tokens}, sort_keys=True)
+def run_key(
+    engine_args: dict[str, Any],
+    esa_overrides: dict[str, Any] | None,
+    gen_tokens: int,
+    env: dict[str, str] | None = None,
+) -> str:
+    """Identity of everything besides the prompt and the setting that changes an answer (``env``: the environment
+    variables that change numerics, e.g. vLLM-CPU's thread binding)."""
+    payload: dict[str, Any] = {"engine": engine_args, "esa": esa_overrides or {}, "gen": gen_tokens}
+    if env:
+        payload["env"] = env
+    blob = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,9 @@
 """Per-method sparse configuration: the validated form of ``ucm_sparse_config`` (`EsaConfig` for ESA).
 
 Called by `ucm.sparse.registry.create_sparse`; a bad field raises one `UcmConfigError` naming the field, the
-value and what is allowed. Defaults are UCM's published ESA setting.
+value and what is allowed. Defaults are UCM's published ESA setting, except ``repr_tokens``: UCM keeps one mean per
+block (``repr_tokens`` >= block size); 16-token means per block retrieve needles far better with 128-token blocks
+(bench/results/accuracy_esa_reference.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ class EsaConfig:
     init_window_sz: leading "sink" blocks always resident. local_window_sz: last prompt blocks always resident
     (>= 1: decode writes into the last prompt block when the prompt is ragged). min_blocks: prompts with fewer
     blocks stay dense. sparse_ratio: share of the candidate blocks (between the two windows) kept in decode.
-    retrieval_stride: decode steps between two retrievals.
+    retrieval_stride: decode steps between two retrievals. repr_tokens: tokens per block representation (mean of
+    K): a block of B tokens is cut into ceil(B / repr_tokens) near-equal slices, each with its own mean, and scores
+    as its best slice, so a short passage (a needle) is not averaged away by a large block.
     """
 
     init_window_sz: int = 1
@@ -28,15 +32,21 @@ class EsaConfig:
     min_blocks: int = 4
     sparse_ratio: float = 0.2
     retrieval_stride: int = 10
+    repr_tokens: int = 16
 
     def __post_init__(self) -> None:
         _check_int("init_window_sz", self.init_window_sz, 0)
         _check_int("local_window_sz", self.local_window_sz, 1)
         _check_int("min_blocks", self.min_blocks, 1)
         _check_int("retrieval_stride", self.retrieval_stride, 1)
+        _check_int("repr_tokens", self.repr_tokens, 1)
         ratio = self.sparse_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
             raise UcmConfigError("ucm_sparse_config.ESA.sparse_ratio", ratio, "a number in (0, 1]")
+
+    def repr_parts(self, block_size: int) -> int:
+        """Representations per block of ``block_size`` tokens: ceil(block_size / repr_tokens)."""
+        return max(1, -(-block_size // self.repr_tokens))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> EsaConfig:

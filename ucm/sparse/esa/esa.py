@@ -4,7 +4,8 @@ Scheduler role: the budget (`ucm.sparse.budget`): prefill is dense; at the first
 keeps its sink window, k work slots, its local window and the blocks of generated tokens.
 
 Worker role, per request and per layer (each layer has its own KV tensor, so each layer has its own selection):
-- last prefill chunk (`attention_finished`): block representations (mean K per block and KV head) of the
+- last prefill chunk (`attention_finished`): block representations (mean K per KV head over each
+  ``repr_tokens`` slice of a block; a block scores as its best slice) of the
   candidate blocks, kept on the device until the request ends, and an initial selection scored with the last
   prompt token's query;
 - decode (`attention_begin`): the pipeline of `ucm.sparse.esa.schedule` — retrieval (scores + top-k through the
@@ -46,7 +47,7 @@ from ucm.sparse.esa.schedule import EsaSchedule
 class _LayerState:
     """One layer of one request on the worker."""
 
-    reps: torch.Tensor | None = None  # [num_candidates, num_kv_heads, head_dim], cache dtype
+    reps: torch.Tensor | None = None  # [num_candidates * parts, num_kv_heads, head_dim], cache dtype
     slots: list[int] = field(default_factory=list)  # offload: logical position held by work slot j, -1 = none
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
     pending: Retrieval | None = None  # submitted, not consumed yet
@@ -89,6 +90,7 @@ class Esa(UcmSparseBase):
         super().__init__(config, role, block_size)
         self.offload = bool(offload)
         self.schedule = EsaSchedule(config.retrieval_stride)
+        self.parts = config.repr_parts(block_size)  # representations per block (validated here: both roles)
         self.store = store
         self._requests: dict[str, _RequestState] = {}
         self._layer_index: dict[str, int] = {}
@@ -213,7 +215,7 @@ class Esa(UcmSparseBase):
                 layer_state.due, layer_state.pending = layer_state.pending, None
             if self.schedule.is_submit(d) and layer_state.reps is not None:
                 q = query[step.query_start + step.num_scheduled_tokens - 1].detach().clone()  # outlives the layer
-                layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work)
+                layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work, self.parts)
                 self._stats.retrievals += 1
             table, length = self._sparse_row(step, state.layout, layer_state)
             rows.append(row)
@@ -255,10 +257,10 @@ class Esa(UcmSparseBase):
             layout = state.layout
             candidates = step.block_ids[layout.sink_end : layout.local_start]
             ids = torch.tensor(candidates, dtype=torch.int64, device=self._key_views[index].device)
-            layer_state.reps = self.retriever.representations(self._key_views[index], ids)
+            layer_state.reps = self.retriever.representations(self._key_views[index], ids, self.parts)
             if layer_state.prefill_query is not None:
                 layer_state.pending = self.retriever.submit(layer_state.prefill_query, layer_state.reps,
-                                                            layout.num_work)
+                                                            layout.num_work, self.parts)
                 layer_state.prefill_query = None
                 self._stats.retrievals += 1
 

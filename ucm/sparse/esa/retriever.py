@@ -8,6 +8,7 @@ copied to a host buffer on that stream, so reading it never waits for the model'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -23,6 +24,35 @@ class Retrieval:
     keepalive: tuple
 
 
+def block_representations(backend: Backend, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1):
+    """float32 means of K over each of ``parts`` near-equal token slices of every listed block (slice j: tokens
+    ``[j * B // parts, (j + 1) * B // parts)``): ``[n * parts, kvh, d]``.
+
+    ``key_view`` ``[num_blocks, B, kvh, d]`` (any strides); a slice of the token dimension is again such a view,
+    so every backend's `block_means` serves (``parts`` launches, once per request and layer)."""
+    if parts == 1:
+        return backend.block_means(key_view, block_ids)
+    bounds = [j * key_view.shape[1] // parts for j in range(parts + 1)]
+    means = [backend.block_means(key_view[:, a:b], block_ids) for a, b in pairwise(bounds)]
+    return torch.stack(means, 1).flatten(0, 1)
+
+
+def select_blocks(
+    backend: Backend, query: torch.Tensor, reps: torch.Tensor, cu_blocks: torch.Tensor, k: int | torch.Tensor,
+    parts: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Backend.select_blocks` over blocks of ``parts`` representations each: a block scores as its best part.
+
+    ``cu_blocks`` counts blocks (request b owns representation rows ``cu_blocks[b] * parts ...``). One part per
+    block is the backend's own (possibly fused) selection."""
+    if parts == 1:
+        return backend.select_blocks(query, reps, cu_blocks, k)
+    scores = backend.block_scores(query, reps, cu_blocks * parts)  # [B, max_blocks * parts], -inf padded
+    best = scores.view(scores.shape[0], -1, parts).amax(-1)
+    lengths = cu_blocks[1:] - cu_blocks[:-1]  # where cu_blocks is (the host: top-k needs no sync for it)
+    return backend.topk_masked(best, k, lengths)
+
+
 class EsaRetriever:
     """Block representations and selection for one worker (one side stream)."""
 
@@ -30,31 +60,33 @@ class EsaRetriever:
         self.backend = backend
         self.stream = backend.new_stream() if backend.device.type != "cpu" else None
 
-    def representations(self, key_view: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """Mean K per listed (full) block and KV head, stored in the cache dtype: ``[n, num_kv_heads, head_dim]``.
+    def representations(self, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """Mean K per listed (full) block, part and KV head, in the cache dtype: ``[n * parts, num_kv_heads,
+        head_dim]`` (block i's parts are rows ``i * parts ... i * parts + parts - 1``; see `block_representations`).
 
         Queued on the current stream (it reads the KV the layer has just written)."""
-        return self.backend.block_means(key_view, block_ids).to(key_view.dtype)
+        return block_representations(self.backend, key_view, block_ids, parts).to(key_view.dtype)
 
-    def submit(self, query: torch.Tensor, reps: torch.Tensor, k: int) -> Retrieval:
-        """Score ``reps`` with one token's ``query`` ``[num_q_heads, head_dim]`` (GQA) and pick the top ``k``."""
+    def submit(self, query: torch.Tensor, reps: torch.Tensor, k: int, parts: int = 1) -> Retrieval:
+        """Score ``reps`` (``parts`` rows per block) with one token's ``query`` ``[num_q_heads, head_dim]`` (GQA)
+        and pick the top ``k`` blocks."""
         backend = self.backend
-        cu_blocks = torch.tensor([0, reps.shape[0]], dtype=torch.int64)  # on the host: no sync in top-k
+        cu_blocks = torch.tensor([0, reps.shape[0] // parts], dtype=torch.int64)  # on the host: no sync in top-k
         host = backend.alloc_pinned(8 * max(k, 1)).view(torch.int64)[: max(k, 1)]
         host.fill_(-1)
         if self.stream is not None:
             backend.wait_event(backend.record_event(), self.stream)
         with backend.use_stream(self.stream):
-            indices, _ = backend.select_blocks(query[None], reps, cu_blocks, k)
+            indices, _ = select_blocks(backend, query[None], reps, cu_blocks, k, parts)
             got = indices.shape[1]
             if got:
                 host[:got].copy_(indices[0], non_blocking=True)
             event = backend.record_event(self.stream)
         return Retrieval(CopyHandle(event, (indices, cu_blocks)), host, (query, reps))
 
-    def select(self, query: torch.Tensor, reps: torch.Tensor, k: int) -> list[int]:
+    def select(self, query: torch.Tensor, reps: torch.Tensor, k: int, parts: int = 1) -> list[int]:
         """Synchronous `submit` + `result` (tests, benchmark)."""
-        return self.result(self.submit(query, reps, k))
+        return self.result(self.submit(query, reps, k, parts))
 
     @staticmethod
     def result(retrieval: Retrieval) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ucm.device import Backend
+from ucm.sparse.esa.retriever import select_blocks
 
 
 def sparse_block_tables(
@@ -70,12 +71,14 @@ def esa_sparse_tables(
     k: int | torch.Tensor,
     block_size: int,
     max_tail: int | None = None,
+    parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scoring + top-k (`Backend.select_blocks`) + `sparse_block_tables` for a batch of decode queries.
 
     ``reps`` packs request b's candidate representations in rows ``cu_blocks[b]:cu_blocks[b+1]`` (candidate c of
-    request b is logical block ``sink_end + c``). Returns (table, lens, selected, counts)."""
-    selected, counts = backend.select_blocks(query, reps, cu_blocks, k)
+    request b is logical block ``sink_end + c``; ``parts`` rows per block, see `retriever.select_blocks`). Returns
+    (table, lens, selected, counts)."""
+    selected, counts = select_blocks(backend, query, reps, cu_blocks, k, parts)
     table, lens = sparse_block_tables(
         block_table, seq_lens, selected, counts, sink_end, local_start, block_size, max_tail
     )
@@ -95,13 +98,14 @@ def esa_decode_attention(
     local_start: torch.Tensor,
     k: int | torch.Tensor,
     max_seq_len: int | None = None,
+    parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scoring + top-k (`Backend.select_blocks`) + attention over the kept blocks, no table in between.
 
     Same inputs as `esa_sparse_tables` plus the caches (``[num_blocks, block_size, num_kv_heads, head_dim]``);
     ``max_seq_len``: a host bound on the kept tokens. Returns (attention output, selected, counts); the output
     equals paged attention over `esa_sparse_tables`' table and lengths."""
-    selected, counts = backend.select_blocks(query, reps, cu_blocks, k)
+    selected, counts = select_blocks(backend, query, reps, cu_blocks, k, parts)
     out = backend.sparse_decode_attention(
         query, k_cache, v_cache, block_table, seq_lens.to(query.device), selected, counts, sink_end,
         local_start.to(query.device), max_seq_len,
