@@ -104,7 +104,10 @@ def test_settings_parse_and_build_the_connector_config():
     dense = parse_setting("dense-ucm").kv_transfer_config(1 << 30)
     assert dense.kv_connector == "UnifiedCacheConnectorV1"
     assert "ucm_sparse_method" not in dense.kv_connector_extra_config
-    for bad in ("esa", "esa-r0-s10", "esa-r1.5-s1", "esa-r0.2-s0", "sparse"):
+    ucm_repr = parse_setting("esa-r0.2-s10-t128")
+    assert ucm_repr.name == "esa-r0.2-s10-t128"
+    assert ucm_repr.extra_config(1 << 30)["ucm_sparse_config"]["ESA"]["repr_tokens"] == 128
+    for bad in ("esa", "esa-r0-s10", "esa-r1.5-s1", "esa-r0.2-s0", "sparse", "esa-r0.2-s10-t0", "esa-r0.2-s10-t"):
         with pytest.raises(UcmConfigError) as err:
             parse_setting(bad)
         assert err.value.field == "settings"
