@@ -3,13 +3,9 @@ reference and the batched ESA step all equal paged attention over the materializ
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
+from kernel_checks import run_interpreted, run_on_cuda
 from sparse_cases import candidate_reps, make_case
 
 from ucm.device import get_backend
@@ -17,8 +13,6 @@ from ucm.errors import UcmConfigError
 from ucm.sparse.attention import paged_decode_attention
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.step import esa_decode_attention, esa_sparse_tables
-
-HERE = pathlib.Path(__file__).parent
 
 
 def _both_steps(backend, case, config):
@@ -75,20 +69,13 @@ def test_kernel_rejects_a_selection_of_another_batch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the compiled kernel is tested")
 def test_kernel_matches_reference_interpreted_on_cpu():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE))
-    result = subprocess.run([sys.executable, str(HERE / "sparse_kernel_check.py"), "cpu", "small"], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok") == 3
+    assert run_interpreted("sparse_kernel_check.py", timeout=600) == 3
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernel_matches_reference_on_cuda():
-    sys.path.insert(0, str(HERE))
-    from sparse_kernel_check import check
-
-    assert len(check("cuda", big=True)) == 4
+    assert run_on_cuda("sparse_kernel_check") == 4
 
 
 @pytest.mark.gpu
