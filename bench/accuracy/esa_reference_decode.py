@@ -53,7 +53,9 @@ class EsaEmulation:
         if query.shape[2] > 1:  # prefill: dense; score the candidates with the last prompt token's query
             self.prompt_len = key.shape[2]
             bs, n = self.block_size, key.shape[2]
-            score = block_scores(query[0, :, -1].float(), key[0].float(), bs, self.scoring)
+            scoring, _, window = self.scoring.partition("-w")  # "-w<N>": the last N prompt queries, summed
+            q = query[0, :, -int(window or 1) :].float().sum(1)
+            score = block_scores(q, key[0].float(), bs, scoring)
             nb = -(-n // bs)
             self.scores[layer] = score[self.init : nb - self.local]
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -64,6 +66,7 @@ class EsaEmulation:
 
 
 SCORINGS = ("mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax", "sub16headsoftmax", "oracle")
+# any of them with "-w<N>" scores with the sum of the last N prompt tokens' queries (a prefill observation window)
 
 
 def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> torch.Tensor:
