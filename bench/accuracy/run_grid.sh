@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec .venv/bin/python -m ucm.eval --contexts 2K,4K,8K --depths 10 \
-  --settings full,dense-ucm,esa-r0.2-s10,esa-r0.1-s10,esa-r0.3-s10,esa-r0.2-s1,esa-r0.1-s1,esa-r0.3-s1,esa-r0.2-s10-t128,esa-r0.1-s10-t128,esa-r1-s10 \
+  --settings full,dense-ucm,esa-r0.2-s10,esa-r0.1-s10,esa-r0.3-s10,esa-r0.2-s1,esa-r0.1-s1,esa-r0.3-s1,esa-r0.2-s10-t128,esa-r1-s10 \
   --out-dir bench/results --name accuracy_smollm2 --note bench/accuracy/notes_smollm2.md "$@"
