@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -83,9 +84,8 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> 
     if scoring == "oracle":  # the query's true attention mass per block, summed over heads (not ESA: an upper bound)
         probs = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(kvh, groups, d), keys) / d**0.5, -1)
         return probs.sum((0, 1))[: nb * bs].view(nb, bs).sum(1)
-    sub = bs
-    if scoring.startswith("sub"):
-        sub = int(scoring[3:].split("m")[0].split("h")[0])
+    sliced = re.match(r"sub(\d+)", scoring)
+    sub = int(sliced[1]) if sliced else bs
     m = bs // sub
     means = keys[:, : nb * bs].reshape(kvh, nb * m, sub, d).mean(2)  # [kvh, nb*m, d]
     if scoring.endswith("max") or scoring == "mean":

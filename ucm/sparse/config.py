@@ -3,7 +3,7 @@
 Called by `ucm.sparse.registry.create_sparse`; a bad field raises one `UcmConfigError` naming the field, the
 value and what is allowed. Defaults are UCM's published ESA setting, except ``repr_tokens``: UCM keeps one mean per
 block (``repr_tokens`` >= block size); 16-token means per block retrieve needles far better with 128-token blocks
-(bench/results/accuracy_esa_reference.md).
+(bench/results/accuracy_esa_scoring_study.md, accuracy_smollm2.md).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class EsaConfig:
 
     def repr_parts(self, block_size: int) -> int:
         """Representations per block of ``block_size`` tokens: ceil(block_size / repr_tokens)."""
-        return max(1, -(-block_size // self.repr_tokens))
+        return -(-block_size // self.repr_tokens)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> EsaConfig:

@@ -24,7 +24,9 @@ class Retrieval:
     keepalive: tuple
 
 
-def block_representations(backend: Backend, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1):
+def block_representations(
+    backend: Backend, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1
+) -> torch.Tensor:
     """float32 means of K over each of ``parts`` near-equal token slices of every listed block (slice j: tokens
     ``[j * B // parts, (j + 1) * B // parts)``): ``[n * parts, kvh, d]``.
 
