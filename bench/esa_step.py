@@ -28,7 +28,7 @@ import traceback
 
 import torch
 
-from ucm.device import get_backend
+from ucm.device import BlockSelection, get_backend
 from ucm.sparse.budget import window_layout
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.step import esa_decode_attention, sparse_block_tables
@@ -152,9 +152,8 @@ def run_case(backend, context: int, batch: int, ratio: float, iters: int) -> dic
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             splits = num_splits_for(batch, HKV, kept_tokens, block_t, sms) * mult
             kwargs = dict(block_t=block_t, num_warps=warps, num_stages=stages, num_splits=splits)
-        state["fused_out"] = sparse_paged_decode_attention(
-            query, k_cache, v_cache, table, seq_lens, sel, counts, sink, local_dev, kept_tokens, **kwargs
-        )
+        selection = BlockSelection(table, seq_lens, sel, counts, sink, local_dev, kept_tokens)
+        state["fused_out"] = sparse_paged_decode_attention(query, k_cache, v_cache, selection, **kwargs)
 
     def fused_staggered():
         # the same serial step, two half-batches on two streams, the second started once the first is scored:
@@ -167,9 +166,9 @@ def run_case(backend, context: int, batch: int, ratio: float, iters: int) -> dic
             with torch.cuda.stream(stream):
                 sc = scores_a if lo == 0 else backend.block_scores(query[lo:hi], reps, cu_host[lo : hi + 1])
                 sel_half, counts_half = backend.topk_masked(sc, k, lengths_host[lo:hi])
-                outs.append(backend.sparse_decode_attention(
-                    query[lo:hi], k_cache, v_cache, table[lo:hi], seq_lens[lo:hi], sel_half, counts_half, sink,
-                    local_dev[lo:hi], kept_tokens))
+                half = BlockSelection(table[lo:hi], seq_lens[lo:hi], sel_half, counts_half, sink, local_dev[lo:hi],
+                                      kept_tokens)
+                outs.append(backend.sparse_decode_attention(query[lo:hi], k_cache, v_cache, half))
         cur.wait_stream(side)
         state["staggered"] = outs[::-1]
 

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ucm.device.selection import BlockSelection
 from ucm.errors import UcmConfigError
 
 from ._triton import tl, triton
@@ -81,13 +82,7 @@ def sparse_paged_decode_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    selected: torch.Tensor,
-    counts: torch.Tensor,
-    sink_end: int,
-    local_start: torch.Tensor,
-    max_seq_len: int | None = None,
+    selection: BlockSelection,
     scale: float | None = None,
     block_t: int = 64,
     num_warps: int = 4,
@@ -96,11 +91,11 @@ def sparse_paged_decode_attention(
 ) -> torch.Tensor:
     """Decode attention of ``query`` ``[B, num_q_heads, head_dim]`` over each request's ESA-kept blocks.
 
-    ``block_table`` int ``[B, width]`` and ``seq_lens`` ``[B]`` are the engine's (full, dense) ones; ``selected``
-    int ``[B, K]`` and ``counts`` ``[B]`` the top-k output; ``local_start`` int ``[B]`` the first local-window
-    block (``sink_end <= local_start[b] <= ceil(seq_lens[b] / block_size) - 1``). ``max_seq_len``: a host bound
-    on the kept tokens, sizing the split grid without a device sync (default: the table's width in tokens).
-    Never synchronizes with the device; every tensor must be on the query's device.
+    ``selection`` (`ucm.device.BlockSelection`) carries the engine's (full, dense) ``block_table`` and
+    ``seq_lens``, the top-k output ``selected`` / ``counts``, ``sink_end`` and ``local_start`` (``sink_end <=
+    local_start[b] <= ceil(seq_lens[b] / block_size) - 1``, not checked here: that would sync); its
+    ``max_seq_len``, a host bound on the kept tokens, sizes the split grid without a device sync (default: the
+    table's width in tokens). Never synchronizes with the device; the selection must be on the query's device.
     """
     if query.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         shapes = (tuple(query.shape), tuple(k_cache.shape), tuple(v_cache.shape))
@@ -111,14 +106,14 @@ def sparse_paged_decode_attention(
     if num_q_heads % num_kv_heads or k_cache.shape[3] != head_dim:
         raise UcmConfigError("num_q_heads/head_dim", (num_q_heads, head_dim),
                              f"a multiple of num_kv_heads={num_kv_heads} and the cache head_dim {k_cache.shape[3]}")
-    if selected.dim() != 2 or selected.shape[0] != batch:
-        raise UcmConfigError("selected", tuple(selected.shape), f"[{batch}, K]")
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("counts", counts),
-                    ("local_start", local_start)):
-        if t.shape[0] != batch or t.device != query.device:
-            raise UcmConfigError(name, f"{tuple(t.shape)} on {t.device}", f"{batch} rows on {query.device}")
+    selection.check_query(query)
+    if selection.device != query.device:
+        raise UcmConfigError("selection device", str(selection.device), f"the query's device {query.device}")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise UcmConfigError("head_dim stride", (query.stride(2), k_cache.stride(3)), "1 (contiguous head_dim)")
+    block_table, seq_lens, selected = selection.block_table, selection.seq_lens, selection.selected
+    counts, local_start, sink_end = selection.counts, selection.local_start, selection.sink_end
+    max_seq_len = selection.max_seq_len
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * block_size

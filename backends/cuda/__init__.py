@@ -16,6 +16,7 @@ import torch
 from ucm import kernels
 from ucm.device import reference
 from ucm.device.backend import Backend
+from ucm.device.selection import BlockSelection
 
 # The kernel modules import triton; load them on first use so this module imports anywhere.
 
@@ -144,28 +145,14 @@ class CudaBackend(Backend):
         )
 
     def sparse_decode_attention(
-        self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        selected: torch.Tensor,
-        counts: torch.Tensor,
-        sink_end: int,
-        local_start: torch.Tensor,
-        max_seq_len: int | None = None,
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selection: BlockSelection
     ) -> torch.Tensor:
         """One launch (+ split merge) reading the selection and the engine's table; no sync."""
         if not k_cache.is_cuda:
-            return super().sparse_decode_attention(
-                query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start
-            )
+            return super().sparse_decode_attention(query, k_cache, v_cache, selection)
         from ucm.kernels.sparse_paged_attention import sparse_paged_decode_attention
 
-        return sparse_paged_decode_attention(
-            query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start, max_seq_len
-        )
+        return sparse_paged_decode_attention(query, k_cache, v_cache, selection)
 
 
 __all__ = ["CudaBackend"]

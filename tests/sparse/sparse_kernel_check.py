@@ -12,6 +12,7 @@ import sys
 import torch
 from sparse_cases import make_case
 
+from ucm.device import BlockSelection
 from ucm.device import reference as device_reference
 from ucm.sparse.attention import paged_decode_attention as reference
 from ucm.sparse.esa.step import sparse_block_tables
@@ -58,16 +59,18 @@ def check(device: str, big: bool) -> list[str]:
                                           local_start, block_size)
         q, kc, vc = case.query.float().cpu(), case.k_cache.float().cpu(), case.v_cache.float().cpu()
         ref = reference(q, kc, vc, table, lens)
+        host = BlockSelection(case.block_table.cpu(), case.seq_lens.cpu(), selected, counts, sink_end, local_start)
         torch.testing.assert_close(  # the device layer's reference reads the selection the way the kernel does
-            device_reference.sparse_decode_attention(q, kc, vc, case.block_table.cpu(), case.seq_lens.cpu(),
-                                                     selected, counts, sink_end, local_start), ref)
-        args = (case.query, case.k_cache, case.v_cache, case.block_table, case.seq_lens, selected.to(device),
-                counts.to(device), sink_end, local_start.to(device))
+            device_reference.sparse_decode_attention(q, kc, vc, host), ref)
+        fields = (case.block_table, case.seq_lens, selected.to(device), counts.to(device), sink_end,
+                  local_start.to(device))
+        args = (case.query, case.k_cache, case.v_cache)
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # bf16 inputs / tf32 dots
         for splits in (None, 1, 4):
-            out = sparse_paged_decode_attention(*args, num_splits=splits)
+            out = sparse_paged_decode_attention(*args, BlockSelection(*fields), num_splits=splits)
             torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
-        out = sparse_paged_decode_attention(*args, max_seq_len=int(lens.max()), block_t=32, num_stages=3)
+        bounded = BlockSelection(*fields, max_seq_len=int(lens.max()))
+        out = sparse_paged_decode_attention(*args, bounded, block_t=32, num_stages=3)
         torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
         done.append(f"{seq_lens} bs={block_size} {hq}/{hkv}x{d} sink={sink_end} ok")
     return done

@@ -8,7 +8,7 @@ import torch
 from kernel_checks import run_interpreted, run_on_cuda
 from sparse_cases import candidate_reps, make_case
 
-from ucm.device import get_backend
+from ucm.device import BlockSelection, get_backend
 from ucm.errors import UcmConfigError
 from ucm.sparse.attention import paged_decode_attention
 from ucm.sparse.config import EsaConfig
@@ -50,20 +50,50 @@ def test_ratio_one_equals_dense():
 def test_local_start_outside_the_request_is_a_config_error():
     case = make_case([64], block_size=16, seed=7)
     selected, counts = torch.tensor([[0]]), torch.tensor([1])
+    selection = BlockSelection(case.block_table, case.seq_lens, selected, counts, 1, torch.tensor([4]))
     with pytest.raises(UcmConfigError, match="local_start"):  # 4 blocks: local_start must be < 4
-        get_backend("cpu").sparse_decode_attention(case.query, case.k_cache, case.v_cache, case.block_table,
-                                                   case.seq_lens, selected, counts, 1, torch.tensor([4]))
+        get_backend("cpu").sparse_decode_attention(case.query, case.k_cache, case.v_cache, selection)
 
 
-def test_kernel_rejects_a_selection_of_another_batch():
+def _selection_fields(case) -> dict:
+    batch = case.block_table.shape[0]
+    return dict(block_table=case.block_table, seq_lens=case.seq_lens, selected=torch.zeros(batch, 2, dtype=torch.int64),
+                counts=torch.ones(batch, dtype=torch.int64), sink_end=1, local_start=torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("selected", torch.zeros(3, 2, dtype=torch.int64), r"invalid selected batch size=3: expected 2, the rows of"),
+    ("counts", torch.ones(2, 1, dtype=torch.int64), r"invalid counts=.*: expected an integer tensor \[B\]"),
+    ("local_start", torch.tensor([2.0, 3.0]), r"invalid local_start='torch.float32 \(2,\)'"),
+    ("seq_lens", torch.tensor([64]), r"invalid seq_lens batch size=1: expected 2"),
+    ("sink_end", 9, r"invalid sink_end=9: expected a host int in \[0, 5\]"),
+    ("sink_end", torch.tensor(1), r"invalid sink_end=tensor\(1\)"),
+    ("max_seq_len", -1, r"invalid max_seq_len=-1: expected None or a host int >= 0"),
+])
+def test_selection_rejects_a_malformed_field(field, value, message):
+    case = make_case([64, 80], block_size=16, seed=8)  # 5 table columns
+    fields = _selection_fields(case)
+    BlockSelection(**fields)  # the well-formed one builds
+    with pytest.raises(UcmConfigError, match=message) as info:
+        BlockSelection(**{**fields, field: value})
+    assert info.value.field.split()[0] == field
+
+
+def test_selection_rejects_a_query_of_another_batch():
+    case = make_case([64, 80], block_size=16, seed=8)
+    selection = BlockSelection(**_selection_fields(case))
+    with pytest.raises(UcmConfigError, match=r"invalid query shape=\(1, .*expected \[2, num_q_heads, head_dim\]"):
+        get_backend("cpu").sparse_decode_attention(case.query[:1], case.k_cache, case.v_cache, selection)
+
+
+def test_kernel_rejects_a_query_of_another_batch():
     pytest.importorskip("triton")
     from ucm.kernels.sparse_paged_attention import sparse_paged_decode_attention
 
     case = make_case([64, 80], block_size=16, seed=8)
-    with pytest.raises(UcmConfigError, match="selected"):
-        sparse_paged_decode_attention(case.query, case.k_cache, case.v_cache, case.block_table, case.seq_lens,
-                                      torch.zeros(3, 2, dtype=torch.int64), torch.ones(2, dtype=torch.int64), 1,
-                                      torch.tensor([2, 3]))
+    selection = BlockSelection(**_selection_fields(case))
+    with pytest.raises(UcmConfigError, match="query shape"):
+        sparse_paged_decode_attention(case.query[:1], case.k_cache, case.v_cache, selection)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the compiled kernel is tested")

@@ -7,9 +7,11 @@ from ucm.device.backend import Backend, CopyHandle
 from ucm.device.pinned import PinnedBufferPool
 from ucm.device.reference import as_page_tensors, bytes_per_block, page_nbytes
 from ucm.device.registry import backend_class, get_backend, registered_backends
+from ucm.device.selection import BlockSelection
 
 __all__ = [
     "Backend",
+    "BlockSelection",
     "CopyHandle",
     "PinnedBufferPool",
     "as_page_tensors",

@@ -8,7 +8,7 @@ CUDA and Ascend (PrivateUse1 "npu") share this code; a backend subclass override
 Who calls what:
 - stores: `gather_blocks` / `scatter_blocks` on a side stream, pinned buffers, `CopyHandle` polling;
 - sparse algorithms: `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode,
-  `sparse_decode_attention` (attention straight over a selection, resident mode without an engine table).
+  `sparse_decode_attention` (attention straight over a `BlockSelection`, resident mode: no sparse table).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ucm.device import reference
+from ucm.device.selection import BlockSelection
 from ucm.errors import BackendUnavailableError
 
 Cache = torch.Tensor | Sequence[torch.Tensor]
@@ -202,20 +203,11 @@ class Backend:
 
     # ------------------------------------------------------------------ 8. attention over a selection
     def sparse_decode_attention(
-        self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        selected: torch.Tensor,
-        counts: torch.Tensor,
-        sink_end: int,
-        local_start: torch.Tensor,
-        max_seq_len: int | None = None,
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selection: BlockSelection
     ) -> torch.Tensor:
-        """Decode attention over sink + ``selected`` + local blocks; see `reference.sparse_decode_attention`.
-        ``max_seq_len``: a host bound on the kept tokens (lets a kernel size its grid without a sync)."""
-        return reference.sparse_decode_attention(
-            query, k_cache, v_cache, block_table, seq_lens, selected, counts, sink_end, local_start
-        )
+        """Decode attention of ``query`` ``[B, num_q_heads, head_dim]`` over each request's kept blocks.
+
+        ``selection`` (a `BlockSelection`, validated when built) names the blocks: sink + selected + local window
+        of the engine's table; caches ``[num_blocks, block_size, num_kv_heads, head_dim]``. Returns
+        ``[B, num_q_heads, head_dim]`` in the query dtype; semantics: `reference.sparse_decode_attention`."""
+        return reference.sparse_decode_attention(query, k_cache, v_cache, selection)

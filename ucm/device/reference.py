@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ucm.device.selection import BlockSelection
 from ucm.errors import UcmConfigError
 
 
@@ -185,27 +186,27 @@ def sparse_decode_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    selected: torch.Tensor,
-    counts: torch.Tensor,
-    sink_end: int,
-    local_start: torch.Tensor,
+    selection: BlockSelection,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Decode attention of each request over its sparse selection of a paged cache (float32 softmax).
 
     Request b attends to its logical blocks ``[0, sink_end)``, ``sink_end + selected[b, :counts[b]]`` (candidate
     indices as `topk_masked` returns them), then ``[local_start[b], ceil(seq_lens[b] / block_size))``, mapped to
-    physical blocks by ``block_table[b]``; the last block holds the partial tail. ``query`` ``[B, num_q_heads,
-    head_dim]``, caches ``[num_blocks, block_size, num_kv_heads, head_dim]``; query head h reads KV head
-    ``h // (num_q_heads // num_kv_heads)``. Returns ``[B, num_q_heads, head_dim]`` in the query dtype.
+    physical blocks by ``block_table[b]`` (all fields of ``selection``, see `BlockSelection`); the last block holds
+    the partial tail. ``query`` ``[B, num_q_heads, head_dim]``, caches ``[num_blocks, block_size, num_kv_heads,
+    head_dim]``; query head h reads KV head ``h // (num_q_heads // num_kv_heads)``. Returns ``[B, num_q_heads,
+    head_dim]`` in the query dtype. Reads the selection on the host (synchronizes); ``max_seq_len`` is unused.
     """
+    selection.check_query(query)
     batch, num_q_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:
         raise UcmConfigError("num_q_heads", num_q_heads, f"a multiple of num_kv_heads={num_kv_heads}")
     scale = head_dim**-0.5 if scale is None else scale
+    sink_end = selection.sink_end
+    block_table, seq_lens, selected = selection.block_table, selection.seq_lens, selection.selected
+    counts, local_start = selection.counts, selection.local_start
     out = torch.empty_like(query)
     for b in range(batch):
         seq_len, count, local = int(seq_lens[b]), int(counts[b]), int(local_start[b])

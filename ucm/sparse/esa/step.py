@@ -3,8 +3,8 @@
 Two forms of the same step (scoring + top-k, then the kept blocks: sink blocks, selected blocks, then local
 window + generated blocks, the partial last block last):
 - `esa_decode_attention`: the attention reads the top-k output and the engine's block table directly
-  (`Backend.sparse_decode_attention`, one fused kernel on CUDA); the step when the attention is ours (tests,
-  benchmark `bench/esa_step.py`).
+  (`Backend.sparse_decode_attention` over a `BlockSelection`, one fused kernel on CUDA); the step when the
+  attention is ours (tests, benchmark `bench/esa_step.py`).
 - `esa_sparse_tables`: materializes the sparse block table and sequence lengths, for an engine attention that
   only takes a table. The per-request worker pipeline (`ucm.sparse.esa.esa`) applies the same layout rule.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ucm.device import Backend
+from ucm.device import Backend, BlockSelection
 from ucm.sparse.esa.retriever import select_blocks
 
 
@@ -103,11 +103,12 @@ def esa_decode_attention(
     """Scoring + top-k (`Backend.select_blocks`) + attention over the kept blocks, no table in between.
 
     Same inputs as `esa_sparse_tables` plus the caches (``[num_blocks, block_size, num_kv_heads, head_dim]``);
-    ``max_seq_len``: a host bound on the kept tokens. Returns (attention output, selected, counts); the output
-    equals paged attention over `esa_sparse_tables`' table and lengths."""
+    ``max_seq_len``: a host bound on the kept tokens. The attention reads a `BlockSelection` of the top-k output
+    and the engine's table (``block_table``, ``selected`` and ``counts`` on the query's device; ``seq_lens`` and
+    ``local_start`` are moved there). Returns (attention output, selected, counts); the output equals paged
+    attention over `esa_sparse_tables`' table and lengths."""
     selected, counts = select_blocks(backend, query, reps, cu_blocks, k, parts)
-    out = backend.sparse_decode_attention(
-        query, k_cache, v_cache, block_table, seq_lens.to(query.device), selected, counts, sink_end,
-        local_start.to(query.device), max_seq_len,
+    selection = BlockSelection(
+        block_table, seq_lens.to(query.device), selected, counts, sink_end, local_start.to(query.device), max_seq_len
     )
-    return out, selected, counts
+    return backend.sparse_decode_attention(query, k_cache, v_cache, selection), selected, counts
