@@ -34,13 +34,14 @@ def prompts_for_tests() -> list[list[int]]:
     ]
 
 
-def run_job(job: dict, tmp_dir: Path, timeout: float = 420) -> dict:
-    """Run `job` in a fresh Python process; returns the parsed result (raises with the log tail on failure)."""
+def run_job(job: dict, tmp_dir: Path, timeout: float = 420, python: str = sys.executable) -> dict:
+    """Run `job` in a fresh ``python`` process (the interpreter picks the vLLM release line); returns the parsed
+    result (raises with the log tail on failure)."""
     path = tmp_dir / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, __file__, str(path)], capture_output=True, text=True, timeout=timeout, env=env
+        [python, __file__, str(path)], capture_output=True, text=True, timeout=timeout, env=env
     )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):

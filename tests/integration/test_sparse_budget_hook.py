@@ -1,6 +1,7 @@
-"""The scheduler-side budget hook (`ucm.integration.vllm.scheduler_hooks.SparseBudget`) on a real vLLM
-`KVCacheManager` and block pool (no engine): shrink at the first decode step, freed blocks back in the pool,
-work slots made exclusive (prefix cache index / copy-on-write), re-shrink after preemption, update hand-off."""
+"""The scheduler-side sparse budget (`ucm.integration.vllm.sparse_budget.SparseBudget`) bound through the release
+bindings (`compat.v1_engine.V1SchedulerBlocks`) to a real vLLM `KVCacheManager` and block pool (no engine): shrink
+at the first decode step, freed blocks back in the pool, work slots made exclusive (prefix cache index /
+copy-on-write), re-shrink after preemption, update hand-off in the connector's `SparseStepMeta`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.request import Request  # noqa: E402
 
 from ucm.errors import UcmConfigError  # noqa: E402
-from ucm.integration.vllm.scheduler_hooks import SparseBudget  # noqa: E402
+from ucm.integration.vllm.compat.v1_engine import V1SchedulerBlocks  # noqa: E402
+from ucm.integration.vllm.sparse_budget import SparseBudget  # noqa: E402
 from ucm.sparse import UcmSparseRole, create_sparse  # noqa: E402
 
 BS = 4
@@ -61,8 +63,9 @@ def held(manager: KVCacheManager, req_id: str) -> list[int | None]:
 @pytest.fixture
 def setup() -> tuple[KVCacheManager, SparseBudget]:
     manager = make_manager()
-    sparse = create_sparse("ESA", ESA, UcmSparseRole.SCHEDULER, block_size=BS)
-    return manager, SparseBudget(sparse, manager)
+    budget = SparseBudget(create_sparse("ESA", ESA, UcmSparseRole.SCHEDULER, block_size=BS))
+    budget.bind(V1SchedulerBlocks(manager))
+    return manager, budget
 
 
 def test_first_decode_step_frees_candidates_beyond_the_work_slots(setup) -> None:
@@ -155,6 +158,25 @@ def test_updates_of_unscheduled_requests_wait_for_their_next_step(setup) -> None
 
 
 def test_block_size_mismatch_is_a_config_error() -> None:
-    sparse = create_sparse("ESA", ESA, UcmSparseRole.SCHEDULER, block_size=BS)
+    budget = SparseBudget(create_sparse("ESA", ESA, UcmSparseRole.SCHEDULER, block_size=BS))
     with pytest.raises(UcmConfigError, match="block_size"):
-        SparseBudget(sparse, make_manager(block_size=8))
+        budget.bind(V1SchedulerBlocks(make_manager(block_size=8)))
+
+
+def test_step_meta_carries_the_updates_and_the_rebuilt_rows(setup) -> None:
+    from types import SimpleNamespace
+
+    manager, budget = setup
+    request = make_request("a", list(range(700, 740)))
+    prefill(manager, request)
+    decode(manager, budget, request)
+    output = SimpleNamespace(  # the fields of vLLM's SchedulerOutput the budget reads
+        num_scheduled_tokens={"a": 1, "b": 40, "c": 3},
+        scheduled_new_reqs=[SimpleNamespace(req_id="b")],
+        scheduled_cached_reqs=SimpleNamespace(resumed_req_ids={"c"}),
+    )
+    meta = budget.step_meta(output)
+    assert meta.block_updates == {"a": {4: 0, 5: 0, 6: 0, 7: 0}}
+    assert meta.new_req_ids == ["b"] and meta.resumed_req_ids == ["c"]
+    budget.request_finished("a")
+    assert budget.step_meta(output).block_updates == {}

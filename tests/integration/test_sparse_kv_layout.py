@@ -1,4 +1,4 @@
-"""The K view the sparse algorithm reads (`attention_backends.key_view`) against what vLLM's CPU attention kernel
+"""The K view the sparse algorithm reads (`compat.v1_engine.key_view`) against what vLLM's CPU attention kernel
 really writes: the kernel packs a block's K per head by ISA, the view must address every token's key exactly."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucm.errors import UcmConfigError
-from ucm.integration.vllm.attention_backends import CPU_SPARSE_ISA, key_view
+from ucm.integration.vllm.compat.v1_engine import CPU_SPARSE_ISA, key_view
 
 pytest.importorskip("vllm")
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
@@ -29,6 +28,21 @@ class BlockTransfer:
 
 
 @dataclasses.dataclass
+class SparseStepMeta:
+    """Scheduler -> workers, per step, for sparse engines (`sparse_budget.SparseBudget.step_meta`).
+
+    ``block_updates``: req_id -> {block position: physical block id} the budget changed (freed positions get the
+    null block, shared work slots their private copy); vLLM's worker block table never hears of them.
+    ``new_req_ids`` / ``resumed_req_ids``: requests whose worker rows vLLM rebuilds in this step (their earlier
+    updates no longer apply; resumed ones re-prefill into fresh blocks).
+    """
+
+    block_updates: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+    new_req_ids: list[str] = dataclasses.field(default_factory=list)
+    resumed_req_ids: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class UcmConnectorMetadata(KVConnectorMetadata):
     #: store ids of the full prompt blocks of requests new to the workers: req_id -> tp_rank -> ids
     new_requests: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=dict)
@@ -37,8 +51,7 @@ class UcmConnectorMetadata(KVConnectorMetadata):
     #: requests whose blocks vLLM may reuse from this step on: their dumps must have read them first
     finished_req_ids: list[str] = dataclasses.field(default_factory=list)
     preempted_req_ids: list[str] = dataclasses.field(default_factory=list)
-    # --- sparse hook (hooks engineer): per-step metadata of the sparse algorithm's scheduler side, or None.
-    sparse: Any = None
+    sparse: SparseStepMeta | None = None  # sparse engines only
 
 
 @dataclasses.dataclass

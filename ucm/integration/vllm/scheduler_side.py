@@ -39,6 +39,8 @@ class _Request:
     load_failed_blocks: int = 0
     dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
     sparse_at_start: tuple[int, int] = (0, 0)  # engine-wide (resident, full) sparse block counts when it began
+    #: the request's physical block ids in position order, as the scheduler output announced them to the workers
+    block_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 class ConnectorScheduler:
@@ -58,7 +60,6 @@ class ConnectorScheduler:
         self._index: dict[int, collections.OrderedDict[str, None]] = {}  # process-local stores: rank -> ids
         self._requests: dict[str, _Request] = {}
         self._pending_loads: list[BlockTransfer] = []
-        self._kv_cache_manager: Any = None
         self.stats = UcmConnectorStats()
         self._sparse_totals = [0, 0]  # engine-wide resident / full blocks attended by sparse requests
 
@@ -69,9 +70,6 @@ class ConnectorScheduler:
                 continue
             self.namespaces[int(rank)] = meta.namespace
         logger.info("UCM connector: block namespaces of %d worker(s): %s", len(self.namespaces), self.namespaces)
-
-    def bind_kv_cache_manager(self, manager: Any) -> None:
-        self._kv_cache_manager = manager
 
     # ------------------------------------------------------------------ naming and lookup
     def _state(self, request: Any) -> _Request:
@@ -151,9 +149,17 @@ class ConnectorScheduler:
     def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
-        steps: list[tuple[str, int]] = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        steps: list[tuple[str, int]] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            steps.append((new.req_id, new.num_computed_tokens))
+            self._track_blocks(new.req_id, new.block_ids, replace=True)
         cached = scheduler_output.scheduled_cached_reqs
-        steps += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        for req_id, num_computed, new_ids in zip(
+            cached.req_ids, cached.num_computed_tokens, cached.new_block_ids, strict=True
+        ):
+            steps.append((req_id, num_computed))
+            self._track_blocks(req_id, new_ids, replace=req_id in resumed)
         for req_id, num_computed in steps:
             state = self._requests.get(req_id)
             if state is None:
@@ -169,8 +175,8 @@ class ConnectorScheduler:
             positions = list(range(num_computed // self.block_size, end))
             if not positions:
                 continue
-            block_ids = self._block_ids(req_id)
-            if block_ids is None or len(block_ids) < end:
+            block_ids = state.block_ids
+            if len(block_ids) < end:
                 continue
             meta.dumps.append(BlockTransfer(req_id, positions, [block_ids[p] for p in positions]))
             state.dumped_positions += len(positions)
@@ -178,10 +184,17 @@ class ConnectorScheduler:
         meta.preempted_req_ids = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return meta
 
-    def _block_ids(self, req_id: str) -> list[int] | None:
-        if self._kv_cache_manager is None:
-            return None
-        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+    def _track_blocks(self, req_id: str, block_ids: Any, replace: bool) -> None:
+        """Follow the block list the workers see: a new or resumed request gets its whole list, a running one
+        the blocks appended in this step (the same contract vLLM's worker block table follows)."""
+        state = self._requests.get(req_id)
+        if state is None:
+            return
+        group = list(block_ids[0]) if block_ids else []
+        if replace:
+            state.block_ids = group
+        else:
+            state.block_ids.extend(group)
 
     def update_connector_output(self, output: Any) -> None:
         worker_meta = getattr(output, "kv_connector_worker_meta", None)

@@ -3,9 +3,10 @@
 vLLM builds one instance per role from ``kv_transfer_config`` (``kv_connector="UnifiedCacheConnectorV1"``,
 ``kv_connector_module_path="ucm.integration.vllm.uc_connector"``): one in the scheduler process
 (`ConnectorScheduler` does the work) and one in every worker process (`ConnectorWorker`). This class only
-validates the configuration (`ConnectorConfig`, errors at engine start), routes vLLM's calls to the right half
-and hosts the sparse algorithm object (``self.ucm_sparse``) that the sparse hooks of
-`ucm.integration.vllm.plugin` drive.
+validates the configuration (`ConnectorConfig`, errors at engine start) and routes vLLM's calls to the right half.
+With a sparse method it also owns the sparse objects the release bindings (`ucm.integration.vllm.compat`) drive:
+``sparse_budget`` (`SparseBudget`, scheduler role) and ``sparse_runtime`` (`SparseWorkerRuntime`, worker role,
+created in `register_kv_caches`). Scheduler -> worker sparse data travels in `UcmConnectorMetadata.sparse`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from vllm.logger import init_logger
 from ucm.integration.vllm.config import ConnectorConfig, model_block_shape
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmHandshake
+from ucm.integration.vllm.sparse_budget import SparseBudget
+from ucm.integration.vllm.sparse_worker import SparseWorkerRuntime
 from ucm.integration.vllm.stats import UcmConnectorStats
 from ucm.store import make_namespace
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
@@ -51,7 +54,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
         self._scheduler = None
         self._worker = None
-        self.ucm_sparse: Any = None
+        self.sparse_budget: SparseBudget | None = None  # scheduler role, sparse engines
+        self.sparse_runtime: SparseWorkerRuntime | None = None  # worker role, sparse engines (register_kv_caches)
         if role == KVConnectorRole.SCHEDULER:
             from ucm.integration.vllm.scheduler_side import ConnectorScheduler
 
@@ -60,14 +64,14 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             from ucm.integration.vllm.worker_side import ConnectorWorker
 
             self._worker = ConnectorWorker(self.config, _tp_rank())
-        # --- sparse hook (hooks engineer): the algorithm object, in both roles, when a method is configured.
-        # The worker's instance is created in register_kv_caches, once the store exists.
         if self.config.sparse_method is not None:
             from ucm.integration.vllm.plugin import require_sparse_hooks
 
-            require_sparse_hooks()  # unsupported vLLM or plugin not loaded: fail now, never run silently dense
+            # unsupported vLLM, plugin not loaded or an engine setting the hooks cannot serve: fail now,
+            # never run silently dense
+            require_sparse_hooks().check_engine(vllm_config)
             if role == KVConnectorRole.SCHEDULER:
-                self.ucm_sparse = self._create_sparse(role)
+                self.sparse_budget = SparseBudget(self._create_sparse(role))
 
     def _create_sparse(self, role: KVConnectorRole, **kwargs: Any) -> Any:
         from ucm.sparse.base import UcmSparseRole
@@ -108,14 +112,18 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             )
         namespace = _namespace(self._vllm_config, self._worker.tp_rank, self.block_size, layout.tag)
         self._worker.start(layout, namespace)
-        # --- sparse hook (hooks engineer): the worker's algorithm object shares the connector's store.
         if self.config.sparse_method is not None:
-            self.ucm_sparse = self._create_sparse(KVConnectorRole.WORKER, backend=self._worker.backend,
-                                                  store=self._worker.store)
-            from ucm.integration.vllm.attention_backends import key_views
+            # the worker's algorithm shares the connector's store and reads K through the release's views
+            from ucm.integration.vllm.compat import bindings
 
+            sparse = self._create_sparse(KVConnectorRole.WORKER, backend=self._worker.backend,
+                                         store=self._worker.store)
             caches = layout.as_dict()
-            self.ucm_sparse.register_kv_caches(caches, key_views(caches, self._vllm_config))
+            sparse.register_kv_caches(caches, bindings().key_views(caches, self._vllm_config))
+            self.sparse_runtime = SparseWorkerRuntime(
+                sparse, self.block_size, store_ids=self._worker.request_block_ids,
+                on_stats=self._worker.record_sparse_step,
+            )
 
     def get_handshake_metadata(self) -> UcmHandshake | None:
         if self._worker is None or self._worker.layout is None:
@@ -126,6 +134,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if self._worker is not None and isinstance(connector_metadata, UcmConnectorMetadata):
             self._worker.bind(connector_metadata)
+            if self.sparse_runtime is not None:
+                self.sparse_runtime.on_step_meta(connector_metadata.sparse, connector_metadata.finished_req_ids)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -152,7 +162,6 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        # (the worker's sparse object learns finished requests from the model-runner hook, not here)
         self._worker.poll()
         return None, None  # blocks are never held after a request finishes (see ConnectorWorker)
 
@@ -166,16 +175,6 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> Any:
         return self._worker.take_worker_meta() if self._worker is not None else None
 
-    def record_sparse_step(self, stats: Any) -> None:
-        """Worker: counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse hooks."""
-        # --- sparse hook (hooks engineer): resident vs full blocks go into the connector's stats.
-        if self._worker is not None:
-            self._worker.record_sparse_step(stats.sparse_requests, stats.resident_blocks, stats.full_blocks)
-
-    def request_block_ids(self, req_id: str) -> list[str] | None:
-        """Worker: store ids of the request's full prompt blocks, position order (for the sparse hooks)."""
-        return self._worker.request_block_ids(req_id) if self._worker is not None else None
-
     def shutdown(self) -> None:
         for part in (self._worker, self._scheduler):
             if part is not None:
@@ -185,11 +184,6 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
         if self._scheduler is not None:
             self._scheduler.set_handshakes(metadata)
-
-    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
-        super().bind_kv_cache_manager(kv_cache_manager)
-        if self._scheduler is not None:
-            self._scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
@@ -202,9 +196,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         meta = self._scheduler.build_meta(scheduler_output)
-        # --- sparse hook (hooks engineer): per-step metadata of the sparse algorithm for the workers.
-        if self.ucm_sparse is not None and hasattr(self.ucm_sparse, "build_sparse_meta"):
-            meta.sparse = self.ucm_sparse.build_sparse_meta(scheduler_output)
+        if self.sparse_budget is not None:
+            meta.sparse = self.sparse_budget.step_meta(scheduler_output)
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -213,9 +206,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        # --- sparse hook (hooks engineer): the scheduler side forgets the request.
-        if self.ucm_sparse is not None:
-            self.ucm_sparse.request_finished(request.request_id)
+        if self.sparse_budget is not None:
+            self.sparse_budget.request_finished(request.request_id)
         return self._scheduler.request_finished(request)
 
 
@@ -230,25 +222,14 @@ def _tp_rank() -> int:
 
 
 def _attn_backend_names(group: Any) -> dict[str, str]:
-    """Layer name -> attention backend name, from vLLM's static forward context (best effort)."""
-    try:
-        from vllm.config import get_current_vllm_config
+    """Layer name -> attention backend name (through the release bindings; empty on an unsupported vLLM, where
+    only dense engines run and the tag omits the backend)."""
+    from ucm.integration.vllm.compat import UnsupportedVllmError, bindings
 
-        context = get_current_vllm_config().compilation_config.static_forward_context
-    except Exception:  # noqa: BLE001 - outside a vLLM config context the tag just omits the backend
+    try:
+        return bindings().attention_backend_names(list(group.layer_names))
+    except UnsupportedVllmError:
         return {}
-    names = {}
-    for layer_name in group.layer_names:
-        layer = context.get(layer_name)
-        backend = getattr(layer, "attn_backend", None)
-        if backend is not None:
-            names[layer_name] = backend.get_name() if hasattr(backend, "get_name") else backend.__name__
-            # --- sparse hook (hooks engineer): vLLM's CPU kernels pack K by ISA (amx vs vec) and sparse engines
-            # run vec (attention_backends.CPU_SPARSE_ISA): engines with different packings must not share blocks.
-            isa = getattr(layer, "isa", None)
-            if isa:
-                names[layer_name] += f"/{isa}"
-    return names
 
 
 def _namespace(vllm_config: Any, tp_rank: int, block_size: int, layout_tag: str) -> str:

@@ -187,12 +187,14 @@ class ConnectorWorker:
         if self.config.store_is_process_local and ok:
             self._meta.stored_ids.setdefault(self.tp_rank, []).extend(ok)
 
-    def record_sparse_step(self, sparse_requests: int, resident_blocks: int, full_blocks: int) -> None:
-        self.stats.add(sparse_requests=sparse_requests, resident_blocks=resident_blocks, full_blocks=full_blocks)
+    def record_sparse_step(self, stats: Any) -> None:
+        """Counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse runtime."""
+        self.stats.add(sparse_requests=stats.sparse_requests, resident_blocks=stats.resident_blocks,
+                       full_blocks=stats.full_blocks)
         counts = self._meta.sparse
-        counts[0] += sparse_requests
-        counts[1] += resident_blocks
-        counts[2] += full_blocks
+        counts[0] += stats.sparse_requests
+        counts[1] += stats.resident_blocks
+        counts[2] += stats.full_blocks
 
     def handle_preemptions(self, meta: UcmConnectorMetadata) -> None:
         """Before a step touches any block: vLLM may now reuse the blocks of the finished and preempted requests,

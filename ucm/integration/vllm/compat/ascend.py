@@ -1,17 +1,17 @@
 """vllm-ascend adapter of the sparse hooks: its attention metadata, (k, v) caches and model runner.
 
 Written against vllm-ascend's public code (``vllm_ascend/attention/attention_v1.py``,
-``vllm_ascend/worker/model_runner_v1.py``); importable without vllm-ascend or torch_npu. Used by
-`ucm.integration.vllm.attention_backends` (metadata objects named ``AscendMetadata*`` are routed here) and by
-`ucm.integration.vllm.plugin` (`install`).
+``vllm_ascend/worker/model_runner_v1.py``); importable without vllm-ascend or torch_npu. `install` is called by
+the release bindings (`compat.v1_engine.V1EngineBindings.install`): with vllm-ascend present it registers the
+metadata adapter and wraps the NPU runner's step method.
 
 What differs on Ascend:
 - KV cache per layer is a tuple ``(k_cache, v_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_size]``
-  (block size 128): the K view the sparse algorithm needs is ``k_cache`` itself (`attention_backends.key_view`).
+  (block size 128): the K view the sparse algorithm needs is ``k_cache`` itself (`compat.v1_engine.key_view`).
 - ``AscendMetadata`` names the table ``block_tables`` and carries the lengths three times: ``seq_lens`` (what the
   paged-attention kernels read as ``context_lens``), ``seq_lens_cpu`` (newer releases) and ``seq_lens_list`` (what
   the fused-infer kernel reads as ``actual_seq_lengths_kv``). All of them must describe the sparse view.
-- ``NPUModelRunner`` overrides ``execute_model`` and ``_model_forward``: the step hooks wrap those too.
+- ``NPUModelRunner`` overrides ``_model_forward``: the step hook wraps it too.
 - ACL graphs replay decode attention with the metadata captured at graph-capture time, so sparse engines run
   eager there (the connector asks vLLM for piecewise graphs; use ``enforce_eager`` on Ascend).
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ucm.integration.vllm.attention_backends import MetadataAdapter, register_adapter
+from ucm.integration.vllm.compat.base import MetadataAdapter
 from ucm.sparse.base import SparseAttentionView
 
 logger = logging.getLogger(__name__)
@@ -73,22 +73,19 @@ def _forward_context() -> Any:
     return get_forward_context() if is_forward_context_available() else None
 
 
-register_adapter("AscendMetadata", AscendMetadataAdapter())
-
-
 def vllm_ascend_available() -> bool:
     """True when vllm-ascend is installed in this environment (it is not imported)."""
     return importlib.util.find_spec("vllm_ascend") is not None
 
 
-def install() -> bool:
-    """Wrap vllm-ascend's model runner step methods when vllm-ascend is installed; False when it is not."""
+def install(bindings: Any) -> bool:
+    """With vllm-ascend installed: register its metadata adapter with ``bindings`` (a
+    `compat.v1_engine.V1EngineBindings`) and wrap its model runner's step; False when it is not installed."""
     if not vllm_ascend_available():
         return False
-    from ucm.integration.vllm.model_runner_hooks import hook_runner_class
-
+    bindings.register_adapter("AscendMetadata", AscendMetadataAdapter())
     module, name = NPU_RUNNER
     runner_cls = getattr(importlib.import_module(module), name)
-    hook_runner_class(runner_cls)
+    bindings.hook_runner_class(runner_cls)
     logger.debug("UCM sparse hooks installed on %s.%s", module, name)
     return True

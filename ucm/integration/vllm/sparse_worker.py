@@ -1,0 +1,158 @@
+"""Worker-side sparse runtime: drives the sparse algorithm around each model step and each attention layer.
+
+Owned by the connector's worker role (``connector.sparse_runtime``), created in ``register_kv_caches``;
+release-independent. Who calls what:
+
+- the connector, each step before the forward: `on_step_meta` with the scheduler's `SparseStepMeta` (block
+  positions the budget changed, new and resumed requests) and the requests that finished;
+- the release bindings' model-runner hook, inside vLLM's forward context: `begin_step` with the step's
+  `BatchRow`s, then `end_step` after the forward;
+- the release bindings' attention hook, per layer while `in_step`: `attention_begin` (may return the layer's
+  sparse view) and `attention_finished`.
+
+The algorithm never sees vLLM types: it gets a `SparseBatch` (each request's block row with the freed positions
+as the null block) and the engine's block table and lengths as tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ucm.errors import UcmError
+from ucm.integration.vllm.compat.base import BatchRow
+from ucm.integration.vllm.metadata import SparseStepMeta
+from ucm.sparse.base import SparseAttentionView, SparseBatch, SparseRequestStep, SparseStepStats, UcmSparseBase
+
+
+class SparseViewMissingError(UcmError, RuntimeError):
+    """A request whose blocks were freed by the budget would be attended densely (it would read freed blocks)."""
+
+
+@dataclass
+class StepCounters:
+    """What the last step did (tests read it): hooked layer calls, and those that attended through a view."""
+
+    layers_seen: int = 0
+    layers_sparse: int = 0
+
+
+@dataclass
+class RuntimeTotals:
+    """Counters since the engine started (summed over steps)."""
+
+    steps: int = 0
+    stats: SparseStepStats = field(default_factory=SparseStepStats)
+
+
+class SparseWorkerRuntime:
+    """The sparse algorithm of one worker, between vLLM's hooks and `UcmSparseBase`."""
+
+    def __init__(
+        self,
+        sparse: UcmSparseBase,
+        block_size: int,
+        null_block_id: int = 0,
+        store_ids: Callable[[str], Sequence[str] | None] | None = None,
+        on_stats: Callable[[SparseStepStats], None] | None = None,
+    ):
+        self.sparse = sparse
+        self.block_size = block_size
+        self.null_block_id = null_block_id
+        self._store_ids = store_ids  # req_id -> store ids of its full prompt blocks (the connector's naming)
+        self._on_stats = on_stats
+        self._overrides: dict[str, dict[int, int]] = {}  # req_id -> {position: block id} from the scheduler
+        self._resumed: set[str] = set()
+        self._shrunk_rows: frozenset[int] = frozenset()
+        self.in_step = False
+        self.last_step = StepCounters()
+        self.totals = RuntimeTotals()
+
+    # ------------------------------------------------------------------ before the forward (connector)
+    def on_step_meta(self, meta: SparseStepMeta | None, finished_req_ids: Sequence[str]) -> None:
+        for req_id in finished_req_ids:
+            self._overrides.pop(req_id, None)
+            self.sparse.request_finished(req_id)
+        if meta is None:
+            self._resumed = set()
+            return
+        self._resumed = set(meta.resumed_req_ids)
+        for req_id in [*meta.new_req_ids, *meta.resumed_req_ids]:
+            self._overrides.pop(req_id, None)  # vLLM rebuilds the row: prefilled (again) into fresh blocks
+        for req_id, updates in meta.block_updates.items():
+            self._overrides.setdefault(req_id, {}).update(updates)
+
+    # ------------------------------------------------------------------ around the forward (model-runner hook)
+    def begin_step(self, rows: Sequence[BatchRow]) -> None:
+        batch, self._shrunk_rows = self._batch(rows)
+        self.last_step = StepCounters()
+        self.sparse.execute_begin(batch)
+        self.in_step = True
+
+    def end_step(self) -> None:
+        self.in_step = False
+        stats = self.sparse.execute_finished()
+        self.totals.steps += 1
+        t = self.totals.stats
+        t.sparse_requests += stats.sparse_requests
+        t.resident_blocks += stats.resident_blocks
+        t.full_blocks += stats.full_blocks
+        t.retrievals += stats.retrievals
+        t.retrievals_consumed += stats.retrievals_consumed
+        t.blocks_loaded += stats.blocks_loaded
+        t.load_failures += stats.load_failures
+        t.failed_block_hashes.extend(stats.failed_block_hashes)
+        if self._on_stats is not None:
+            self._on_stats(stats)
+
+    def _batch(self, rows: Sequence[BatchRow]) -> tuple[SparseBatch, frozenset[int]]:
+        requests: list[SparseRequestStep] = []
+        shrunk: set[int] = set()
+        for index, row in enumerate(rows):
+            block_ids = list(row.block_ids)
+            overrides = self._overrides.get(row.req_id)
+            if overrides:
+                for pos, block_id in overrides.items():
+                    if pos < len(block_ids):
+                        block_ids[pos] = block_id
+                if any(block_id == self.null_block_id for block_id in overrides.values()):
+                    shrunk.add(index)
+            requests.append(
+                SparseRequestStep(
+                    req_id=row.req_id,
+                    num_prompt_tokens=row.num_prompt_tokens,
+                    num_computed_tokens=row.num_computed_tokens,
+                    num_scheduled_tokens=row.num_scheduled_tokens,
+                    block_ids=block_ids,
+                    query_start=row.query_start,
+                    block_hashes=self._store_ids(row.req_id) if self._store_ids is not None else None,
+                    resumed=row.req_id in self._resumed,
+                )
+            )
+        return SparseBatch(requests, self.block_size, self.null_block_id), frozenset(shrunk)
+
+    # ------------------------------------------------------------------ per attention layer (attention hook)
+    def attention_begin(
+        self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: Any,
+        block_table: torch.Tensor, seq_lens: torch.Tensor,
+    ) -> SparseAttentionView | None:
+        """The view this layer must attend through, or None to attend densely."""
+        self.last_step.layers_seen += 1
+        view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
+        if view is not None:
+            self.last_step.layers_sparse += 1
+        elif self._shrunk_rows:
+            raise SparseViewMissingError(
+                f"layer {layer_name}: the sparse method returned no view although batch rows "
+                f"{sorted(self._shrunk_rows)} hold freed blocks"
+            )
+        return view
+
+    def attention_finished(
+        self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: Any,
+        kv_cache: Any,
+    ) -> None:
+        self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
