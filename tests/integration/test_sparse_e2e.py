@@ -67,11 +67,13 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(
         model=spec["model_path"],
         skip_tokenizer_init=not text_model,
-        block_size=BLOCK,
-        enforce_eager=True,
+        block_size=spec.get("block_size", BLOCK),
+        # CUDA cases run with CUDA graphs (piecewise for sparse engines: the connector asks for it)
+        enforce_eager=spec.get("enforce_eager", True),
+        **({"compilation_config": {"cudagraph_mode": spec["cudagraph_mode"]}} if spec.get("cudagraph_mode") else {}),
         # float32 on the tiny model: dense vLLM then runs the same CPU kernel (vec) as a sparse engine, whose K
         # must be readable (bf16 would use amx in dense engines: equal math, different rounding)
-        dtype="float32" if spec["model"] == "tiny" else "bfloat16",
+        dtype=spec.get("dtype") or ("float32" if spec["model"] == "tiny" else "bfloat16"),
         kv_cache_memory_bytes=64 << 20,
         num_gpu_blocks_override=spec.get("num_gpu_blocks"),
         max_model_len=spec.get("max_model_len", 4096),
@@ -146,6 +148,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "vllm": __import__("vllm").__version__,
         "layers": len(layers),
+        "attn_backend": sorted({type(m.impl).__name__ for m in layers}),
+        "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
         "layers_hooked": sum(isinstance(m.impl.forward, SparseAttentionForward) for m in layers),
         "cpu_isa": sorted({str(bindings().cpu_isa(m)) for m in layers}),  # where the release keeps it
         "init_s": round(init_s, 1),
@@ -168,6 +172,7 @@ def _model_path(model: str, tmp_root: Engines) -> str:
 def _run(spec_json: str) -> dict[str, Any]:
     spec = json.loads(spec_json)
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env.update(spec.get("env") or {})
     if spec.get("plugins") == "none":
         env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM exactly as without ucm
     proc = subprocess.run(
@@ -284,6 +289,54 @@ def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Engines) 
     assert {n: len(t) for n, t in sparse["tokens"].items()} == {"short_1": 120, "long_a": 40, "long_b": 16}
     assert sparse["tokens"]["short_1"] == dense["tokens"]["short_1"]
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+# ============================================================================ CUDA (run on the H200)
+CUDA = {"dtype": "bfloat16", "enforce_eager": False, "block_size": 16}  # FLASH_ATTN (FA3) + CUDA graphs
+ESA_CUDA = dict(ESA_02, retrieval_stride=10)
+
+
+def _needs_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the H200: bench/results/gpu_hooks_vllm026.txt)")
+
+
+@pytest.mark.gpu
+def test_cuda_esa_engine_decodes_sparsely_with_flash_attention_and_cuda_graphs(root: Engines) -> None:
+    _needs_cuda()
+    requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 48}, {"name": "short_1", "ids": SHORT_1,
+                                                                       "max_tokens": 48}]
+    dense = run_engine(root, connector=True, requests=requests, **CUDA)
+    sparse = run_engine(root, connector=True, esa=ESA_CUDA, requests=requests, **CUDA)
+    assert sparse["attn_backend"] == ["FlashAttentionImpl"] and "PIECEWISE" in sparse["cudagraph_mode"], sparse
+    assert sparse["budget"]["shrinks"] == 1 and sparse["share"]["long_a"] <= 0.30, sparse["share"]
+    worker = sparse["worker"]
+    assert worker["last_step_layers"] == [2, 2] and worker["blocks_loaded"] > 0 and worker["load_failures"] == 0
+    assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
+    assert len(sparse["tokens"]["long_a"]) == 48
+    assert sparse["tokens"]["short_1"] == dense["tokens"]["short_1"]  # dense requests see the dense engine
+    assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+@pytest.mark.gpu
+def test_cuda_esa_ratio_one_gives_the_dense_connector_tokens(root: Engines) -> None:
+    _needs_cuda()
+    requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 40}, {"name": "long_b", "ids": LONG_B,
+                                                                       "max_tokens": 40}]
+    # The dense reference runs what a sparse engine runs apart from the selection: vLLM's V1 model runner (the
+    # bindings pin it; 0.26's CUDA default is Model Runner V2) and piecewise CUDA graphs (the connector asks for
+    # them with a sparse method; a dense engine's default, full graphs for decode, caps FA3's split count, which
+    # rounds bf16 attention differently)
+    dense = run_engine(root, connector=True, requests=requests, env={"VLLM_USE_V2_MODEL_RUNNER": "0"},
+                       cudagraph_mode="PIECEWISE", **CUDA)
+    sparse = run_engine(root, connector=True, esa=dict(ESA_CUDA, sparse_ratio=1.0), requests=requests, **CUDA)
+    first = {n: next((i for i, (a, b) in enumerate(zip(t, dense["tokens"][n], strict=False)) if a != b), None)
+             for n, t in sparse["tokens"].items()}
+    print("first differing token per request:", first)
+    assert sparse["worker"]["resident_blocks"] == sparse["worker"]["full_blocks"] > 0
+    assert sparse["tokens"] == dense["tokens"]
 
 
 PASSKEY = "68421"

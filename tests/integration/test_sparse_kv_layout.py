@@ -35,3 +35,27 @@ def test_key_view_reads_what_the_cpu_vec_kernel_wrote(dtype: torch.dtype, head_s
 def test_unknown_cache_shape_is_a_config_error() -> None:
     with pytest.raises(UcmConfigError, match="kv cache shape"):
         key_view(torch.zeros(4, 3, 5), 32, 2, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_key_view_reads_what_the_flash_attention_cache_write_wrote(block_size: int) -> None:
+    """CUDA: the FLASH_ATTN page (logical [blocks, heads, block, 2*head], physical [block][head][k|v]) filled by
+    vLLM's own ``reshape_and_cache_flash``; the sparse K view must address every key, without a copy."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the H200: bench/results/gpu_hooks_vllm026.txt)")
+    from vllm import _custom_ops as ops
+
+    num_blocks, num_kv_heads, head_size, n = 6, 8, 128, 70
+    physical = torch.zeros(num_blocks, block_size, num_kv_heads, 2 * head_size, dtype=torch.bfloat16, device="cuda")
+    cache = physical.permute(0, 2, 1, 3)  # the logical view vLLM registers (stride order of FLASH_ATTN)
+    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)  # what the backend writes through
+    key = torch.randn(n, num_kv_heads, head_size, dtype=torch.bfloat16, device="cuda")
+    value = torch.randn(n, num_kv_heads, head_size, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(n, dtype=torch.int64, device="cuda") + block_size  # tokens land from block 1 on
+    scale = torch.ones((), dtype=torch.float32, device="cuda")
+    ops.reshape_and_cache_flash(key, value, key_cache, value_cache, slots, "auto", scale, scale)
+    view = key_view(cache, block_size, num_kv_heads, head_size, "FLASH_ATTN")
+    assert view.shape == (num_blocks, block_size, num_kv_heads, head_size)
+    assert view.data_ptr() == cache.data_ptr()
+    assert torch.equal(view.reshape(-1, num_kv_heads, head_size)[block_size : block_size + n], key)

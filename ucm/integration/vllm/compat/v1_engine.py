@@ -328,6 +328,9 @@ class V1EngineBindings(VllmBindings):
         self._installed = True
 
     def check_engine(self, vllm_config: Any) -> None:
+        if not getattr(vllm_config.model_config, "disable_cascade_attn", True):
+            # cascade attention shares one prefix across the batch's requests; sparse rows differ per request
+            raise UcmConfigError("disable_cascade_attn", False, "True (vLLM's default) with ucm_sparse_method")
         if vllm_config.use_v2_model_runner:
             raise UcmConfigError(
                 "VLLM_USE_V2_MODEL_RUNNER", "1",

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# vLLM 0.26 on the lent H200 GPU machine, through the `run` tool, after the kit's three pieces were sent in three
+# back-to-back runs (../shared/gpu/vllm026_kit.sh, built here into the git-ignored .carry/):
+#   run 1 (carry .carry/vllm026-1):  bash .carry/vllm026-1/stash.sh
+#   run 2 (carry .carry/vllm026-2):  bash .carry/vllm026-2/stash.sh
+#   run 3 (carry .carry/vllm026-3):  bash bench/gpu_vllm026_run.sh STAGE [ARGS...]
+#   later runs while the machine stays warm: bash bench/gpu_vllm026_run.sh STAGE [ARGS...] (no carry needed)
+# Stages (each writes under $OUT):
+#   hooks        the CUDA cases of the sparse hook tests (FLASH_ATTN layout, ESA engines with CUDA graphs)
+#   correctness  bench/gpu_correctness.py (connector / prefix reuse / corruption / ESA checks) -> JSON
+#   e2e ARGS     bench/gpu_e2e.py ARGS (decode speed ESA vs dense) -> JSON/MD/PNG
+#   bench        bench/esa_step.py and bench/score_topk.py (kernel-level) -> JSON/MD
+set -u
+stage=${1:-hooks}; shift || true
+OUT=${OUT:-/tmp/ucm-gpu-out}
+mkdir -p "$OUT"
+if [ -f .carry/vllm026-3/install.sh ] || [ ! -f /tmp/vllm026/.done ]; then
+  # shellcheck disable=SC1091
+  source .carry/vllm026-3/install.sh || exit 3
+else
+  export PYTHONPATH="/tmp/vllm026${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0
+fi
+# ucm with its entry points (vllm.general_plugins needs installed metadata); rebuilt each run from this tree
+rm -rf /tmp/ucm && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/ucm . >/dev/null 2>&1 \
+  || { echo "ucm install failed"; exit 4; }
+export PYTHONPATH="$PYTHONPATH:/tmp/ucm" UCM_VLLM026_PYTHON=$(command -v python3) TOKENIZERS_PARALLELISM=false
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -P -c "import torch, vllm, ucm;
+print('torch', torch.__version__, 'vllm', vllm.__version__, 'ucm from', ucm.__file__)"; echo "commit $commit"; } \
+  | tee "$OUT/env.txt"
+# python3 -P: the checkout's own ucm/ must not shadow /tmp/ucm; where a child process still imports it (a -c
+# script puts the working directory first), the kernel and backend folders resolve through these links
+ln -sfn ../kernels ucm/kernels
+ln -sfn ../../backends/cuda ucm/backends/cuda
+case $stage in
+  hooks)
+    python3 -P -m pytest -p no:cacheprovider -q -rs tests/integration/test_sparse_kv_layout.py \
+      tests/integration/test_sparse_e2e.py -k "cuda or flash" 2>&1 | tee "$OUT/gpu_hooks_vllm026.txt"
+    ;;
+  correctness)
+    python3 -P bench/gpu_correctness.py --dtype bfloat16 --out "$OUT/gpu_correctness.json" "$@" 2>&1 \
+      | tail -80 | tee "$OUT/gpu_correctness.log"
+    ;;
+  e2e)
+    python3 -P bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tail -120 | tee "$OUT/gpu_e2e.log"
+    ;;
+  bench)
+    python3 -P bench/esa_step.py --out "$OUT/esa_step_h200.json" "$@" 2>&1 | tail -40
+    python3 -P bench/score_topk.py --out "$OUT/score_topk_h200.json" 2>&1 | tail -40
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
