@@ -39,7 +39,7 @@ from ucm.sparse.base import (
 )
 from ucm.sparse.budget import WindowLayout, plan_blocks, window_layout
 from ucm.sparse.config import EsaConfig
-from ucm.sparse.esa.retriever import EsaRetriever, Retrieval
+from ucm.sparse.esa.retriever import BatchRetrieval, EsaRetriever
 from ucm.sparse.esa.schedule import EsaSchedule
 
 
@@ -50,14 +50,25 @@ class _LayerState:
     reps: torch.Tensor | None = None  # [num_candidates * parts, num_kv_heads, head_dim], cache dtype
     slots: list[int] = field(default_factory=list)  # offload: logical position held by work slot j, -1 = none
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
-    pending: Retrieval | None = None  # submitted, not consumed yet
-    due: Retrieval | None = None  # to consume once this step's attention of the layer is queued
+    pending: Pick | None = None  # submitted, not consumed yet
+    due: Pick | None = None  # to consume once this step's attention of the layer is queued
     loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
     version: int = 0  # bumped whenever slots / selected change (invalidates `row`)
     row: torch.Tensor | None = None  # cached host block-table row (int32) for `row_key`
-    row_key: tuple[int, int] = (-1, -1)  # (version, blocks of the request) the cached row was built for
+    row_key: tuple = ()  # what the cached row was built for
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One request's row of a batched retrieval of one layer."""
+
+    batch: BatchRetrieval
+    row: int
+
+    def indices(self) -> list[int]:
+        return self.batch.row(self.row)
 
 
 @dataclass
@@ -65,6 +76,8 @@ class _RequestState:
     layout: WindowLayout
     layers: list[_LayerState]
     first_decode_computed: int | None = None  # num_computed_tokens at the first decode step (d = 0)
+    #: offload rows shared by every layer whose work slots all hold a block: (blocks of the request) -> row
+    full_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def decode_step(self, step: SparseRequestStep) -> int:
         return step.num_computed_tokens - (self.first_decode_computed or 0)
@@ -98,6 +111,7 @@ class Esa(UcmSparseBase):
         self._key_views: list[torch.Tensor] = []
         self._row_offsets: list[int] = []
         self._batch: SparseBatch | None = None
+        self._view_cache: tuple[tuple, SparseAttentionView] | None = None  # the last view of this step
         self._stats = SparseStepStats()
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -148,6 +162,8 @@ class Esa(UcmSparseBase):
 
     def execute_begin(self, batch: SparseBatch) -> None:
         self._batch = batch
+        self._view_cache = None
+        initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
         for step in batch.requests:
             state = self._requests.get(step.req_id)
             if state is not None and (step.resumed or not step.is_decode):
@@ -173,9 +189,14 @@ class Esa(UcmSparseBase):
                     layer_state.slots = list(work)
                     layer_state.selected = list(work)
             if state.decode_step(step) == 0:
-                for index, layer_state in enumerate(state.layers):
-                    initial, layer_state.pending = layer_state.pending, None
-                    self._consume(step, state, index, layer_state, initial)
+                initial.append((step, state))
+        for index in range(len(self._caches)) if initial else ():
+            due = []
+            for step, state in initial:
+                layer_state = state.layers[index]
+                pick, layer_state.pending = layer_state.pending, None
+                due.append((step, state, layer_state, pick))
+            self._consume(index, due)
 
     def attention_begin(
         self,
@@ -196,6 +217,7 @@ class Esa(UcmSparseBase):
         rows: list[int] = []
         tables: list[torch.Tensor] = []
         lengths: list[int] = []
+        submits: list[tuple[_LayerState, _RequestState, int]] = []  # (layer state, request, query row)
         for row, step in enumerate(batch.requests):
             state = self._requests.get(step.req_id)
             if state is None:
@@ -214,20 +236,38 @@ class Esa(UcmSparseBase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
                 layer_state.due, layer_state.pending = layer_state.pending, None
             if self.schedule.is_submit(d) and layer_state.reps is not None:
-                q = query[step.query_start + step.num_scheduled_tokens - 1].detach().clone()  # outlives the layer
-                layer_state.pending = self.retriever.submit(q, layer_state.reps, state.layout.num_work, self.parts)
-                self._stats.retrievals += 1
-            table, length = self._sparse_row(step, state.layout, layer_state)
+                submits.append((layer_state, state, step.query_start + step.num_scheduled_tokens - 1))
+            table, length = self._sparse_row(step, state, layer_state)
             rows.append(row)
             tables.append(table)
             lengths.append(length)
             self._stats.resident_blocks += table.numel()
             self._stats.full_blocks += -(-step.seq_len // self.block_size)
+        if submits:
+            self._submit(query, submits)
         if not rows:
             return None
+        key = (id(block_table), id(seq_lens), tuple(rows), tuple(map(id, tables)), tuple(lengths))
+        if self._view_cache is not None and self._view_cache[0] == key:
+            return self._view_cache[1]  # an earlier layer of this step attends the same blocks
         sparse_rows = set(rows)
         dense_max = max((s.seq_len for r, s in enumerate(batch.requests) if r not in sparse_rows), default=0)
-        return self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
+        view = self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
+        self._view_cache = (key, view)
+        return view
+
+    def _submit(self, query: torch.Tensor, submits: list[tuple[_LayerState, _RequestState, int]]) -> None:
+        """One batched retrieval for every request of this layer that submits at this step."""
+        host = self.backend.alloc_pinned(8 * len(submits)).view(torch.int64)
+        host.copy_(torch.tensor([q for _, _, q in submits], dtype=torch.int64))
+        index = host.to(query.device, non_blocking=True)
+        queries = query.index_select(0, index)  # a copy: outlives the layer's activations
+        batch = self.retriever.submit_batch(
+            queries, [ls.reps for ls, _, _ in submits], [st.layout.num_work for _, st, _ in submits], self.parts
+        )
+        for r, (layer_state, _, _) in enumerate(submits):
+            layer_state.pending = Pick(batch, r)
+        self._stats.retrievals += len(submits)
 
     def attention_finished(
         self,
@@ -242,6 +282,9 @@ class Esa(UcmSparseBase):
         if batch is None:
             return
         index = self._layer(layer_name)
+        due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]] = []
+        prefill: list[tuple[_LayerState, _RequestState]] = []
+        key_view = self._key_views[index]
         for step in batch.requests:
             state = self._requests.get(step.req_id)
             if state is None:
@@ -249,20 +292,28 @@ class Esa(UcmSparseBase):
             layer_state = state.layers[index]
             if step.is_decode:
                 if layer_state.due is not None:
-                    due, layer_state.due = layer_state.due, None
-                    self._consume(step, state, index, layer_state, due)
+                    pick, layer_state.due = layer_state.due, None
+                    due.append((step, state, layer_state, pick))
                 continue
             if not step.finishes_prefill:
                 continue
             layout = state.layout
             candidates = step.block_ids[layout.sink_end : layout.local_start]
-            ids = torch.tensor(candidates, dtype=torch.int64, device=self._key_views[index].device)
-            layer_state.reps = self.retriever.representations(self._key_views[index], ids, self.parts)
+            ids = torch.tensor(candidates, dtype=torch.int64).to(key_view.device, non_blocking=True)
+            layer_state.reps = self.retriever.representations(key_view, ids, self.parts)
             if layer_state.prefill_query is not None:
-                layer_state.pending = self.retriever.submit(layer_state.prefill_query, layer_state.reps,
-                                                            layout.num_work, self.parts)
+                prefill.append((layer_state, state))
+        if due:
+            self._consume(index, due)
+        if prefill:
+            queries = torch.stack([ls.prefill_query for ls, _ in prefill])
+            batch_retrieval = self.retriever.submit_batch(
+                queries, [ls.reps for ls, _ in prefill], [st.layout.num_work for _, st in prefill], self.parts
+            )
+            for r, (layer_state, _) in enumerate(prefill):
+                layer_state.pending = Pick(batch_retrieval, r)
                 layer_state.prefill_query = None
-                self._stats.retrievals += 1
+            self._stats.retrievals += len(prefill)
 
     def execute_finished(self) -> SparseStepStats:
         if self._batch is not None:
@@ -280,48 +331,55 @@ class Esa(UcmSparseBase):
         return self._layer_index[layer_name]
 
     def _consume(
-        self, step: SparseRequestStep, state: _RequestState, index: int, layer_state: _LayerState,
-        retrieval: Retrieval | None,
+        self, index: int, due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]]
     ) -> None:
-        """Take a finished retrieval of the layer; offload: start loading the newly selected blocks (delta)."""
-        if retrieval is None:
-            return
-        self._stats.retrievals_consumed += 1
-        picked = self.retriever.result(retrieval)
-        layout = state.layout
-        selected = [layout.sink_end + c for c in picked]
-        if not self.offload:
-            layer_state.selected = selected
-            layer_state.version += 1
-            return
-        if layer_state.load_task is not None:
-            self._wait_loads(step, layer_state)
-        wanted = set(selected)
-        held = {pos for pos in layer_state.slots if pos in wanted}
-        needed = [pos for pos in selected if pos not in held]
-        free = [j for j, pos in enumerate(layer_state.slots) if pos not in wanted]
-        assignment = list(zip(free, needed, strict=False))  # |free| >= |needed|
-        if not assignment:
-            return
-        hashes = step.block_hashes or ()
-        loadable = [(j, pos) for j, pos in assignment if pos < len(hashes)]
-        # a position without a stored copy named cannot be loaded: its slot keeps what it holds
-        self._stats.load_failures += len(assignment) - len(loadable)
-        if not loadable:
+        """Take the finished retrievals of one layer; offload: load the newly selected blocks of every request
+        (delta) with one store task for the layer."""
+        ids: list[str] = []
+        slots: list[int] = []
+        loading: list[tuple[_LayerState, list[tuple[int, int]]]] = []
+        for step, state, layer_state, pick in due:
+            if pick is None:
+                continue
+            self._stats.retrievals_consumed += 1
+            layout = state.layout
+            selected = [layout.sink_end + c for c in pick.indices()]
+            if not self.offload:
+                layer_state.selected = selected
+                layer_state.version += 1
+                continue
+            if layer_state.load_task is not None:
+                self._wait_loads(step, layer_state)
+            wanted = set(selected)
+            held = {pos for pos in layer_state.slots if pos in wanted}
+            needed = [pos for pos in selected if pos not in held]
+            free = [j for j, pos in enumerate(layer_state.slots) if pos not in wanted]
+            assignment = list(zip(free, needed, strict=False))  # |free| >= |needed|
+            if not assignment:
+                continue
+            hashes = step.block_hashes or ()
+            loadable = [(j, pos) for j, pos in assignment if pos < len(hashes)]
+            # a position without a stored copy named cannot be loaded: its slot keeps what it holds
+            self._stats.load_failures += len(assignment) - len(loadable)
+            if not loadable:
+                continue
+            ids.extend(hashes[pos] for _, pos in loadable)
+            slots.extend(step.block_ids[layout.sink_end + j] for j, _ in loadable)
+            loading.append((layer_state, loadable))
+        if not ids:
             return
         from ucm.store.base import BlockPages
 
-        slots = torch.tensor(
-            [step.block_ids[layout.sink_end + j] for j, _ in loadable], dtype=torch.int64,
-            device=self._key_views[index].device,
-        )
-        pages = BlockPages(self._caches[index], slots, row_offset=self._row_offsets[index])
-        layer_state.load_task = self.store.load([hashes[pos] for _, pos in loadable], pages)
-        for j, pos in loadable:
-            layer_state.loading[j] = (pos, layer_state.slots[j])
-            layer_state.slots[j] = -1  # being written: never attended until the wait
-        layer_state.version += 1
-        self._stats.blocks_loaded += len(loadable)
+        device_slots = torch.tensor(slots, dtype=torch.int64, device=self._key_views[index].device)
+        pages = BlockPages(self._caches[index], device_slots, row_offset=self._row_offsets[index])
+        task = self.store.load(ids, pages)
+        for layer_state, loadable in loading:
+            layer_state.load_task = task
+            for j, pos in loadable:
+                layer_state.loading[j] = (pos, layer_state.slots[j])
+                layer_state.slots[j] = -1  # being written: never attended until the wait
+            layer_state.version += 1
+            self._stats.blocks_loaded += len(loadable)
 
     def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
         """Wait for the layer's loads; a failed block leaves its slot with the block it held before."""
@@ -351,25 +409,37 @@ class Esa(UcmSparseBase):
         layer_state.version += 1
 
     def _sparse_row(
-        self, step: SparseRequestStep, layout: WindowLayout, layer_state: _LayerState
+        self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState
     ) -> tuple[torch.Tensor, int]:
         """The layer's block-table row (sink, work, local + tail; the partial last block last) and its length.
 
         The row only changes when the layer's resident set changes or a block is appended, so it is cached on the
-        host and rebuilt then (rebuilding is O(k) Python; a step costs O(1) per request and layer otherwise)."""
+        host and rebuilt then (O(k) Python; O(1) per request and layer otherwise). In offload mode a layer whose
+        work slots all hold a block attends the request's full row, one tensor shared by those layers (the work
+        slots are the same physical blocks in every layer), so the step's view is built once, not per layer."""
         bs = self.block_size
+        layout = state.layout
         total = -(-step.seq_len // bs)
-        key = (layer_state.version, total)
-        if layer_state.row is None or layer_state.row_key != key:
-            ids = step.block_ids
-            if self.offload:
-                work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
-            else:
-                work = [ids[pos] for pos in layer_state.selected]
-            row = [ids[p] for p in range(layout.sink_end)] + work + [ids[p] for p in range(layout.local_start, total)]
-            layer_state.row = torch.tensor(row, dtype=torch.int32)
-            layer_state.row_key = key
-        row = layer_state.row
+        ids = step.block_ids
+        if self.offload and -1 not in layer_state.slots:
+            row = state.full_rows.get(total)
+            if row is None:
+                work = [ids[layout.sink_end + j] for j in range(len(layer_state.slots))]
+                sink = [ids[p] for p in range(layout.sink_end)]
+                row = torch.tensor(sink + work + [ids[p] for p in range(layout.local_start, total)], dtype=torch.int32)
+                state.full_rows = {total: row}  # older lengths are never asked for again
+        else:
+            key = (layer_state.version, total)
+            if layer_state.row is None or layer_state.row_key != key:
+                if self.offload:
+                    work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
+                else:
+                    work = [ids[pos] for pos in layer_state.selected]
+                sink = [ids[p] for p in range(layout.sink_end)]
+                layer_state.row = torch.tensor(sink + work + [ids[p] for p in range(layout.local_start, total)],
+                                               dtype=torch.int32)
+                layer_state.row_key = key
+            row = layer_state.row
         length = (row.numel() - 1) * bs + step.seq_len - (total - 1) * bs
         return row, length
 

@@ -24,6 +24,25 @@ class Retrieval:
     keepalive: tuple
 
 
+class BatchRetrieval:
+    """One selection in flight for several requests of one layer (one scoring + top-k launch for all of them).
+
+    Row ``r`` belongs to the r-th request submitted; `row` waits for the side stream once and reads the host copy."""
+
+    def __init__(self, handle: CopyHandle, host_indices: torch.Tensor, keepalive: tuple):
+        self.handle = handle
+        self.host_indices = host_indices  # [B, K] int64 pinned, -1 padded
+        self.keepalive = keepalive
+        self._rows: list[list[int]] | None = None
+
+    def row(self, r: int) -> list[int]:
+        """Request r's selected candidate indices, ascending."""
+        if self._rows is None:
+            self.handle.wait()
+            self._rows = [[i for i in row if i >= 0] for row in self.host_indices.tolist()]
+        return self._rows[r]
+
+
 def block_representations(
     backend: Backend, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1
 ) -> torch.Tensor:
@@ -85,6 +104,32 @@ class EsaRetriever:
                 host[:got].copy_(indices[0], non_blocking=True)
             event = backend.record_event(self.stream)
         return Retrieval(CopyHandle(event, (indices, cu_blocks)), host, (query, reps))
+
+    def submit_batch(
+        self, queries: torch.Tensor, reps: list[torch.Tensor], ks: list[int], parts: int = 1
+    ) -> BatchRetrieval:
+        """`submit` for several requests of one layer at once: ``queries`` ``[B, num_q_heads, head_dim]``, request
+        b's representations ``reps[b]`` and its ``ks[b]``. Block counts and k stay on the host (no sync)."""
+        backend = self.backend
+        blocks = [r.shape[0] // parts for r in reps]
+        cu = [0]
+        for n in blocks:
+            cu.append(cu[-1] + n)
+        cu_blocks = torch.tensor(cu, dtype=torch.int64)
+        k_rows = torch.tensor(ks, dtype=torch.int64)
+        if self.stream is not None:
+            backend.wait_event(backend.record_event(), self.stream)
+        with backend.use_stream(self.stream):
+            packed = reps[0] if len(reps) == 1 else torch.cat(reps)
+            indices, _ = select_blocks(backend, queries, packed, cu_blocks, k_rows, parts)
+            got = indices.shape[1]  # max(min(k_b, blocks_b)): known on the host, no sync
+            host = backend.alloc_pinned(8 * len(reps) * max(got, 1)).view(torch.int64).view(len(reps), max(got, 1))
+            if got:
+                host.copy_(indices, non_blocking=True)
+            else:
+                host.fill_(-1)
+            event = backend.record_event(self.stream)
+        return BatchRetrieval(CopyHandle(event, (indices, cu_blocks, k_rows)), host, (queries, packed, reps))
 
     def select(self, query: torch.Tensor, reps: torch.Tensor, k: int, parts: int = 1) -> list[int]:
         """Synchronous `submit` + `result` (tests, benchmark)."""
