@@ -16,6 +16,7 @@ as the null block) and the engine's block table and lengths as tensors.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +43,14 @@ class StepCounters:
 
 @dataclass
 class RuntimeTotals:
-    """Counters since the engine started (summed over steps)."""
+    """Counters since the engine started (summed over steps). ``*_s``: host seconds spent in the sparse
+    algorithm's hooks (what a step costs the CPU beyond vLLM's own work; device work they queue is not in it)."""
 
     steps: int = 0
     stats: SparseStepStats = field(default_factory=SparseStepStats)
+    begin_s: float = 0.0  # execute_begin (batch rows, initial loads)
+    attention_s: float = 0.0  # attention_begin + attention_finished over all layers (views, retrieval, loads)
+    end_s: float = 0.0  # execute_finished
 
 
 class SparseWorkerRuntime:
@@ -65,6 +70,8 @@ class SparseWorkerRuntime:
         self._store_ids = store_ids  # req_id -> store ids of its full prompt blocks (the connector's naming)
         self._on_stats = on_stats
         self._overrides: dict[str, dict[int, int]] = {}  # req_id -> {position: block id} from the scheduler
+        #: req_id -> its block row with the overrides applied (extended as the runner's row grows)
+        self._rows: dict[str, list[int]] = {}
         self._resumed: set[str] = set()
         self._shrunk_rows: frozenset[int] = frozenset()
         self.in_step = False
@@ -75,6 +82,7 @@ class SparseWorkerRuntime:
     def on_step_meta(self, meta: SparseStepMeta | None, finished_req_ids: Sequence[str]) -> None:
         for req_id in finished_req_ids:
             self._overrides.pop(req_id, None)
+            self._rows.pop(req_id, None)
             self.sparse.request_finished(req_id)
         if meta is None:
             self._resumed = set()
@@ -82,19 +90,25 @@ class SparseWorkerRuntime:
         self._resumed = set(meta.resumed_req_ids)
         for req_id in [*meta.new_req_ids, *meta.resumed_req_ids]:
             self._overrides.pop(req_id, None)  # vLLM rebuilds the row: prefilled (again) into fresh blocks
+            self._rows.pop(req_id, None)
         for req_id, updates in meta.block_updates.items():
             self._overrides.setdefault(req_id, {}).update(updates)
+            self._rows.pop(req_id, None)
 
     # ------------------------------------------------------------------ around the forward (model-runner hook)
     def begin_step(self, rows: Sequence[BatchRow]) -> None:
+        started = time.perf_counter()
         batch, self._shrunk_rows = self._batch(rows)
         self.last_step = StepCounters()
         self.sparse.execute_begin(batch)
         self.in_step = True
+        self.totals.begin_s += time.perf_counter() - started
 
     def end_step(self) -> None:
+        started = time.perf_counter()
         self.in_step = False
         stats = self.sparse.execute_finished()
+        self.totals.end_s += time.perf_counter() - started
         self.totals.steps += 1
         t = self.totals.stats
         t.sparse_requests += stats.sparse_requests
@@ -112,14 +126,13 @@ class SparseWorkerRuntime:
         requests: list[SparseRequestStep] = []
         shrunk: set[int] = set()
         for index, row in enumerate(rows):
-            block_ids = list(row.block_ids)
             overrides = self._overrides.get(row.req_id)
             if overrides:
-                for pos, block_id in overrides.items():
-                    if pos < len(block_ids):
-                        block_ids[pos] = block_id
-                if any(block_id == self.null_block_id for block_id in overrides.values()):
+                block_ids = self._row_with(row, overrides)
+                if self.null_block_id in overrides.values():
                     shrunk.add(index)
+            else:
+                block_ids = row.block_ids
             requests.append(
                 SparseRequestStep(
                     req_id=row.req_id,
@@ -134,14 +147,31 @@ class SparseWorkerRuntime:
             )
         return SparseBatch(requests, self.block_size, self.null_block_id), frozenset(shrunk)
 
+    def _row_with(self, row: BatchRow, overrides: dict[int, int]) -> list[int]:
+        """The runner's row with the scheduler's overrides applied; rebuilt only when the overrides change, else
+        extended by the blocks vLLM appended since (appended positions carry no override)."""
+        cached = self._rows.get(row.req_id)
+        runner_row = row.block_ids
+        if cached is None or len(cached) > len(runner_row):
+            cached = list(runner_row)
+            for pos, block_id in overrides.items():
+                if pos < len(cached):
+                    cached[pos] = block_id
+            self._rows[row.req_id] = cached
+        elif len(cached) < len(runner_row):
+            cached.extend(runner_row[len(cached):])
+        return cached
+
     # ------------------------------------------------------------------ per attention layer (attention hook)
     def attention_begin(
         self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: Any,
         block_table: torch.Tensor, seq_lens: torch.Tensor,
     ) -> SparseAttentionView | None:
         """The view this layer must attend through, or None to attend densely."""
+        started = time.perf_counter()
         self.last_step.layers_seen += 1
         view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
+        self.totals.attention_s += time.perf_counter() - started
         if view is not None:
             self.last_step.layers_sparse += 1
         elif self._shrunk_rows:
@@ -155,4 +185,6 @@ class SparseWorkerRuntime:
         self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: Any,
         kv_cache: Any,
     ) -> None:
+        started = time.perf_counter()
         self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
+        self.totals.attention_s += time.perf_counter() - started
