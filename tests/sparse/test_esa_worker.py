@@ -168,3 +168,32 @@ def test_any_block_size_offload(block_size):
             assert set(engine.needles(req)) <= set(rec.positions)
             assert torch.isfinite(rec.output).all()
     assert len(req.block_ids) == 42
+
+
+def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer():
+    # b starts decoding 3 steps after a: both follow the worker's clock, so each retrieval step scores both
+    # requests of a layer in one batched launch (one scoring + top-k per layer, whatever the batch size)
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=4, min_blocks=8)
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
+    a = engine.add("a", prompt=130)
+    engine.step(["a"])
+    for _ in range(2):
+        engine.step(["a"])
+    b = engine.add("b", prompt=110)
+    engine.step(["a", "b"])
+    retriever = engine.worker.retriever
+    launches: list[int] = []
+    original = retriever.submit_batch
+
+    def counting(queries, reps, ks, parts=1):
+        launches.append(len(reps))
+        return original(queries, reps, ks, parts)
+
+    retriever.submit_batch = counting
+    for _ in range(12):
+        records = engine.step(["a", "b"])
+        for rid, req in (("a", a), ("b", b)):
+            for rec in records[rid]:
+                assert set(engine.needles(req)) <= set(rec.positions)
+    # 12 steps at stride 4: three retrieval steps, each one launch per layer covering both requests
+    assert launches == [2] * (3 * LAYERS), launches

@@ -55,6 +55,7 @@ class _LayerState:
     loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
+    holes: bool = False  # a work slot was lost to a failed load of unknown blocks (stays empty)
     version: int = 0  # bumped whenever slots / selected change (invalidates `row`)
     row: torch.Tensor | None = None  # cached host block-table row (int32) for `row_key`
     row_key: tuple = ()  # what the cached row was built for
@@ -112,6 +113,9 @@ class Esa(UcmSparseBase):
         self._row_offsets: list[int] = []
         self._batch: SparseBatch | None = None
         self._view_cache: tuple[tuple, SparseAttentionView] | None = None  # the last view of this step
+        self._phase = -1  # decode steps of this worker so far (the retrieval pipeline's clock, see schedule)
+        self._steady = False
+        self._steady_view: tuple[SparseAttentionView, int, int] | None = None
         self._stats = SparseStepStats()
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -163,6 +167,8 @@ class Esa(UcmSparseBase):
     def execute_begin(self, batch: SparseBatch) -> None:
         self._batch = batch
         self._view_cache = None
+        if any(step.is_decode for step in batch.requests):
+            self._phase += 1
         initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
         for step in batch.requests:
             state = self._requests.get(step.req_id)
@@ -197,6 +203,18 @@ class Esa(UcmSparseBase):
                 pick, layer_state.pending = layer_state.pending, None
                 due.append((step, state, layer_state, pick))
             self._consume(index, due)
+        # A steady step (no pipeline stage, no request starting or ending its prefill or decode, every work slot
+        # of every layer holding a block): all layers attend the same blocks, so the first layer's view serves
+        # every layer and nothing else happens per layer
+        self._steady_view = None
+        self._steady = (
+            self.offload and not initial and not self._stage_at(self._phase)
+            and not any(step.finishes_prefill for step in batch.requests if step.req_id in self._requests)
+            and not any(ls.holes or ls.load_task is not None for st in self._requests.values() for ls in st.layers)
+        )
+
+    def _stage_at(self, phase: int) -> bool:
+        return self.schedule.is_consume(phase) or self.schedule.is_submit(phase)
 
     def attention_begin(
         self,
@@ -211,7 +229,13 @@ class Esa(UcmSparseBase):
         batch = self._batch
         if batch is None or not self._requests:
             return None
+        if self._steady_view is not None:
+            view, resident, full = self._steady_view
+            self._stats.resident_blocks += resident
+            self._stats.full_blocks += full
+            return view
         index = self._layer(layer_name)
+        resident_before, full_before = self._stats.resident_blocks, self._stats.full_blocks
         if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
             query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
         rows: list[int] = []
@@ -229,13 +253,18 @@ class Esa(UcmSparseBase):
                 continue
             if not step.is_decode:
                 continue
+            # the pipeline runs on the engine's decode-step count, the same for every request: the requests of a
+            # step retrieve (and load) together, one batched launch per layer; d = 0 is each request's own
             d = state.decode_step(step)
-            if self.schedule.is_wait(d):
+            phase = self._phase
+            if layer_state.load_task is not None:
+                # loads queued after this layer's attention of an earlier step (this request's last one): wait
+                # before the attention that reads their slots
                 self._wait_loads(step, layer_state)
-            if d > 0 and self.schedule.is_consume(d):
+            if d > 0 and self.schedule.is_consume(phase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
                 layer_state.due, layer_state.pending = layer_state.pending, None
-            if self.schedule.is_submit(d) and layer_state.reps is not None:
+            if d > 0 and self.schedule.is_submit(phase) and layer_state.reps is not None:
                 submits.append((layer_state, state, step.query_start + step.num_scheduled_tokens - 1))
             table, length = self._sparse_row(step, state, layer_state)
             rows.append(row)
@@ -249,11 +278,15 @@ class Esa(UcmSparseBase):
             return None
         key = (id(block_table), id(seq_lens), tuple(rows), tuple(map(id, tables)), tuple(lengths))
         if self._view_cache is not None and self._view_cache[0] == key:
-            return self._view_cache[1]  # an earlier layer of this step attends the same blocks
-        sparse_rows = set(rows)
-        dense_max = max((s.seq_len for r, s in enumerate(batch.requests) if r not in sparse_rows), default=0)
-        view = self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
-        self._view_cache = (key, view)
+            view = self._view_cache[1]  # an earlier layer of this step attends the same blocks
+        else:
+            sparse_rows = set(rows)
+            dense_max = max((s.seq_len for r, s in enumerate(batch.requests) if r not in sparse_rows), default=0)
+            view = self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
+            self._view_cache = (key, view)
+        if self._steady:
+            self._steady_view = (view, self._stats.resident_blocks - resident_before,
+                                 self._stats.full_blocks - full_before)
         return view
 
     def _submit(self, query: torch.Tensor, submits: list[tuple[_LayerState, _RequestState, int]]) -> None:
@@ -279,8 +312,8 @@ class Esa(UcmSparseBase):
         kv_cache: Cache,
     ) -> None:
         batch = self._batch
-        if batch is None:
-            return
+        if batch is None or self._steady:
+            return  # a steady step: nothing is due and no prefill ends (see execute_begin)
         index = self._layer(layer_name)
         due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]] = []
         prefill: list[tuple[_LayerState, _RequestState]] = []
@@ -398,6 +431,7 @@ class Esa(UcmSparseBase):
         for j, (pos, old) in layer_state.loading.items():
             if unknown_failure:
                 layer_state.slots[j] = -1
+                layer_state.holes = True
                 self._stats.load_failures += 1
             elif hashes[pos] in failed:
                 layer_state.slots[j] = old

@@ -1,9 +1,13 @@
 """ESA's retrieval pipeline schedule: at which decode step a retrieval is submitted, consumed and its loads waited.
 
-Owned by the ESA worker (`ucm.sparse.esa.esa.Esa`), per request (requests of one batch are at different steps).
-``d`` counts a request's decode steps: d = 0 is its first decode step (the step where the budget shrinks it).
+Owned by the ESA worker (`ucm.sparse.esa.esa.Esa`). ``d`` is the worker's clock: it counts the engine's steps that
+decode (d = 0 is the first). Every request of a step follows the same clock, so the requests of a batch submit,
+consume and wait together, each stage one batched launch per layer however many requests decode; a request's
+own first decode step (the step where the budget shrinks it) applies its initial selection (below) and joins
+the clock from its next step on: its first retrieval comes at most ``stride`` steps later.
 
-- d = 0: the *initial* selection, scored at the end of prefill with the last prompt token's query, is applied:
+- a request's first decode step: the *initial* selection, scored at the end of prefill with the last prompt
+  token's query, is applied:
   its loads (offload mode) are submitted for all layers at `execute_begin` and each layer waits for its own just
   before its attention (the only step that waits for loads submitted in the same step).
 - submit at d >= 2 with (d - 2) % s == 0: score the candidates with this step's query on a side stream, overlapped
@@ -12,7 +16,9 @@ Owned by the ESA worker (`ucm.sparse.esa.esa.Esa`), per request (requests of one
   read the top-k and start loading the blocks not already resident (delta) into the work slots that held
   unselected blocks; queued after that attention, the loads never overwrite a slot it reads;
 - wait at consume + 1: wait for the layer's loads just before its attention; the new blocks are attended from
-  this step on (resident mode: the new table is used from this step on, nothing to wait for).
+  this step on (resident mode: the new table is used from this step on, nothing to wait for). The worker waits
+  at the request's next step that runs, whatever the clock says (a request not scheduled at consume + 1 waits
+  when it runs again).
 
 For s >= 3 this is UCM's schedule: submit at d = 2 (mod s), consume at d = 0, wait at d = 1. For s = 1 and 2 the
 pipeline runs every step / every other step with the same one-step lag between stages.

@@ -259,7 +259,8 @@ class SparseAttentionForward:
             adapter.block_table(attn_metadata), adapter.seq_lens(attn_metadata),
         )
         if view is not None:
-            attn_metadata = adapter.with_view(attn_metadata, view, layer, getattr(self.forward, "__self__", None))
+            attn_metadata = self.bindings.adapted(adapter, attn_metadata, view, layer,
+                                                  getattr(self.forward, "__self__", None))
         output = self.forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         runtime.attention_finished(self.layer_name, query, key, value, output, kv_cache)
         return output
@@ -274,6 +275,7 @@ class V1EngineBindings(VllmBindings):
 
     def __init__(self) -> None:
         self._installed = False
+        self._last_adapted: tuple | None = None  # (metadata, view, kernel shape, adapted metadata)
         self._adapters: dict[str, MetadataAdapter] = {
             "CPUAttentionMetadata": CpuMetadataAdapter(self.cpu_schedule_kwargs, self.cpu_isa),
             "FlashAttentionMetadata": PagedMetadataAdapter(),
@@ -389,6 +391,17 @@ class V1EngineBindings(VllmBindings):
         if adapter is None:
             raise UcmConfigError("attention backend metadata", name, sorted(self._adapters))
         return adapter
+
+    def adapted(self, adapter: MetadataAdapter, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> Any:
+        """``adapter.with_view(...)``, reused by the following layers of a step that attend the same view with
+        the same metadata (the runtime hands out one view object per distinct table) and the same kernel shape."""
+        shape = tuple(getattr(impl, n, None) for n in ("num_heads", "num_kv_heads", "head_size", "sliding_window"))
+        last = self._last_adapted
+        if last is not None and last[0] is metadata and last[1] is view and last[2] == shape:
+            return last[3]
+        new = adapter.with_view(metadata, view, layer, impl)
+        self._last_adapted = (metadata, view, shape, new)
+        return new
 
     def register_adapter(self, metadata_class_name: str, adapter: MetadataAdapter) -> None:
         """Make ``adapter`` handle metadata objects of that class name (e.g. vllm-ascend's, `compat.ascend`)."""
