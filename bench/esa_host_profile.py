@@ -9,7 +9,8 @@ the model's own compute is small and the per-layer hook costs stand out, and pri
 - the sparse runtime's own host-time counters (batch rows, attention hooks, end of step),
 - the functions of ``ucm`` with the most cumulative time (cProfile over the ESA decode steps).
 
-    .venv/bin/python bench/esa_host_profile.py --layers 32 --batch 8 --context 4096 --out bench/results/esa_host_profile.json
+    .venv/bin/python bench/esa_host_profile.py --layers 32 --batch 8 --context 4096 --max-tokens 30 \
+        --out bench/results/esa_host_profile.json
 """
 
 from __future__ import annotations
