@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ucm.sparse.budget import BudgetController, num_work_blocks, plan_blocks, window_layout
+from ucm.sparse.budget import num_work_blocks, plan_blocks, window_layout
 from ucm.sparse.config import EsaConfig
 
 CFG = EsaConfig()  # init 1, local 2, min_blocks 4, ratio 0.2
@@ -32,8 +32,7 @@ def test_ragged_prompt_decode_fills_last_prompt_block_first():
 
 
 def test_output_growth_adds_one_block_per_block_size_tokens():
-    budget = BudgetController(CFG, 16)
-    counts = [budget.resident_blocks(1024, n) for n in range(1025, 1025 + 16 * 5)]
+    counts = [plan_blocks(1024, 1024, n, 16, CFG).num_blocks for n in range(1025, 1025 + 16 * 5)]
     assert counts[0] == 16 and counts[-1] == 20
     assert all(b - a in (0, 1) for a, b in zip(counts, counts[1:], strict=False))
     assert sum(b - a for a, b in zip(counts, counts[1:], strict=False)) == 4

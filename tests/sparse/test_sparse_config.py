@@ -12,7 +12,6 @@ from ucm.sparse import (
     UcmSparseBase,
     UcmSparseRole,
     create_sparse,
-    create_sparse_from_extra_config,
     known_methods,
 )
 
@@ -55,14 +54,6 @@ def test_bad_block_size_and_config_type():
         create_sparse("ESA", None, UcmSparseRole.SCHEDULER, block_size=0)
     with pytest.raises(UcmConfigError, match="ucm_sparse_config"):
         create_sparse("ESA", [("ESA", {})], UcmSparseRole.SCHEDULER, block_size=16)
-
-
-def test_from_extra_config():
-    assert create_sparse_from_extra_config({"ucm_connector_name": "UcmDram"}, UcmSparseRole.SCHEDULER,
-                                           block_size=16) is None
-    extra = {"ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": {"min_blocks": 8}}}
-    esa = create_sparse_from_extra_config(extra, UcmSparseRole.SCHEDULER, block_size=16)
-    assert esa.config.min_blocks == 8
 
 
 class _Request:

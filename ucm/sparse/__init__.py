@@ -15,14 +15,13 @@ from ucm.sparse.base import (
     UcmSparseBase,
     UcmSparseRole,
 )
-from ucm.sparse.budget import BudgetController, plan_blocks, window_layout
+from ucm.sparse.budget import plan_blocks, window_layout
 from ucm.sparse.config import EsaConfig
-from ucm.sparse.registry import create_sparse, create_sparse_from_extra_config, known_methods, register_sparse
+from ucm.sparse.registry import create_sparse, known_methods, register_sparse
 
 __all__ = [
     "INVALID_SLOTS",
     "BlockPlan",
-    "BudgetController",
     "EsaConfig",
     "SparseAttentionView",
     "SparseBatch",
@@ -32,7 +31,6 @@ __all__ = [
     "UcmSparseBase",
     "UcmSparseRole",
     "create_sparse",
-    "create_sparse_from_extra_config",
     "known_methods",
     "plan_blocks",
     "register_sparse",

@@ -88,19 +88,3 @@ def plan_blocks(
     freed = candidates[layout.num_work :]
     kept = sink + work + tuple(range(layout.local_start, total))
     return BlockPlan(True, block_size, total, kept, freed, work, sink, candidates)
-
-
-class BudgetController:
-    """Scheduler-side helper bound to one config and block size (what `UcmSparseBase.block_plan` delegates to)."""
-
-    def __init__(self, config: EsaConfig, block_size: int, offload: bool = True):
-        self.config, self.block_size, self.offload = config, block_size, offload
-
-    def plan(self, num_prompt_tokens: int, num_computed_tokens: int, num_tokens: int) -> BlockPlan:
-        return plan_blocks(
-            num_prompt_tokens, num_computed_tokens, num_tokens, self.block_size, self.config, self.offload
-        )
-
-    def resident_blocks(self, num_prompt_tokens: int, num_tokens: int) -> int:
-        """Blocks a request holds in decode with ``num_tokens`` tokens (the formula of the docs)."""
-        return self.plan(num_prompt_tokens, num_prompt_tokens, num_tokens).num_blocks

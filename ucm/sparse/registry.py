@@ -55,13 +55,3 @@ def create_sparse(
         raise UcmConfigError("block_size", block_size, "an integer >= 1")
     method_config = cls.config_class.from_mapping((config or {}).get(method))
     return cls(method_config, role, block_size, **kwargs)
-
-
-def create_sparse_from_extra_config(
-    extra_config: Mapping[str, Any], role: UcmSparseRole, *, block_size: int, **kwargs: Any
-) -> UcmSparseBase | None:
-    """From vLLM's ``kv_connector_extra_config``: None when ``ucm_sparse_method`` is absent or empty."""
-    method = extra_config.get("ucm_sparse_method")
-    if not method:
-        return None
-    return create_sparse(method, extra_config.get("ucm_sparse_config"), role, block_size=block_size, **kwargs)
