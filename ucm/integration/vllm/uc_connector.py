@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from ucm.integration.vllm.compat import set_load_failure_policy
 from ucm.integration.vllm.config import ConnectorConfig, model_block_shape
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmHandshake
@@ -51,7 +52,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self.block_size = int(vllm_config.cache_config.block_size)
         self.config = ConnectorConfig.parse(extra, model_block_shape(kv_cache_config, self.block_size))
         # Blocks that fail to load are recomputed, never handed to the model (vLLM's default would fail the request).
-        self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
+        set_load_failure_policy(self._kv_transfer_config, self.config.load_failure_policy)
         self._scheduler = None
         self._worker = None
         self.sparse_budget: SparseBudget | None = None  # scheduler role, sparse engines

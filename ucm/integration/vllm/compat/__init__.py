@@ -16,7 +16,7 @@ sparse method is configured, and dense engines keep running without the hooks.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ucm.errors import UcmError
 
@@ -81,6 +81,14 @@ def check_vllm_version(version: str | None = None) -> str:
     if reason is not None:
         raise UnsupportedVllmError(str(version), reason)
     return str(version)
+
+
+def set_load_failure_policy(kv_transfer_config: Any, policy: str) -> None:
+    """Tell vLLM what to do with blocks the connector failed to load (``KVTransferConfig.kv_load_failure_policy``,
+    read by vLLM's scheduler on every release line that has it): the connector asks for "recompute" so a failed
+    block is never handed to the model and the request does not fail. The one engine setting the connector
+    writes, at start, on every release (dense engines included), hence here and not in a release module."""
+    kv_transfer_config.kv_load_failure_policy = policy
 
 
 _bindings: VllmBindings | None = None
