@@ -6,7 +6,13 @@ them; engines are reused across the batch sizes of one context):
 - ``dense``: plain vLLM, no KV connector;
 - ``dense-ucm``: ``UnifiedCacheConnectorV1`` with UcmDram and no sparse method (prefix reuse + dumps only);
 - ``esa``: the connector with UcmDram (``--dram-gib``) and ESA (sparse_ratio 0.2, retrieval_stride 10,
-  init_window_sz 1, local_window_sz 2, min_blocks 4).
+  init_window_sz 1, local_window_sz 2, min_blocks 4);
+- ``esa-static``: the same with one retrieval per request (its first decode step) and none after: the speed of
+  the sparse attention and hooks alone, the reference that the time split of ``esa`` is read against.
+
+The ESA rows carry the connector's sparse counters of the longest request (``sparse``: engine-wide while it ran:
+decode steps, retrievals, blocks loaded from the store per layer, host ms in the hooks and waiting for loads) and
+their per-step means (``split``), the first decode step's full initial load included.
 
 Cases (``--cases``): ``<context>x<batch>`` (``32Kx1``, ``32Kx8``, ``128Kx1``, ``128Kx4`` by default) and
 ``capacity``: as many ``--capacity-context`` requests as the setting holds (dense settings: the KV capacity that
@@ -81,7 +87,8 @@ MODULE = "ucm.integration.vllm.uc_connector"
 ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")
 ROW_TAG = "GPU_E2E_ROW "
 ENGINE_TAG = "GPU_E2E_ENGINE "
-SETTINGS = ("dense", "dense-ucm", "esa")
+SETTINGS = ("dense", "dense-ucm", "esa", "esa-static")
+STATIC_STRIDE = 1 << 30  # esa-static: no retrieval after the first decode step within any run
 ESA_CONFIG = {"sparse_ratio": 0.2, "retrieval_stride": 10, "init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
 DEFAULT_CASES = "32Kx1,32Kx8,128Kx1,128Kx4,capacity"
 SMOKE_CASES = "1200x1,1200x2,capacity"
@@ -212,6 +219,18 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
     res["resident_share_max"] = round(max(shares), 4) if shares else None
     for key in ("hit_blocks", "loaded_blocks", "load_failed_blocks"):
         res[key] = sum(s.get(key, 0) for s in summaries) if summaries else None
+    sparse = [s["sparse"] for s in summaries if s.get("sparse")]
+    if sparse:
+        longest = max(sparse, key=lambda c: c.get("steps", 0))
+        res["sparse"] = longest
+        steps_n = longest.get("steps") or 0
+        if steps_n:
+            res["split"] = {
+                "host_ms_per_step": round(longest.get("host_ms", 0) / steps_n, 3),
+                "load_wait_ms_per_step": round(longest.get("load_wait_ms", 0) / steps_n, 3),
+                "layer_blocks_loaded_per_step": round(longest.get("blocks_loaded", 0) / steps_n, 1),
+                "retrievals_per_step": round(longest.get("retrievals", 0) / steps_n, 2),
+            }
     if not steps or None in first or None in finished:
         return dict(res, decode_tok_s=None, tpot_ms_median=None, tpot_ms_p90=None, ttft_s=None, steady_steps=0,
                     note="a request returned no token")
@@ -373,6 +392,10 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, max_model_len: int)
         kw.update(enforce_eager=True, block_size=32, kv_cache_memory_bytes=args.kv_cache_bytes)
     else:
         kw.update(load_format="dummy", gpu_memory_utilization=args.gpu_memory_utilization)
+        if args.capture_sizes:
+            # the batch sizes the cases run at, for every setting alike: capturing vLLM's default ~50 sizes is
+            # most of an engine's start, and decode at a captured size replays the same graph either way
+            kw["compilation_config"] = {"cudagraph_capture_sizes": args.capture_sizes}
     return kw
 
 
@@ -380,8 +403,11 @@ def extra_config(setting: str, args: argparse.Namespace) -> dict | None:
     if setting == "dense":
         return None
     extra = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": args.dram_bytes}}
-    if setting == "esa":
-        extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": dict(ESA_CONFIG)})
+    if setting.startswith("esa"):
+        esa = dict(ESA_CONFIG)
+        if setting == "esa-static":
+            esa["retrieval_stride"] = STATIC_STRIDE
+        extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": esa})
     return extra
 
 
@@ -397,7 +423,7 @@ def build_plan(args: argparse.Namespace, model: dict) -> list[dict]:
             resolved = []
             for case in cases:
                 c = dict(case)
-                if c["name"] == "capacity" and setting == "esa":
+                if c["name"] == "capacity" and setting.startswith("esa"):
                     c["batch"] = args.esa_capacity_batch
                 elif c["name"] == "capacity" and args.dense_capacity_batch:
                     c["batch"] = args.dense_capacity_batch
@@ -475,20 +501,43 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "(prefix cache reset before each). TPOT = step interval in the window. TTFT = until every request has its "
         "first token. resident share = ESA's resident blocks / full blocks from the connector's summary.",
         "",
-        "| case | context | batch (dense / dense-ucm / esa) | dense tok/s | dense-ucm tok/s | esa tok/s | "
-        "**esa / dense** | dense-ucm / dense | TPOT median ms (dense / ucm / esa) | TPOT p90 ms (dense / ucm / esa) | "
-        "TTFT s (dense / ucm / esa) | esa resident share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | context | batch (dense / dense-ucm / esa / esa-static) | dense tok/s | dense-ucm tok/s | "
+        "esa tok/s | esa-static tok/s | **esa / dense** | esa-static / dense | dense-ucm / dense | "
+        "TPOT median ms (dense / ucm / esa / static) | TPOT p90 ms | TTFT s | esa resident share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         rs = [get.get((case, s)) or {} for s in SETTINGS]
-        d, u, e = rs
+        d, u, e, st = rs
         ctx = next((r.get("context") for r in rs if r.get("context")), None)
         lines.append(
-            f"| {case} | {ctx} | {_tri(rs, 'batch')} | {_tok(d)} | {_tok(u)} | {_tok(e)} | **{_ratio(e, d)}** | "
-            f"{_ratio(u, d)} | {_tri(rs, 'tpot_ms_median')} | {_tri(rs, 'tpot_ms_p90')} | {_tri(rs, 'ttft_s')} | "
-            f"{_fmt(e.get('resident_share'), 3)} |"
+            f"| {case} | {ctx} | {_tri(rs, 'batch')} | {_tok(d)} | {_tok(u)} | {_tok(e)} | {_tok(st)} | "
+            f"**{_ratio(e, d)}** | {_ratio(st, d)} | {_ratio(u, d)} | {_tri(rs, 'tpot_ms_median')} | "
+            f"{_tri(rs, 'tpot_ms_p90')} | {_tri(rs, 'ttft_s')} | {_fmt(e.get('resident_share'), 3)} |"
         )
+    split_rows = [r for r in rows if r.get("split")]
+    if split_rows:
+        model = meta.get("model") or {}
+        layer_block = (2 * model.get("num_key_value_heads", 0) * model.get("head_dim", 0) * 2
+                       * (split_rows[0].get("block_size") or 0))
+        lines += [
+            "",
+            "ESA time split (means per decode step over each setting's longest request, its first decode step's "
+            "initial load included; host = time in the sparse hooks, of which waiting for store loads; loaded = "
+            "per-layer blocks from UcmDram over PCIe):",
+            "",
+            "| setting | case | decode steps | TPOT median ms | host ms / step | load wait ms / step | "
+            "retrievals / step | layer blocks loaded / step | MiB loaded / step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in split_rows:
+            sp = r["split"]
+            mib = sp["layer_blocks_loaded_per_step"] * layer_block / (1 << 20)
+            lines.append(
+                f"| {r['setting']} | {r['case']} | {r['sparse'].get('steps')} | {_fmt(r.get('tpot_ms_median'), 2)} | "
+                f"{sp['host_ms_per_step']:.2f} | {sp['load_wait_ms_per_step']:.2f} | {sp['retrievals_per_step']:.1f} | "
+                f"{sp['layer_blocks_loaded_per_step']:.0f} | {mib:.1f} |"
+            )
     notes = [f"- {r['setting']} {r['case']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"- {r['setting']} {r['case']}: prompts exceed UcmDram ({meta.get('dram_gib')} GiB)" for r in rows
               if r.get("dram_overcommit")]
@@ -507,7 +556,8 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"dense": ("tab:blue", "o"), "dense-ucm": ("tab:green", "s"), "esa": ("tab:red", "^")}
+    styles = {"dense": ("tab:blue", "o"), "dense-ucm": ("tab:green", "s"), "esa": ("tab:red", "^"),
+              "esa-static": ("tab:orange", "v")}
     for setting in SETTINGS:
         for kind, dash in (("batch 1", "-"), ("multi", "--"), ("capacity", ":")):
             pts = []
@@ -611,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny Llama, ~1200-token contexts")
     parser.add_argument("--settings", default="dense,esa,dense-ucm",
-                        help="comma list of dense, dense-ucm, esa (run in this order per context)")
+                        help="comma list of dense, dense-ucm, esa, esa-static (run in this order per context)")
     parser.add_argument("--cases", default=None,
                         help=f"comma list of <context>x<batch> and capacity (default {DEFAULT_CASES}; "
                              f"--smoke: {SMOKE_CASES})")
@@ -633,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM token budget per step (default 16384, vLLM's default for the LLM class on "
                              "H100/H200; --smoke 2048)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (default: vLLM's)")
+    parser.add_argument("--capture-sizes", default="1,2,4,8,16,24,32",
+                        help="CUDA-graph capture sizes for every setting ('' = vLLM's default list)")
     parser.add_argument("--dram-gib", type=float, default=None,
                         help="UcmDram max_cache_size in GiB (pinned host memory; default 80, --smoke 0.25); "
                              "must hold the prompts of a case (128K x 4 = 64 GiB for Llama-3-8B)")
@@ -656,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.smoke
     args.cases = [parse_case(c) for c in (args.cases or (SMOKE_CASES if smoke else DEFAULT_CASES)).split(",") if c]
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.capture_sizes = [int(x) for x in args.capture_sizes.split(",") if x.strip()]
     bad = [s for s in args.settings if s not in SETTINGS]
     if bad:
         parser.error(f"unknown settings {bad}: expected {list(SETTINGS)}")

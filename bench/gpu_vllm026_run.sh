@@ -23,6 +23,7 @@ fi
 # ucm with its entry points (vllm.general_plugins needs installed metadata); rebuilt each run from this tree
 rm -rf /tmp/ucm && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/ucm . >/dev/null 2>&1 \
   || { echo "ucm install failed"; exit 4; }
+export VLLM_CACHE_ROOT=/tmp/vllm-cache  # compiled graphs reused by later engines and calls on a warm machine
 export PYTHONPATH="$PYTHONPATH:/tmp/ucm" UCM_VLLM026_PYTHON=$(command -v python3) TOKENIZERS_PARALLELISM=false
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -P -c "import torch, vllm, ucm;

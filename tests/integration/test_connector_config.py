@@ -131,3 +131,12 @@ def test_worker_metadata_counts_a_block_loaded_only_if_every_worker_loaded_it() 
     merged = a.aggregate(b)
     assert merged.load_results == {"r": [3, 1]}
     assert merged.stored_ids == {0: ["aa"], 1: ["bb"]} and merged.missing_ids == {1: ["cc"]}
+
+
+def test_worker_metadata_takes_one_workers_sparse_counters() -> None:
+    # tensor-parallel workers attend the same blocks: counts are one worker's, times the slowest worker's
+    a = UcmWorkerMetadata(sparse={"steps": 1, "resident_blocks": 40, "host_ms": 2.5})
+    b = UcmWorkerMetadata(sparse={"steps": 1, "resident_blocks": 40, "host_ms": 3.0, "blocks_loaded": 6})
+    merged = a.aggregate(b)
+    assert merged.sparse == {"steps": 1, "resident_blocks": 40, "host_ms": 3.0, "blocks_loaded": 6}
+    assert not merged.is_empty() and UcmWorkerMetadata(sparse={"steps": 0}).is_empty()

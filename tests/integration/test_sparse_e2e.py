@@ -103,6 +103,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         ids[r["name"]] = r["name"]
 
     tokens: dict[str, list[int]] = {}
+    summaries: dict[str, Any] = {}
     share: dict[str, float] = {}
     held_max: dict[str, int] = {}
     preemptions: dict[str, int] = {}
@@ -111,6 +112,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         for out in engine.step():
             if out.finished:
                 tokens[ids[out.request_id]] = list(out.outputs[0].token_ids)
+                summaries[ids[out.request_id]] = (out.kv_transfer_params or {}).get("ucm")
         max_running = max(max_running, len(scheduler.running))
         for req in scheduler.running:
             name = ids.get(req.request_id, req.request_id)
@@ -129,6 +131,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     layers = [m for m in runner.model.modules() if hasattr(m, "impl") and hasattr(m, "layer_name")]
     return {
         "tokens": tokens,
+        "summaries": summaries,
         "text": {n: llm.get_tokenizer().decode(t) for n, t in tokens.items()} if text_model else {},
         "share": share,
         "held_max": held_max,
@@ -241,6 +244,11 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
         assert len(sparse["tokens"][name]) == 24
     # long_a_again hit long_a's blocks in vLLM's prefix cache: its work slots got private copies
     assert sparse["budget"]["work_blocks_copied"] > 0
+    # the per-request summary carries the sparse hooks' counters (engine-wide while the request ran)
+    counters = sparse["summaries"]["long_a"]["sparse"]
+    assert counters["steps"] >= 20 and counters["sparse_requests"] >= counters["steps"]
+    assert counters["retrievals"] > 0 and counters["resident_blocks"] < counters["full_blocks"]
+    assert 0 < counters["load_wait_ms"] <= counters["host_ms"]
     assert sparse["tokens"]["long_a_again"] == sparse["tokens"]["long_a"]
     # short requests stay dense and see exactly what they see without ucm
     for name in ("short_1", "short_2"):

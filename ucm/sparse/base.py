@@ -178,6 +178,8 @@ class SparseStepStats:
     blocks_loaded: int = 0
     load_failures: int = 0
     failed_block_hashes: list[str] = field(default_factory=list)
+    host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)
+    load_wait_s: float = 0.0  # of which waiting for store loads to complete
 
 
 class UcmSparseBase:

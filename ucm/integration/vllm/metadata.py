@@ -54,6 +54,14 @@ class UcmConnectorMetadata(KVConnectorMetadata):
     sparse: SparseStepMeta | None = None  # sparse engines only
 
 
+#: What the sparse hooks report per step (worker -> scheduler, summed into each request's summary):
+#: decode steps with a sparse request, (request, step) pairs, blocks attended / that dense would read (summed over
+#: layers), (request, layer) retrievals and blocks loaded from the store, loads that failed, host milliseconds in
+#: the hooks and, of those, waiting for loads.
+SPARSE_COUNTERS = ("steps", "sparse_requests", "resident_blocks", "full_blocks", "retrievals", "blocks_loaded",
+                   "load_failures", "host_ms", "load_wait_ms")
+
+
 @dataclasses.dataclass
 class UcmWorkerMetadata(KVConnectorWorkerMetadata):
     #: req_id -> [blocks loaded, blocks whose load failed] in this step
@@ -62,8 +70,8 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
     stored_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index)
     missing_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
-    #: sparse hooks' counters of this step: [sparse requests, resident blocks, full blocks] (summed over layers)
-    sparse: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0])
+    #: sparse hooks' counters of this step, named by `SPARSE_COUNTERS` (block counts summed over layers)
+    sparse: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, UcmWorkerMetadata)
@@ -71,8 +79,9 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
             {k: list(v) for k, v in self.load_results.items()},
             {k: list(v) for k, v in self.stored_ids.items()},
             {k: list(v) for k, v in self.missing_ids.items()},
-            # tensor-parallel workers attend the same blocks (one block table): take one worker's counts
-            [max(a, b) for a, b in zip(self.sparse, other.sparse, strict=True)],
+            # tensor-parallel workers attend the same blocks (one block table): take one worker's counts (times:
+            # the slowest worker's)
+            {k: max(self.sparse.get(k, 0), other.sparse.get(k, 0)) for k in {*self.sparse, *other.sparse}},
         )
         for req_id, (ok, failed) in other.load_results.items():
             # a block counts as loaded only when every worker loaded its shard of it
@@ -85,7 +94,7 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
         return merged
 
     def is_empty(self) -> bool:
-        return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse))
+        return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse.values()))
 
 
 @dataclasses.dataclass

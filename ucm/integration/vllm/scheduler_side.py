@@ -21,7 +21,13 @@ from typing import Any
 from vllm.logger import init_logger
 
 from ucm.integration.vllm.config import ConnectorConfig
-from ucm.integration.vllm.metadata import BlockTransfer, UcmConnectorMetadata, UcmHandshake, UcmWorkerMetadata
+from ucm.integration.vllm.metadata import (
+    SPARSE_COUNTERS,
+    BlockTransfer,
+    UcmConnectorMetadata,
+    UcmHandshake,
+    UcmWorkerMetadata,
+)
 from ucm.integration.vllm.stats import UcmConnectorStats
 from ucm.store import block_ids_for_tokens
 
@@ -38,7 +44,8 @@ class _Request:
     loaded_blocks: int = 0
     load_failed_blocks: int = 0
     dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
-    sparse_at_start: tuple[int, int] = (0, 0)  # engine-wide (resident, full) sparse block counts when it began
+    #: engine-wide sparse counters (`SPARSE_COUNTERS`) when it began
+    sparse_at_start: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the request's physical block ids in position order, as the scheduler output announced them to the workers
     block_ids: list[int] = dataclasses.field(default_factory=list)
 
@@ -61,7 +68,7 @@ class ConnectorScheduler:
         self._requests: dict[str, _Request] = {}
         self._pending_loads: list[BlockTransfer] = []
         self.stats = UcmConnectorStats()
-        self._sparse_totals = [0, 0]  # engine-wide resident / full blocks attended by sparse requests
+        self._sparse_totals = dict.fromkeys(SPARSE_COUNTERS, 0.0)  # engine-wide, from the workers' sparse hooks
 
     # ------------------------------------------------------------------ start-up
     def set_handshakes(self, metadata: dict[int, Any]) -> None:
@@ -76,7 +83,7 @@ class ConnectorScheduler:
         state = self._requests.get(request.request_id)
         if state is None or state.request is not request:
             state = self._requests[request.request_id] = _Request(request)
-            state.sparse_at_start = (self._sparse_totals[0], self._sparse_totals[1])
+            state.sparse_at_start = dict(self._sparse_totals)
         return state
 
     def _ids(self, state: _Request) -> dict[int, list[str]]:
@@ -200,8 +207,8 @@ class ConnectorScheduler:
         worker_meta = getattr(output, "kv_connector_worker_meta", None)
         if not isinstance(worker_meta, UcmWorkerMetadata):
             return
-        self._sparse_totals[0] += worker_meta.sparse[1]
-        self._sparse_totals[1] += worker_meta.sparse[2]
+        for name, value in worker_meta.sparse.items():
+            self._sparse_totals[name] = self._sparse_totals.get(name, 0.0) + value
         for req_id, (ok, failed) in worker_meta.load_results.items():
             state = self._requests.get(req_id)
             if state is not None:
@@ -236,11 +243,12 @@ class ConnectorScheduler:
             "saved_blocks_planned": state.dumped_positions,
             "block_size": self.block_size,
         }
-        full = self._sparse_totals[1] - state.sparse_at_start[1]
-        if full:
-            # engine-wide while the request ran (the request's own share when it ran alone)
-            resident = self._sparse_totals[0] - state.sparse_at_start[0]
-            summary["sparse"] = {"resident_blocks": resident, "full_blocks": full, "resident_share": resident / full}
+        delta = {k: v - state.sparse_at_start.get(k, 0.0) for k, v in self._sparse_totals.items()}
+        if delta["full_blocks"]:
+            # engine-wide while the request ran (the request's own numbers when it ran alone)
+            sparse = {k: (round(v, 3) if k.endswith("_ms") else int(v)) for k, v in delta.items()}
+            sparse["resident_share"] = delta["resident_blocks"] / delta["full_blocks"]
+            summary["sparse"] = sparse
         return False, {"ucm": summary}
 
     def take_stats(self) -> UcmConnectorStats | None:

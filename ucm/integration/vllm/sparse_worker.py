@@ -77,6 +77,7 @@ class SparseWorkerRuntime:
         self.in_step = False
         self.last_step = StepCounters()
         self.totals = RuntimeTotals()
+        self._step_host_s = 0.0
 
     # ------------------------------------------------------------------ before the forward (connector)
     def on_step_meta(self, meta: SparseStepMeta | None, finished_req_ids: Sequence[str]) -> None:
@@ -102,13 +103,16 @@ class SparseWorkerRuntime:
         self.last_step = StepCounters()
         self.sparse.execute_begin(batch)
         self.in_step = True
-        self.totals.begin_s += time.perf_counter() - started
+        self._step_host_s = elapsed = time.perf_counter() - started
+        self.totals.begin_s += elapsed
 
     def end_step(self) -> None:
         started = time.perf_counter()
         self.in_step = False
         stats = self.sparse.execute_finished()
-        self.totals.end_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.totals.end_s += elapsed
+        stats.host_s = self._step_host_s + elapsed
         self.totals.steps += 1
         t = self.totals.stats
         t.sparse_requests += stats.sparse_requests
@@ -118,6 +122,8 @@ class SparseWorkerRuntime:
         t.retrievals_consumed += stats.retrievals_consumed
         t.blocks_loaded += stats.blocks_loaded
         t.load_failures += stats.load_failures
+        t.host_s += stats.host_s
+        t.load_wait_s += stats.load_wait_s
         t.failed_block_hashes.extend(stats.failed_block_hashes)
         if self._on_stats is not None:
             self._on_stats(stats)
@@ -171,7 +177,9 @@ class SparseWorkerRuntime:
         started = time.perf_counter()
         self.last_step.layers_seen += 1
         view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
-        self.totals.attention_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.totals.attention_s += elapsed
+        self._step_host_s += elapsed
         if view is not None:
             self.last_step.layers_sparse += 1
         elif self._shrunk_rows:
@@ -187,4 +195,6 @@ class SparseWorkerRuntime:
     ) -> None:
         started = time.perf_counter()
         self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
-        self.totals.attention_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.totals.attention_s += elapsed
+        self._step_host_s += elapsed

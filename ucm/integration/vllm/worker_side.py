@@ -191,10 +191,15 @@ class ConnectorWorker:
         """Counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse runtime."""
         self.stats.add(sparse_requests=stats.sparse_requests, resident_blocks=stats.resident_blocks,
                        full_blocks=stats.full_blocks)
+        step = {
+            "steps": 1 if stats.sparse_requests else 0, "sparse_requests": stats.sparse_requests,
+            "resident_blocks": stats.resident_blocks, "full_blocks": stats.full_blocks,
+            "retrievals": stats.retrievals, "blocks_loaded": stats.blocks_loaded, "load_failures": stats.load_failures,
+            "host_ms": 1e3 * stats.host_s, "load_wait_ms": 1e3 * stats.load_wait_s,
+        }
         counts = self._meta.sparse
-        counts[0] += stats.sparse_requests
-        counts[1] += stats.resident_blocks
-        counts[2] += stats.full_blocks
+        for name, value in step.items():
+            counts[name] = counts.get(name, 0) + value
 
     def handle_preemptions(self, meta: UcmConnectorMetadata) -> None:
         """Before a step touches any block: vLLM may now reuse the blocks of the finished and preempted requests,

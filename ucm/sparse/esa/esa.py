@@ -18,6 +18,7 @@ Worker role, per request and per layer (each layer has its own KV tensor, so eac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -422,11 +423,13 @@ class Esa(UcmSparseBase):
         layer_state.load_task = None
         failed: set[str] = set()
         unknown_failure = False
+        started = time.perf_counter()
         try:
             task.wait()
         except Exception:  # the task names the failed ids; anything else: trust none of the slots
             failed = set(getattr(task, "failed_ids", None) or ())
             unknown_failure = not failed
+        self._stats.load_wait_s += time.perf_counter() - started
         hashes = step.block_hashes or ()
         for j, (pos, old) in layer_state.loading.items():
             if unknown_failure:
