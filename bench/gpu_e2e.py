@@ -87,7 +87,10 @@ MODULE = "ucm.integration.vllm.uc_connector"
 ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")
 ROW_TAG = "GPU_E2E_ROW "
 ENGINE_TAG = "GPU_E2E_ENGINE "
-SETTINGS = ("dense", "dense-ucm", "esa", "esa-static")
+SETTINGS = ("dense", "dense-ucm", "esa", "esa-static", "dense-v1pw")
+#: dense-v1pw: plain vLLM on the engine configuration a sparse engine runs on (the V1 model runner, piecewise
+#: CUDA graphs), to tell what the sparse hooks cost from what that configuration costs
+V1_PIECEWISE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 STATIC_STRIDE = 1 << 30  # esa-static: no retrieval after the first decode step within any run
 ESA_CONFIG = {"sparse_ratio": 0.2, "retrieval_stride": 10, "init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
 DEFAULT_CASES = "32Kx1,32Kx8,128Kx1,128Kx4,capacity"
@@ -257,6 +260,21 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
     return res
 
 
+def profile_text(profiler, out_dir: str, name: str) -> str:
+    """The host profile of one repetition: written in full under ``out_dir``, the top entries returned."""
+    import io
+    import pstats
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    profiler.dump_stats(str(Path(out_dir) / f"{name}.prof"))
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    (Path(out_dir) / f"{name}.txt").write_text(text.getvalue())
+    return text.getvalue()[-6000:]
+
+
 def device_name() -> str:
     try:
         import torch
@@ -339,8 +357,17 @@ def worker_main(spec: dict) -> int:
             for rep in range(spec["reps"]):
                 if hasattr(llm, "reset_prefix_cache"):
                     llm.reset_prefix_cache()
+                profiler = None
+                if spec.get("profile") and rep == spec["reps"] - 1:
+                    import cProfile
+
+                    profiler = cProfile.Profile()
+                    profiler.enable()
                 run = run_requests(engine, prompts, max_tokens, f"{setting}-{case['name']}-r{rep}")
                 reps.append(summarize(run, spec["warmup_steps"], max_tokens))
+                if profiler is not None:
+                    profiler.disable()
+                    reps[-1]["profile"] = profile_text(profiler, spec["profile_out"], f"{setting}-{case['name']}")
                 log(f"{setting} {case['name']} (batch {batch}, {max_tokens} tokens) rep {rep}: {reps[-1]}")
             row.update(reps[-1])
             row["ttft_s_rep1"] = reps[0].get("ttft_s")
@@ -399,8 +426,15 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, max_model_len: int)
     return kw
 
 
+def setting_kwargs(setting: str, kwargs: dict) -> dict:
+    if setting != "dense-v1pw":
+        return kwargs
+    compilation = dict(kwargs.get("compilation_config") or {}, cudagraph_mode="PIECEWISE")
+    return dict(kwargs, compilation_config=compilation)
+
+
 def extra_config(setting: str, args: argparse.Namespace) -> dict | None:
-    if setting == "dense":
+    if setting in ("dense", "dense-v1pw"):
         return None
     extra = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": args.dram_bytes}}
     if setting.startswith("esa"):
@@ -501,19 +535,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "(prefix cache reset before each). TPOT = step interval in the window. TTFT = until every request has its "
         "first token. resident share = ESA's resident blocks / full blocks from the connector's summary.",
         "",
-        "| case | context | batch (dense / dense-ucm / esa / esa-static) | dense tok/s | dense-ucm tok/s | "
-        "esa tok/s | esa-static tok/s | **esa / dense** | esa-static / dense | dense-ucm / dense | "
-        "TPOT median ms (dense / ucm / esa / static) | TPOT p90 ms | TTFT s | esa resident share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | context | batch (dense / dense-ucm / esa / esa-static / dense-v1pw) | dense tok/s | "
+        "dense-ucm tok/s | esa tok/s | esa-static tok/s | dense-v1pw tok/s | **esa / dense** | esa-static / dense | "
+        "dense-ucm / dense | esa-static / dense-v1pw | TPOT median ms (same order) | TPOT p90 ms | TTFT s | "
+        "esa resident share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         rs = [get.get((case, s)) or {} for s in SETTINGS]
-        d, u, e, st = rs
+        d, u, e, st, v1 = rs
         ctx = next((r.get("context") for r in rs if r.get("context")), None)
         lines.append(
-            f"| {case} | {ctx} | {_tri(rs, 'batch')} | {_tok(d)} | {_tok(u)} | {_tok(e)} | {_tok(st)} | "
-            f"**{_ratio(e, d)}** | {_ratio(st, d)} | {_ratio(u, d)} | {_tri(rs, 'tpot_ms_median')} | "
-            f"{_tri(rs, 'tpot_ms_p90')} | {_tri(rs, 'ttft_s')} | {_fmt(e.get('resident_share'), 3)} |"
+            f"| {case} | {ctx} | {_tri(rs, 'batch')} | {_tok(d)} | {_tok(u)} | {_tok(e)} | {_tok(st)} | {_tok(v1)} | "
+            f"**{_ratio(e, d)}** | {_ratio(st, d)} | {_ratio(u, d)} | {_ratio(st, v1)} | "
+            f"{_tri(rs, 'tpot_ms_median')} | {_tri(rs, 'tpot_ms_p90')} | {_tri(rs, 'ttft_s')} | "
+            f"{_fmt(e.get('resident_share'), 3)} |"
         )
     split_rows = [r for r in rows if r.get("split")]
     if split_rows:
@@ -557,7 +593,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"dense": ("tab:blue", "o"), "dense-ucm": ("tab:green", "s"), "esa": ("tab:red", "^"),
-              "esa-static": ("tab:orange", "v")}
+              "esa-static": ("tab:orange", "v"), "dense-v1pw": ("tab:purple", "d")}
     for setting in SETTINGS:
         for kind, dash in (("batch 1", "-"), ("multi", "--"), ("capacity", ":")):
             pts = []
@@ -593,6 +629,9 @@ def run_job(job: dict, args: argparse.Namespace, deadline: float, env: dict, tmp
     spec_path = tmp / f"job-{job['setting']}-{job['context']}.json"
     spec_path.write_text(json.dumps(job))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(spec_path)]
+    env = dict(env, **job.get("env", {}))
+    if job.get("profile"):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, where cProfile sees it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, bufsize=1)
     lines: queue.Queue = queue.Queue()
@@ -661,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny Llama, ~1200-token contexts")
     parser.add_argument("--settings", default="dense,esa,dense-ucm",
-                        help="comma list of dense, dense-ucm, esa, esa-static (run in this order per context)")
+                        help=f"comma list of {', '.join(SETTINGS)} (run in this order per context)")
     parser.add_argument("--cases", default=None,
                         help=f"comma list of <context>x<batch> and capacity (default {DEFAULT_CASES}; "
                              f"--smoke: {SMOKE_CASES})")
@@ -698,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-reserve-s", type=float, default=None,
                         help="no case starts with less time left (default 150; --smoke 20); an engine needs "
                              "this plus 90 s (--smoke 15)")
+    parser.add_argument("--profile", action="store_true",
+                        help="host profile (cProfile) of each case's last repetition, engine core in-process; "
+                             "rows then time an in-process engine (the earlier repetitions' tok/s are kept)")
     parser.add_argument("--merge", action="store_true", help="keep rows of other cases/settings already in --out")
     parser.add_argument("--out", default="bench/results/gpu_e2e.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -776,7 +818,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_tokens=args.max_tokens, warmup_steps=args.warmup_steps, reps=args.reps, seed=args.seed,
                 vocab=model["vocab_size"], kv_bytes_per_token=per_token,
                 dram_bytes=args.dram_bytes if job["setting"] != "dense" else 0,
-                engine_kwargs=engine_kwargs(args, model_path, job["max_model_len"]),
+                engine_kwargs=setting_kwargs(job["setting"], engine_kwargs(args, model_path, job["max_model_len"])),
+                env=V1_PIECEWISE_ENV if job["setting"] == "dense-v1pw" else {},
+                profile=args.profile, profile_out=str(Path(args.out).parent / "profiles"),
                 extra_config=extra_config(job["setting"], args),
             )
             name = f"{job['setting']} @ {job['context']}"
