@@ -189,6 +189,24 @@ class KVStoreBase(abc.ABC):
         naming blocks that were missing, evicted or failed verification; only those pages are left unwritten.
         A block being loaded is never evicted."""
 
+    # ------------------------------------------------------------------ pinned loads (optional)
+    def pin(self, block_ids: Sequence[str]) -> Any | None:
+        """Keep these blocks loadable until `unpin` (never evicted) and resolve them once, so that repeated loads
+        of any of them (`load_pinned`) cost no per-id lookup. None: this store cannot pin (use `load`).
+
+        For a reader that loads subsets of one fixed set many times (a sparse request's prompt blocks, every
+        layer at every retrieval); ids not stored now stay unloadable through the pin."""
+        return None
+
+    def load_pinned(self, groups: Sequence[tuple[Any, Sequence[int]]], destination: BlockPages) -> StoreTask:
+        """`load` of pinned blocks: for each (pin, indices) group the blocks at those positions of the pin's id
+        list, in order, into ``destination``'s slots (one task and one copy for all groups)."""
+        raise NotImplementedError(f"{self.name} cannot pin blocks")
+
+    def unpin(self, pinned: Any) -> None:
+        """End a `pin` (idempotent): its blocks may be evicted again."""
+        return None
+
     # ------------------------------------------------------------------ housekeeping
     @abc.abstractmethod
     def stats(self) -> StoreStats:

@@ -61,6 +61,18 @@ class _Pending:
         self.handle: CopyHandle | None = None
 
 
+class _Pinned:
+    """A `DramStore.pin`: the entries it holds (None where the id was not stored) and their arena rows."""
+
+    __slots__ = ("block_ids", "entries", "rows", "released")
+
+    def __init__(self, block_ids: list[str], entries: list[_Entry | None]):
+        self.block_ids = block_ids
+        self.entries = entries
+        self.rows = [-1 if e is None else e.row for e in entries]
+        self.released = False
+
+
 class _OtherDump:
     """Completion of blocks another task is dumping, so a second dump of a block ends only once it is stored."""
 
@@ -201,6 +213,68 @@ class DramStore(KVStoreBase):
                 nbytes = destination.row_bytes * len(entries)
                 task.add_part(handle, lambda: self._unpin(entries, nbytes))
         return self._track(task)
+
+    # ------------------------------------------------------------------ pinned loads
+    def pin(self, block_ids: Sequence[str]) -> _Pinned:
+        self._reap()
+        entries: list[_Entry | None] = []
+        with self._lock:
+            self._check_open()
+            for block_id in block_ids:
+                entry = self._published.get(block_id)
+                if entry is None:
+                    check_block_id(block_id)
+                else:
+                    entry.pins += 1
+                entries.append(entry)
+        return _Pinned(list(block_ids), entries)
+
+    def unpin(self, pinned: _Pinned) -> None:
+        with self._lock:
+            if pinned.released:
+                return
+            pinned.released = True
+            for entry in pinned.entries:
+                if entry is not None:
+                    entry.pins -= 1
+
+    def load_pinned(self, groups: Sequence[tuple[_Pinned, Sequence[int]]], destination: BlockPages) -> StoreTask:
+        block_ids: list[str] = []
+        rows: list[int] = []
+        for pinned, indices in groups:
+            if pinned.released:
+                raise ValueError("load_pinned: a pin of these groups was released")
+            ids, pinned_rows = pinned.block_ids, pinned.rows
+            block_ids.extend([ids[i] for i in indices])
+            rows.extend([pinned_rows[i] for i in indices])
+        destination.check(len(rows), self.kv_block_size, whole_row=False)
+        self._check_open()
+        task = CopyTask("load", block_ids)
+        picks: Sequence[int] = range(len(rows))
+        if rows and min(rows) < 0:
+            picks = [j for j, row in enumerate(rows) if row >= 0]
+            missing = [block_ids[j] for j, row in enumerate(rows) if row < 0]
+            task.fail(missing, "not in UcmDram when the reader pinned its blocks")
+            with self._lock:
+                self._stats.load_failures += len(missing)
+        if picks:
+            slots = destination.slots
+            if len(picks) < len(rows):
+                slots = slots.index_select(0, torch.tensor(picks, dtype=torch.int64, device=slots.device))
+                rows = [rows[j] for j in picks]
+            try:
+                handle = self._from_arena(destination, slots, rows)
+            except Exception as exc:
+                task.fail([block_ids[j] for j in picks], f"device scatter failed: {exc}")
+            else:
+                nbytes = destination.row_bytes * len(picks)
+                task.add_part(handle, lambda: self._count_loaded(len(picks), nbytes))
+        return self._track(task)
+
+    def _count_loaded(self, blocks: int, nbytes: int) -> None:
+        with self._lock:
+            self._stats.blocks_loaded += blocks
+            self._stats.bytes_loaded += nbytes
 
     # ------------------------------------------------------------------ housekeeping
     def stats(self) -> StoreStats:

@@ -50,6 +50,9 @@ class SparseBudget:
         self.sparse = sparse
         self.blocks: SchedulerBlocks | None = None
         self.pending: dict[str, dict[int, int]] = {}
+        #: req_id -> a position its shrink freed: while that position holds the null block the request is still
+        #: shrunk (its freed positions depend on the prompt only), so later decode steps cost O(1), not O(blocks)
+        self._shrunk: dict[str, int] = {}
         self.stats = BudgetStats()
 
     def bind(self, blocks: SchedulerBlocks) -> None:
@@ -69,15 +72,19 @@ class SparseBudget:
         # vLLM's own prefill boundary: a resumed request re-prefills its output tokens too
         if request.num_computed_tokens < max(request.num_prompt_tokens, request.num_tokens - 1):
             return
+        req_id = request.request_id
+        marker = self._shrunk.get(req_id)
+        if marker is not None and blocks.holds_null(req_id, marker):
+            return  # shrunk at an earlier decode step (a preempted request holds fresh blocks there again)
         plan = self.sparse.block_plan(request, num_new_tokens)
         if not plan.sparse or not plan.freed_positions:
             return
-        req_id = request.request_id
         ids = blocks.block_ids(req_id)
         if not ids:
             return
         to_free = [p for p in plan.freed_positions if p < len(ids) and ids[p] != blocks.null_block_id]
         if not to_free:
+            self._shrunk[req_id] = plan.freed_positions[0]
             return  # already shrunk
         updates = self.pending.setdefault(req_id, {})
         blocks.release(req_id, to_free)
@@ -92,6 +99,7 @@ class SparseBudget:
                 self.stats.work_blocks_copied += 1
             elif what == "unindexed":
                 self.stats.work_blocks_unindexed += 1
+        self._shrunk[req_id] = plan.freed_positions[0]
         self.stats.shrinks += 1
         self.stats.blocks_freed += len(to_free)
         logger.debug("ucm sparse: request %s keeps %d of %d blocks (%d freed)",
@@ -122,4 +130,5 @@ class SparseBudget:
 
     def request_finished(self, req_id: str) -> None:
         self.pending.pop(req_id, None)
+        self._shrunk.pop(req_id, None)
         self.sparse.request_finished(req_id)

@@ -80,6 +80,10 @@ class _RequestState:
     first_decode_computed: int | None = None  # num_computed_tokens at the first decode step (d = 0)
     #: offload rows shared by every layer whose work slots all hold a block: (blocks of the request) -> row
     full_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: the store's pin of the request's prompt blocks (`KVStoreBase.pin`): every layer's loads at every retrieval
+    #: come from this one fixed set, resolved once; None until the first load or when the store cannot pin
+    pinned: Any = None
+    pin_tried: bool = False
 
     def decode_step(self, step: SparseRequestStep) -> int:
         return step.num_computed_tokens - (self.first_decode_computed or 0)
@@ -136,14 +140,20 @@ class Esa(UcmSparseBase):
         )
 
     def request_finished(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is not None and state.pinned is not None:
+            self.store.unpin(state.pinned)
 
     # ============================================================== worker side
     def register_kv_caches(
         self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         self._layer_index, self._caches, self._key_views, self._row_offsets = {}, [], [], []
-        self._requests.clear()  # a re-registered cache holds none of the earlier requests' blocks
+        for request_id in list(self._requests):  # a re-registered cache holds none of the earlier requests' blocks
+            self._forget(request_id)
         offset = 0
         for index, (layer, cache) in enumerate(kv_caches.items()):
             key_view = (key_views or {}).get(layer)
@@ -175,7 +185,7 @@ class Esa(UcmSparseBase):
             state = self._requests.get(step.req_id)
             if state is not None and (step.resumed or not step.is_decode):
                 # a (re-)prefill: the request's blocks are being recomputed, rebuild its state at its end
-                del self._requests[step.req_id]
+                self._forget(step.req_id)
                 state = None
             layout = window_layout(step.num_prompt_tokens, batch.block_size, self.config)
             if not layout.sparse:
@@ -372,6 +382,9 @@ class Esa(UcmSparseBase):
         ids: list[str] = []
         slots: list[int] = []
         loading: list[tuple[_LayerState, list[tuple[int, int]]]] = []
+        pinned_groups: list[tuple[Any, list[int]]] = []
+        pinned_slots: list[int] = []
+        pinned_loading: list[tuple[_LayerState, list[tuple[int, int]]]] = []
         for step, state, layer_state, pick in due:
             if pick is None:
                 continue
@@ -384,36 +397,56 @@ class Esa(UcmSparseBase):
                 continue
             if layer_state.load_task is not None:
                 self._wait_loads(step, layer_state)
+            current = layer_state.slots
             wanted = set(selected)
-            held = {pos for pos in layer_state.slots if pos in wanted}
+            held = wanted.intersection(current)
             needed = [pos for pos in selected if pos not in held]
-            free = [j for j, pos in enumerate(layer_state.slots) if pos not in wanted]
-            assignment = list(zip(free, needed, strict=False))  # |free| >= |needed|
-            if not assignment:
+            if not needed:
                 continue
+            free = [j for j, pos in enumerate(current) if pos not in wanted]
             hashes = step.block_hashes or ()
-            loadable = [(j, pos) for j, pos in assignment if pos < len(hashes)]
-            # a position without a stored copy named cannot be loaded: its slot keeps what it holds
-            self._stats.load_failures += len(assignment) - len(loadable)
+            # |free| >= |needed|; a position without a stored copy named cannot be loaded: its slot keeps its block
+            loadable = [(j, pos) for j, pos in zip(free, needed, strict=False) if pos < len(hashes)]
+            self._stats.load_failures += min(len(free), len(needed)) - len(loadable)
             if not loadable:
                 continue
-            ids.extend(hashes[pos] for _, pos in loadable)
-            slots.extend(step.block_ids[layout.sink_end + j] for j, _ in loadable)
-            loading.append((layer_state, loadable))
-        if not ids:
-            return
+            block_ids = step.block_ids
+            targets = [block_ids[layout.sink_end + j] for j, _ in loadable]
+            if not state.pin_tried:
+                state.pin_tried = True
+                state.pinned = self.store.pin(hashes)
+            if state.pinned is not None:  # resolved once per request: no per-block lookup in the store
+                pinned_groups.append((state.pinned, [pos for _, pos in loadable]))
+                pinned_slots.extend(targets)
+                pinned_loading.append((layer_state, loadable))
+            else:
+                ids.extend(hashes[pos] for _, pos in loadable)
+                slots.extend(targets)
+                loading.append((layer_state, loadable))
+        # one store task per layer for every request (and kind of load) of the step
+        if pinned_groups:
+            task = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots))
+            for layer_state, loadable in pinned_loading:
+                self._mark_loading(layer_state, loadable, task)
+        if ids:
+            task = self.store.load(ids, self._pages(index, slots))
+            for layer_state, loadable in loading:
+                self._mark_loading(layer_state, loadable, task)
+
+    def _pages(self, index: int, slots: list[int]) -> Any:
         from ucm.store.base import BlockPages
 
-        device_slots = torch.tensor(slots, dtype=torch.int64, device=self._key_views[index].device)
-        pages = BlockPages(self._caches[index], device_slots, row_offset=self._row_offsets[index])
-        task = self.store.load(ids, pages)
-        for layer_state, loadable in loading:
-            layer_state.load_task = task
-            for j, pos in loadable:
-                layer_state.loading[j] = (pos, layer_state.slots[j])
-                layer_state.slots[j] = -1  # being written: never attended until the wait
-            layer_state.version += 1
-            self._stats.blocks_loaded += len(loadable)
+        device = self._key_views[index].device
+        slots_t = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
+        return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index])
+
+    def _mark_loading(self, layer_state: _LayerState, loadable: list[tuple[int, int]], task: Any) -> None:
+        layer_state.load_task = task
+        for j, pos in loadable:
+            layer_state.loading[j] = (pos, layer_state.slots[j])
+            layer_state.slots[j] = -1  # being written: never attended until the wait
+        layer_state.version += 1
+        self._stats.blocks_loaded += len(loadable)
 
     def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
         """Wait for the layer's loads; a failed block leaves its slot with the block it held before."""

@@ -47,6 +47,11 @@ class SchedulerBlocks(abc.ABC):
         """The request's block ids (the null block id where freed); None when it holds no blocks."""
 
     @abc.abstractmethod
+    def holds_null(self, req_id: str, position: int) -> bool:
+        """Whether the request's block at ``position`` is the null block (False when it holds no block there);
+        O(1): the budget's per-step check that a request is still shrunk."""
+
+    @abc.abstractmethod
     def release(self, req_id: str, positions: Sequence[int]) -> None:
         """Give the blocks at ``positions`` back to vLLM's pool and put the null block in their place (the list
         keeps its length, as vLLM's sliding window does)."""

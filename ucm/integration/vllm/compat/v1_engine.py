@@ -209,6 +209,10 @@ class V1SchedulerBlocks(SchedulerBlocks):
         blocks = self._manager.req_to_blocks.get(req_id)
         return [b.block_id for b in blocks] if blocks else None
 
+    def holds_null(self, req_id: str, position: int) -> bool:
+        blocks = self._manager.req_to_blocks.get(req_id)
+        return bool(blocks) and position < len(blocks) and blocks[position].is_null
+
     def release(self, req_id: str, positions: Sequence[int]) -> None:
         blocks = self._manager.req_to_blocks[req_id]
         freed = []
