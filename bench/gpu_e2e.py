@@ -386,6 +386,8 @@ def worker_main(spec: dict) -> int:
 
 # ============================================================================ parent (plan, subprocesses, output)
 def git_commit(repo: Path) -> str:
+    if os.environ.get("UCM_COMMIT"):
+        return os.environ["UCM_COMMIT"]  # a copied tree (the GPU machine's) whose git metadata may be stale
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,

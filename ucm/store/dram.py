@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ucm.device import Backend, CopyHandle
@@ -69,7 +70,7 @@ class _Pinned:
     def __init__(self, block_ids: list[str], entries: list[_Entry | None]):
         self.block_ids = block_ids
         self.entries = entries
-        self.rows = [-1 if e is None else e.row for e in entries]
+        self.rows = np.fromiter((-1 if e is None else e.row for e in entries), dtype=np.int64, count=len(entries))
         self.released = False
 
 
@@ -240,35 +241,37 @@ class DramStore(KVStoreBase):
 
     def load_pinned(self, groups: Sequence[tuple[_Pinned, Sequence[int]]], destination: BlockPages) -> StoreTask:
         block_ids: list[str] = []
-        rows: list[int] = []
+        parts: list[np.ndarray] = []
         for pinned, indices in groups:
             if pinned.released:
                 raise ValueError("load_pinned: a pin of these groups was released")
-            ids, pinned_rows = pinned.block_ids, pinned.rows
-            block_ids.extend([ids[i] for i in indices])
-            rows.extend([pinned_rows[i] for i in indices])
+            indices = np.asarray(indices, dtype=np.int64)
+            ids = pinned.block_ids
+            block_ids.extend([ids[i] for i in indices.tolist()])
+            parts.append(pinned.rows[indices])
+        rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         destination.check(len(rows), self.kv_block_size, whole_row=False)
         self._check_open()
         task = CopyTask("load", block_ids)
-        picks: Sequence[int] = range(len(rows))
-        if rows and min(rows) < 0:
-            picks = [j for j, row in enumerate(rows) if row >= 0]
-            missing = [block_ids[j] for j, row in enumerate(rows) if row < 0]
+        ok = rows >= 0
+        picks = np.flatnonzero(ok)
+        if picks.size < rows.size:
+            missing = [block_ids[j] for j in np.flatnonzero(~ok).tolist()]
             task.fail(missing, "not in UcmDram when the reader pinned its blocks")
             with self._lock:
                 self._stats.load_failures += len(missing)
-        if picks:
+        if picks.size:
             slots = destination.slots
-            if len(picks) < len(rows):
-                slots = slots.index_select(0, torch.tensor(picks, dtype=torch.int64, device=slots.device))
-                rows = [rows[j] for j in picks]
+            if picks.size < rows.size:
+                slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
+                rows = rows[picks]
             try:
                 handle = self._from_arena(destination, slots, rows)
             except Exception as exc:
-                task.fail([block_ids[j] for j in picks], f"device scatter failed: {exc}")
+                task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {exc}")
             else:
-                nbytes = destination.row_bytes * len(picks)
-                task.add_part(handle, lambda: self._count_loaded(len(picks), nbytes))
+                blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
+                task.add_part(handle, lambda: self._count_loaded(blocks, nbytes))
         return self._track(task)
 
     def _count_loaded(self, blocks: int, nbytes: int) -> None:

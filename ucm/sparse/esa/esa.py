@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ucm.device import Backend, as_page_tensors, get_backend, page_nbytes
@@ -49,11 +50,13 @@ class _LayerState:
     """One layer of one request on the worker."""
 
     reps: torch.Tensor | None = None  # [num_candidates * parts, num_kv_heads, head_dim], cache dtype
-    slots: list[int] = field(default_factory=list)  # offload: logical position held by work slot j, -1 = none
+    #: offload: logical position held by work slot j, -1 = none (numpy: the delta of a retrieval is a few vector
+    #: ops per request and layer, not a Python loop over k slots)
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
     pending: Pick | None = None  # submitted, not consumed yet
     due: Pick | None = None  # to consume once this step's attention of the layer is queued
-    loading: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (new position, old position)
+    loading: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (slots, new positions, old positions)
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
     holes: bool = False  # a work slot was lost to a failed load of unknown blocks (stays empty)
@@ -72,6 +75,9 @@ class Pick:
     def indices(self) -> list[int]:
         return self.batch.row(self.row)
 
+    def array(self) -> np.ndarray:
+        return self.batch.array(self.row)
+
 
 @dataclass
 class _RequestState:
@@ -84,6 +90,7 @@ class _RequestState:
     #: come from this one fixed set, resolved once; None until the first load or when the store cannot pin
     pinned: Any = None
     pin_tried: bool = False
+    work_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the work slots)
 
     def decode_step(self, step: SparseRequestStep) -> int:
         return step.num_computed_tokens - (self.first_decode_computed or 0)
@@ -144,8 +151,21 @@ class Esa(UcmSparseBase):
 
     def _forget(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
-        if state is not None and state.pinned is not None:
+        if state is None:
+            return
+        self._settle(state)  # its blocks go back to vLLM: no copy may still be writing them
+        if state.pinned is not None:
             self.store.unpin(state.pinned)
+
+    def _settle(self, state: _RequestState) -> None:
+        """Wait for the loads still in flight into a request's work slots (errors only matter to a reader)."""
+        for layer_state in state.layers:
+            task, layer_state.load_task, layer_state.loading = layer_state.load_task, None, None
+            if task is not None:
+                try:
+                    task.wait()
+                except Exception:  # noqa: BLE001 - the slots are not read again
+                    layer_state.holes = True
 
     # ============================================================== worker side
     def register_kv_caches(
@@ -201,12 +221,18 @@ class Esa(UcmSparseBase):
                 self._requests[step.req_id] = state
             if state.first_decode_computed is None:
                 state.first_decode_computed = step.num_computed_tokens
-                work = list(range(layout.sink_end, layout.sink_end + layout.num_work))
+                work = np.arange(layout.sink_end, layout.sink_end + layout.num_work, dtype=np.int64)
                 for layer_state in state.layers:
-                    layer_state.slots = list(work)
-                    layer_state.selected = list(work)
+                    layer_state.slots = work.copy()
+                    layer_state.selected = work.tolist()
             if state.decode_step(step) == 0:
                 initial.append((step, state))
+        # loads in flight into requests not in this step (finished, preempted, waiting): their blocks may be handed
+        # to other requests from this step on
+        scheduled = {step.req_id for step in batch.requests}
+        for req_id, state in self._requests.items():
+            if req_id not in scheduled and any(ls.load_task is not None for ls in state.layers):
+                self._settle(state)
         for index in range(len(self._caches)) if initial else ():
             due = []
             for step, state in initial:
@@ -268,9 +294,10 @@ class Esa(UcmSparseBase):
             # step retrieve (and load) together, one batched launch per layer; d = 0 is each request's own
             d = state.decode_step(step)
             phase = self._phase
-            if layer_state.load_task is not None:
-                # loads queued after this layer's attention of an earlier step (this request's last one): wait
-                # before the attention that reads their slots
+            if layer_state.load_task is not None and layer_state.load_task.done():
+                # loads queued after this layer's attention of an earlier step have landed: their slots join the
+                # attention from here on. Never blocks: slots still being written stay out of the attention (a
+                # retrieval's delta may take several steps over PCIe), and the next consume waits for the rest.
                 self._wait_loads(step, layer_state)
             if d > 0 and self.schedule.is_consume(phase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
@@ -380,73 +407,82 @@ class Esa(UcmSparseBase):
         """Take the finished retrievals of one layer; offload: load the newly selected blocks of every request
         (delta) with one store task for the layer."""
         ids: list[str] = []
-        slots: list[int] = []
-        loading: list[tuple[_LayerState, list[tuple[int, int]]]] = []
-        pinned_groups: list[tuple[Any, list[int]]] = []
-        pinned_slots: list[int] = []
-        pinned_loading: list[tuple[_LayerState, list[tuple[int, int]]]] = []
+        slots: list[np.ndarray] = []
+        loading: list[tuple[_LayerState, np.ndarray, np.ndarray]] = []
+        pinned_groups: list[tuple[Any, np.ndarray]] = []
+        pinned_slots: list[np.ndarray] = []
+        pinned_loading: list[tuple[_LayerState, np.ndarray, np.ndarray]] = []
         for step, state, layer_state, pick in due:
             if pick is None:
                 continue
             self._stats.retrievals_consumed += 1
             layout = state.layout
-            selected = [layout.sink_end + c for c in pick.indices()]
             if not self.offload:
-                layer_state.selected = selected
+                layer_state.selected = [layout.sink_end + c for c in pick.indices()]
                 layer_state.version += 1
                 continue
             if layer_state.load_task is not None:
                 self._wait_loads(step, layer_state)
+            selected = pick.array() + layout.sink_end
             current = layer_state.slots
-            wanted = set(selected)
-            held = wanted.intersection(current)
-            needed = [pos for pos in selected if pos not in held]
-            if not needed:
+            needed = selected[~np.isin(selected, current)]
+            if not needed.size:
                 continue
-            free = [j for j, pos in enumerate(current) if pos not in wanted]
+            free = np.flatnonzero(~np.isin(current, selected))  # |free| >= |needed|
+            count = min(free.size, needed.size)
+            free, needed = free[:count], needed[:count]
             hashes = step.block_hashes or ()
-            # |free| >= |needed|; a position without a stored copy named cannot be loaded: its slot keeps its block
-            loadable = [(j, pos) for j, pos in zip(free, needed, strict=False) if pos < len(hashes)]
-            self._stats.load_failures += min(len(free), len(needed)) - len(loadable)
-            if not loadable:
-                continue
-            block_ids = step.block_ids
-            targets = [block_ids[layout.sink_end + j] for j, _ in loadable]
+            # a position without a stored copy named cannot be loaded: its slot keeps its block
+            named = needed < len(hashes)
+            if not named.all():
+                self._stats.load_failures += int(count - named.sum())
+                free, needed = free[named], needed[named]
+                if not needed.size:
+                    continue
+            targets = self._work_ids(step, state)[free]
             if not state.pin_tried:
                 state.pin_tried = True
                 state.pinned = self.store.pin(hashes)
             if state.pinned is not None:  # resolved once per request: no per-block lookup in the store
-                pinned_groups.append((state.pinned, [pos for _, pos in loadable]))
-                pinned_slots.extend(targets)
-                pinned_loading.append((layer_state, loadable))
+                pinned_groups.append((state.pinned, needed))
+                pinned_slots.append(targets)
+                pinned_loading.append((layer_state, free, needed))
             else:
-                ids.extend(hashes[pos] for _, pos in loadable)
-                slots.extend(targets)
-                loading.append((layer_state, loadable))
+                ids.extend(hashes[p] for p in needed.tolist())
+                slots.append(targets)
+                loading.append((layer_state, free, needed))
         # one store task per layer for every request (and kind of load) of the step
         if pinned_groups:
             task = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots))
-            for layer_state, loadable in pinned_loading:
-                self._mark_loading(layer_state, loadable, task)
+            for layer_state, free, needed in pinned_loading:
+                self._mark_loading(layer_state, free, needed, task)
         if ids:
             task = self.store.load(ids, self._pages(index, slots))
-            for layer_state, loadable in loading:
-                self._mark_loading(layer_state, loadable, task)
+            for layer_state, free, needed in loading:
+                self._mark_loading(layer_state, free, needed, task)
 
-    def _pages(self, index: int, slots: list[int]) -> Any:
+    def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
+        """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
+        cached = state.work_ids
+        if cached is None or cached[0] != self._phase:
+            start = state.layout.sink_end
+            cached = (self._phase, np.asarray(step.block_ids[start : start + state.layout.num_work], dtype=np.int64))
+            state.work_ids = cached
+        return cached[1]
+
+    def _pages(self, index: int, slots: list[np.ndarray]) -> Any:
         from ucm.store.base import BlockPages
 
         device = self._key_views[index].device
-        slots_t = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
+        slots_t = torch.from_numpy(np.concatenate(slots)).to(device, non_blocking=True)
         return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index])
 
-    def _mark_loading(self, layer_state: _LayerState, loadable: list[tuple[int, int]], task: Any) -> None:
+    def _mark_loading(self, layer_state: _LayerState, free: np.ndarray, needed: np.ndarray, task: Any) -> None:
         layer_state.load_task = task
-        for j, pos in loadable:
-            layer_state.loading[j] = (pos, layer_state.slots[j])
-            layer_state.slots[j] = -1  # being written: never attended until the wait
+        layer_state.loading = (free, needed, layer_state.slots[free].copy())
+        layer_state.slots[free] = -1  # being written: never attended until the wait
         layer_state.version += 1
-        self._stats.blocks_loaded += len(loadable)
+        self._stats.blocks_loaded += int(free.size)
 
     def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
         """Wait for the layer's loads; a failed block leaves its slot with the block it held before."""
@@ -464,18 +500,21 @@ class Esa(UcmSparseBase):
             unknown_failure = not failed
         self._stats.load_wait_s += time.perf_counter() - started
         hashes = step.block_hashes or ()
-        for j, (pos, old) in layer_state.loading.items():
+        loading, layer_state.loading = layer_state.loading, None
+        if loading is not None:
+            js, new, old = loading
+            slots = layer_state.slots
             if unknown_failure:
-                layer_state.slots[j] = -1
+                slots[js] = -1
                 layer_state.holes = True
-                self._stats.load_failures += 1
-            elif hashes[pos] in failed:
-                layer_state.slots[j] = old
-                self._stats.load_failures += 1
-                self._stats.failed_block_hashes.append(hashes[pos])
+                self._stats.load_failures += int(js.size)
+            elif failed:
+                lost = np.fromiter((hashes[p] in failed for p in new.tolist()), dtype=bool, count=new.size)
+                slots[js] = np.where(lost, old, new)
+                self._stats.load_failures += int(lost.sum())
+                self._stats.failed_block_hashes.extend(hashes[p] for p in new[lost].tolist())
             else:
-                layer_state.slots[j] = pos
-        layer_state.loading = {}
+                slots[js] = new
         layer_state.version += 1
 
     def _sparse_row(
@@ -491,7 +530,7 @@ class Esa(UcmSparseBase):
         layout = state.layout
         total = -(-step.seq_len // bs)
         ids = step.block_ids
-        if self.offload and -1 not in layer_state.slots:
+        if self.offload and (not layer_state.slots.size or layer_state.slots.min() >= 0):
             row = state.full_rows.get(total)
             if row is None:
                 work = [ids[layout.sink_end + j] for j in range(len(layer_state.slots))]
@@ -502,7 +541,7 @@ class Esa(UcmSparseBase):
             key = (layer_state.version, total)
             if layer_state.row is None or layer_state.row_key != key:
                 if self.offload:
-                    work = [ids[layout.sink_end + j] for j, pos in enumerate(layer_state.slots) if pos >= 0]
+                    work = self._work_ids(step, state)[layer_state.slots >= 0].tolist()
                 else:
                     work = [ids[pos] for pos in layer_state.selected]
                 sink = [ids[p] for p in range(layout.sink_end)]

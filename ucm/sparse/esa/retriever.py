@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
+import numpy as np
 import torch
 
 from ucm.device import Backend, CopyHandle
@@ -34,6 +35,7 @@ class BatchRetrieval:
         self.host_indices = host_indices  # [B, K] int64 pinned, -1 padded
         self.keepalive = keepalive
         self._rows: list[list[int]] | None = None
+        self._arrays: np.ndarray | None = None
 
     def row(self, r: int) -> list[int]:
         """Request r's selected candidate indices, ascending."""
@@ -41,6 +43,14 @@ class BatchRetrieval:
             self.handle.wait()
             self._rows = [[i for i in row if i >= 0] for row in self.host_indices.tolist()]
         return self._rows[r]
+
+    def array(self, r: int) -> np.ndarray:
+        """`row` as an int64 array (a copy)."""
+        if self._arrays is None:
+            self.handle.wait()
+            self._arrays = self.host_indices.numpy().copy()
+        row = self._arrays[r]
+        return row[row >= 0]
 
 
 def block_representations(
