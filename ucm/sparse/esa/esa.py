@@ -294,10 +294,9 @@ class Esa(UcmSparseBase):
             # step retrieve (and load) together, one batched launch per layer; d = 0 is each request's own
             d = state.decode_step(step)
             phase = self._phase
-            if layer_state.load_task is not None and layer_state.load_task.done():
-                # loads queued after this layer's attention of an earlier step have landed: their slots join the
-                # attention from here on. Never blocks: slots still being written stay out of the attention (a
-                # retrieval's delta may take several steps over PCIe), and the next consume waits for the rest.
+            if layer_state.load_task is not None:
+                # loads queued after this layer's attention of an earlier step: wait before the attention that
+                # reads their slots (waiting later keeps the step on its slower per-layer path meanwhile)
                 self._wait_loads(step, layer_state)
             if d > 0 and self.schedule.is_consume(phase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
