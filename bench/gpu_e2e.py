@@ -39,8 +39,10 @@ and ``.png`` (tok/s vs context, when matplotlib is importable). ``--time-budget-
 (no engine or case is started that cannot finish in time; a running one is killed at the deadline).
 
 UcmDram must hold every prompt block of a case (Llama-3-8B: 128 KiB per token, 4 GiB per 32K request, 64 GiB
-for 128K x 4): ``--dram-gib`` (default 80 GiB of the H200 host's 128 GiB) bounds the esa capacity case at 18
-requests of 32K, fewer than dense holds in HBM (~26); on this host the capacity comparison is DRAM-bound.
+for 128K x 4): ``--dram-gib`` (default 40 GiB) bounds the esa capacity case at 9 requests of 32K, fewer than
+dense holds in HBM (~26); on this host the capacity comparison is DRAM-bound. On the H200 machine (128 GiB of host
+memory) pinning 40 GiB works and 80 GiB fails in ``cudaHostAlloc`` at engine start (measured); 128K x 4 (64 GiB)
+is therefore run as 128K x 1 and 128K x 2 there.
 
 On the H200 (vLLM 0.26, CUDA graphs on, FA3). The default cases and settings take roughly 15-20 min (6 engine
 starts; every case is prefilled twice, 32K x ~26 and 128K x 4 take ~30-40 s per repetition). In one go, or, under
@@ -727,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capture-sizes", default="1,2,4,8,16,24,32",
                         help="CUDA-graph capture sizes for every setting ('' = vLLM's default list)")
     parser.add_argument("--dram-gib", type=float, default=None,
-                        help="UcmDram max_cache_size in GiB (pinned host memory; default 80, --smoke 0.25); "
+                        help="UcmDram max_cache_size in GiB (pinned host memory; default 40, --smoke 0.25); "
                              "must hold the prompts of a case (128K x 4 = 64 GiB for Llama-3-8B)")
     parser.add_argument("--kv-cache-bytes", type=int, default=8 << 20, help="--smoke: vLLM kv_cache_memory_bytes")
     parser.add_argument("--cpu-threads-bind", default=None,
@@ -759,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     args.capacity_context = parse_context(args.capacity_context or ("1200" if smoke else "32K"))
     args.max_tokens = args.max_tokens or (32 if smoke else 128)
     args.max_num_batched_tokens = args.max_num_batched_tokens or (2048 if smoke else 16384)
-    args.dram_gib = args.dram_gib if args.dram_gib is not None else (0.25 if smoke else 80.0)
+    args.dram_gib = args.dram_gib if args.dram_gib is not None else (0.25 if smoke else 40.0)
     args.dram_bytes = int(args.dram_gib * (1 << 30))
     args.case_reserve_s = args.case_reserve_s if args.case_reserve_s is not None else (20.0 if smoke else 150.0)
     engine_reserve = args.case_reserve_s + (15.0 if smoke else 90.0)
