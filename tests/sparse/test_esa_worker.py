@@ -3,11 +3,15 @@ retrieval pipeline, delta loads from a real UcmDram store, failed loads, batchin
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from sparse_engine import MiniEngine
 
 from ucm.device import get_backend
+from ucm.device.cpu import CpuBackend
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.schedule import EsaSchedule
 from ucm.store import create_store
@@ -197,3 +201,54 @@ def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer():
                 assert set(engine.needles(req)) <= set(rec.positions)
     # 12 steps at stride 4: three retrieval steps, each one launch per layer covering both requests
     assert launches == [2] * (3 * LAYERS), launches
+
+
+class _GateEvent:
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+
+    def query(self) -> bool:
+        return self.gate.is_set()
+
+    def synchronize(self) -> None:
+        self.gate.wait()
+
+
+class _GatedBackend(CpuBackend):
+    """The CPU backend whose copies count as finished only once ``gate`` is set (loads in flight, as on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def record_event(self, stream=None):
+        return _GateEvent(self.gate)
+
+
+def test_loads_in_flight_for_a_request_left_out_of_a_step_are_waited_before_that_step():
+    # its work slots may be handed to another request from that step on: no copy may still be writing them
+    row = LAYERS * 2 * BS * HKV * D * 4
+    backend = _GatedBackend()
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
+    engine = MiniEngine(EsaConfig(sparse_ratio=0.2, retrieval_stride=3), offload=True, store=store,
+                        needle_scale=6.0)
+    a = engine.add("a", prompt=160)
+    engine.add("b", prompt=120)
+    engine.step()  # prefill both
+    engine.step()  # first decode step: initial selections loaded and waited
+    while not engine.worker.schedule.is_consume(engine.worker._phase + 1):
+        engine.step()
+    backend.gate.clear()
+    engine.step(["a"])  # a consumes its retrieval: its delta loads stay in flight
+    in_flight = [ls for ls in engine.worker._requests["a"].layers if ls.load_task is not None]
+    assert in_flight and not any(ls.load_task.done() for ls in in_flight)
+    opener = threading.Timer(0.4, backend.gate.set)
+    opener.start()
+    started = time.monotonic()
+    engine.step(["b"])
+    assert time.monotonic() - started >= 0.35  # the step began only once a's loads had landed
+    assert all(ls.load_task is None for ls in engine.worker._requests["a"].layers)
+    for _ in range(4):  # a attends its new blocks (MiniEngine checks every attended block holds its true KV)
+        for rec in engine.step()["a"]:
+            assert set(engine.needles(a)) <= set(rec.positions)

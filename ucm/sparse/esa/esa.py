@@ -56,7 +56,8 @@ class _LayerState:
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
     pending: Pick | None = None  # submitted, not consumed yet
     due: Pick | None = None  # to consume once this step's attention of the layer is queued
-    loading: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (slots, new positions, old positions)
+    #: loads in flight: (slots, new positions, old positions, the request's store ids by position)
+    loading: tuple[np.ndarray, np.ndarray, np.ndarray, Any] | None = None
     load_task: Any = None  # the store task of `loading`
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
     holes: bool = False  # a work slot was lost to a failed load of unknown blocks (stays empty)
@@ -158,14 +159,9 @@ class Esa(UcmSparseBase):
             self.store.unpin(state.pinned)
 
     def _settle(self, state: _RequestState) -> None:
-        """Wait for the loads still in flight into a request's work slots (errors only matter to a reader)."""
+        """Wait for the loads still in flight into a request's work slots."""
         for layer_state in state.layers:
-            task, layer_state.load_task, layer_state.loading = layer_state.load_task, None, None
-            if task is not None:
-                try:
-                    task.wait()
-                except Exception:  # noqa: BLE001 - the slots are not read again
-                    layer_state.holes = True
+            self._wait_loads(layer_state)
 
     # ============================================================== worker side
     def register_kv_caches(
@@ -297,7 +293,7 @@ class Esa(UcmSparseBase):
             if layer_state.load_task is not None:
                 # loads queued after this layer's attention of an earlier step: wait before the attention that
                 # reads their slots (waiting later keeps the step on its slower per-layer path meanwhile)
-                self._wait_loads(step, layer_state)
+                self._wait_loads(layer_state)
             if d > 0 and self.schedule.is_consume(phase):
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
                 layer_state.due, layer_state.pending = layer_state.pending, None
@@ -407,10 +403,10 @@ class Esa(UcmSparseBase):
         (delta) with one store task for the layer."""
         ids: list[str] = []
         slots: list[np.ndarray] = []
-        loading: list[tuple[_LayerState, np.ndarray, np.ndarray]] = []
+        loading: list[tuple[_LayerState, np.ndarray, np.ndarray, Any]] = []
         pinned_groups: list[tuple[Any, np.ndarray]] = []
         pinned_slots: list[np.ndarray] = []
-        pinned_loading: list[tuple[_LayerState, np.ndarray, np.ndarray]] = []
+        pinned_loading: list[tuple[_LayerState, np.ndarray, np.ndarray, Any]] = []
         for step, state, layer_state, pick in due:
             if pick is None:
                 continue
@@ -421,7 +417,7 @@ class Esa(UcmSparseBase):
                 layer_state.version += 1
                 continue
             if layer_state.load_task is not None:
-                self._wait_loads(step, layer_state)
+                self._wait_loads(layer_state)
             selected = pick.array() + layout.sink_end
             current = layer_state.slots
             needed = selected[~np.isin(selected, current)]
@@ -445,20 +441,20 @@ class Esa(UcmSparseBase):
             if state.pinned is not None:  # resolved once per request: no per-block lookup in the store
                 pinned_groups.append((state.pinned, needed))
                 pinned_slots.append(targets)
-                pinned_loading.append((layer_state, free, needed))
+                pinned_loading.append((layer_state, free, needed, hashes))
             else:
                 ids.extend(hashes[p] for p in needed.tolist())
                 slots.append(targets)
-                loading.append((layer_state, free, needed))
+                loading.append((layer_state, free, needed, hashes))
         # one store task per layer for every request (and kind of load) of the step
         if pinned_groups:
             task = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots))
-            for layer_state, free, needed in pinned_loading:
-                self._mark_loading(layer_state, free, needed, task)
+            for layer_state, free, needed, hashes in pinned_loading:
+                self._mark_loading(layer_state, free, needed, hashes, task)
         if ids:
             task = self.store.load(ids, self._pages(index, slots))
-            for layer_state, free, needed in loading:
-                self._mark_loading(layer_state, free, needed, task)
+            for layer_state, free, needed, hashes in loading:
+                self._mark_loading(layer_state, free, needed, hashes, task)
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
         """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
@@ -476,14 +472,16 @@ class Esa(UcmSparseBase):
         slots_t = torch.from_numpy(np.concatenate(slots)).to(device, non_blocking=True)
         return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index])
 
-    def _mark_loading(self, layer_state: _LayerState, free: np.ndarray, needed: np.ndarray, task: Any) -> None:
+    def _mark_loading(
+        self, layer_state: _LayerState, free: np.ndarray, needed: np.ndarray, hashes: Any, task: Any
+    ) -> None:
         layer_state.load_task = task
-        layer_state.loading = (free, needed, layer_state.slots[free].copy())
+        layer_state.loading = (free, needed, layer_state.slots[free].copy(), hashes)
         layer_state.slots[free] = -1  # being written: never attended until the wait
         layer_state.version += 1
         self._stats.blocks_loaded += int(free.size)
 
-    def _wait_loads(self, step: SparseRequestStep, layer_state: _LayerState) -> None:
+    def _wait_loads(self, layer_state: _LayerState) -> None:
         """Wait for the layer's loads; a failed block leaves its slot with the block it held before."""
         task = layer_state.load_task
         if task is None:
@@ -498,10 +496,9 @@ class Esa(UcmSparseBase):
             failed = set(getattr(task, "failed_ids", None) or ())
             unknown_failure = not failed
         self._stats.load_wait_s += time.perf_counter() - started
-        hashes = step.block_hashes or ()
         loading, layer_state.loading = layer_state.loading, None
         if loading is not None:
-            js, new, old = loading
+            js, new, old, hashes = loading
             slots = layer_state.slots
             if unknown_failure:
                 slots[js] = -1
@@ -514,6 +511,8 @@ class Esa(UcmSparseBase):
                 self._stats.failed_block_hashes.extend(hashes[p] for p in new[lost].tolist())
             else:
                 slots[js] = new
+            # a slot lost earlier stays out of the attention until a later retrieval fills it again
+            layer_state.holes = bool(slots.size) and int(slots.min()) < 0
         layer_state.version += 1
 
     def _sparse_row(
