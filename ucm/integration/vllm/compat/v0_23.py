@@ -35,7 +35,6 @@ uses (0.26 only added ``has_pending_push_work``, which the connector does not ov
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
@@ -47,7 +46,6 @@ from ucm.integration.vllm.compat.v1_engine import (
     CpuMetadataAdapter,
     V1EngineBindings,
     V1SchedulerBlocks,
-    _model_dtype,
     run_after_init,
     sparse_cpu_isa,
     sparse_requested,
@@ -118,32 +116,16 @@ class Cpu023MetadataAdapter(CpuMetadataAdapter):
     def __init__(self) -> None:
         super().__init__(lambda impl: {}, lambda layer, impl: CPU_SPARSE_ISA)
 
-    def with_view(self, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> Any:
-        from vllm import _custom_ops as ops
+    def schedule_args(self, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> dict[str, Any]:
         from vllm import envs
 
         if metadata.use_sdpa_prefill:
             raise UcmConfigError("CPU attention use_sdpa_prefill", True, "False (mixed batches) for sparse")
         left = impl.sliding_window[0] if isinstance(impl.sliding_window, tuple) else impl.sliding_window
-        schedule = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=int(view.seq_lens.shape[0]),
-            num_heads=impl.num_heads,
-            num_kv_heads=impl.num_kv_heads,
-            head_dim=impl.head_size,
-            seq_lens=view.seq_lens,
-            dtype=_model_dtype(layer),
-            query_start_loc=metadata.query_start_loc,
-            causal=metadata.causal,
+        return dict(
             sliding_window_size=-1 if left is None or left < 0 else left + 1,
             isa=metadata.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-        )
-        return dataclasses.replace(
-            metadata,
-            block_table=view.block_table,
-            seq_lens=view.seq_lens,
-            max_seq_len=int(view.max_seq_len),
-            scheduler_metadata=schedule,
         )
 
 

@@ -93,9 +93,21 @@ class CpuMetadataAdapter(MetadataAdapter):
         self._schedule_kwargs = schedule_kwargs
         self._isa_of = isa_of  # (layer, impl) -> the CPU kernel ISA the layer's cache is packed for
 
+    def schedule_args(self, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> dict[str, Any]:
+        """Keyword arguments of ``ops.cpu_attn_get_scheduler_metadata`` for the sparse lengths (what a release's
+        CPU planner takes; the common ones are added by `with_view`)."""
+        from vllm import envs
+
+        return dict(
+            sliding_window_size=impl.sliding_window,
+            isa=self._isa_of(layer, impl),
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=metadata.dynamic_causal,
+            **self._schedule_kwargs(impl),
+        )
+
     def with_view(self, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> Any:
         from vllm import _custom_ops as ops
-        from vllm import envs
 
         schedule = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=int(view.seq_lens.shape[0]),
@@ -106,11 +118,7 @@ class CpuMetadataAdapter(MetadataAdapter):
             dtype=_model_dtype(layer),
             query_start_loc=metadata.query_start_loc,
             causal=metadata.causal,
-            sliding_window_size=impl.sliding_window,
-            isa=self._isa_of(layer, impl),
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=metadata.dynamic_causal,
-            **self._schedule_kwargs(impl),
+            **self.schedule_args(metadata, view, layer, impl),
         )
         return dataclasses.replace(
             metadata,
