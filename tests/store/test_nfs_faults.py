@@ -1,6 +1,9 @@
 """UcmNfsStore under storage faults: corrupt and truncated files, a full disk (ENOSPC on a tiny tmpfs), a
-read-only file system and a vanished directory. Each gives a clear per-block error, never wrong bytes, and the
-store keeps serving the other blocks."""
+read-only file system and a vanished directory; entries that are not block files (a directory, FIFO or symlink at
+a block's name, a symlinked shard dir); files another engine wrote that this one cannot verify (another block
+size, a newer format, a checksum algorithm not installed here); close() racing transfers; file and directory
+modes. Each gives a clear per-block error, never wrong bytes, never deletes a valid block, and the store keeps
+serving the other blocks."""
 
 from __future__ import annotations
 
@@ -312,6 +315,22 @@ def test_fifo_at_a_block_path_fails_that_block_without_hanging(backend, tmp_path
         with contextlib.suppress(OSError):  # release a reader blocked in open (the bug), so close() returns
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         store.close()
+
+
+def test_fifo_does_not_turn_off_o_direct(backend, tmp_path):
+    pages = torch.randint(0, 255, (4, 4096), dtype=torch.uint8)
+    ids = ids_for(44, 2)
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "o_direct": True}
+    with create_store("UcmNfsStore", config, backend) as store:
+        store.dump(ids[1:], BlockPages(pages, torch.tensor([1]))).wait()
+        if not store._direct_ok[str(tmp_path)]:
+            pytest.skip("this file system refuses O_DIRECT")
+        fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+        fifo.parent.mkdir(exist_ok=True)
+        os.mkfifo(fifo)
+        with pytest.raises(StoreLoadError, match="FIFO"):
+            store.load(ids, BlockPages(torch.zeros_like(pages), torch.tensor([2, 3]))).wait(timeout=20)
+        assert store._direct_ok[str(tmp_path)]  # the FIFO refused O_DIRECT, not the file system
 
 
 def test_dangling_symlink_at_a_block_path_is_replaced(backend, tmp_path):

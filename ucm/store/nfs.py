@@ -528,7 +528,10 @@ class NfsStore(KVStoreBase):
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self._direct_ok[root] = False  # this file system does not support O_DIRECT (e.g. tmpfs)
+            fd = os.open(name, flags, mode, dir_fd=dir_fd)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a FIFO or device refusing O_DIRECT: the file system is
+                self._direct_ok[root] = False  # without O_DIRECT support (e.g. tmpfs)
+            return fd
         return os.open(name, flags, mode, dir_fd=dir_fd)
 
     @staticmethod
