@@ -1,19 +1,31 @@
 """UcmNfsStore under storage faults: corrupt and truncated files, a full disk (ENOSPC on a tiny tmpfs), a
-read-only file system and a vanished directory. Each gives a clear per-block error, never wrong bytes, and the
-store keeps serving the other blocks."""
+read-only file system and a vanished directory; entries that are not block files (a directory, FIFO or symlink at
+a block's name, a symlinked shard dir); files another engine wrote that this one cannot verify (another block
+size, a newer format, a checksum algorithm not installed here); close() racing transfers; file and directory
+modes. Each gives a clear per-block error, never wrong bytes, never deletes a valid block, and the store keeps
+serving the other blocks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
 
 import pytest
 import torch
 from conftest import make_cache, page_bytes, remount_read_only, row_bytes, tmpfs
-from test_nfs import block_files, ids_for, nfs, temp_files
+from test_nfs import FILE, block_files, ids_for, nfs, temp_files
 
-from ucm.store import BlockPages, StoreDumpError, StoreLoadError
-from ucm.store.blockfile import HEADER_SIZE
+from ucm.errors import UcmConfigError
+from ucm.store import BlockPages, StoreClosedError, StoreDumpError, StoreLoadError, create_store
+from ucm.store.blockfile import FORMAT_VERSION, HEADER_SIZE
 
 WIDTH = row_bytes(make_cache())
 ZERO = page_bytes(make_cache(), 0)
@@ -130,3 +142,314 @@ def test_vanished_dir_is_not_recreated(backend, tmp_path):
         with pytest.raises(StoreLoadError) as info:
             task.wait()
         assert info.value.failed_ids == on_gone
+
+
+# ---------------------------------------------------------------------------- entries that are not block files
+def _set_atimes(paths, ages) -> None:
+    now = time.time()
+    for path, age in zip(paths, ages, strict=True):
+        os.utime(path, (now - age, now - age))
+
+
+def _thread_errors(monkeypatch) -> list:
+    """Exceptions that end any thread (the GC thread must never die)."""
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    return errors
+
+
+def test_gc_skips_a_directory_at_a_block_name(backend, tmp_path, monkeypatch):
+    errors = _thread_errors(monkeypatch)
+    src = make_cache(31)
+    ids = ids_for(31, 5)
+    with nfs(backend, tmp_path, max_storage_size=64 * FILE) as store:
+        store.dump(ids[1:], BlockPages(src, torch.arange(4))).wait()
+        store.max_storage_size = 3 * FILE  # lowered after the dumps: no background pass races the atimes
+        in_the_way = tmp_path / ids[0][:2] / f"{ids[0]}.kv"  # a directory where a block file would be
+        in_the_way.mkdir(parents=True, exist_ok=True)
+        (in_the_way / "x").write_bytes(b"x" * 100)
+        files = block_files(tmp_path)
+        _set_atimes([str(in_the_way)] + [files[b] for b in ids[1:]], [900, 400, 300, 200, 100])
+        result = store.collect_garbage()
+        assert store.lookup(ids) == [False, False, False, True, True]  # the size bound holds again
+        assert in_the_way.is_dir() and (in_the_way / "x").exists()
+        assert result["skipped"] >= 1 and store.stats().gc_skipped >= 1
+        assert store.stats().used_bytes <= 3 * FILE
+        store._schedule_gc()  # the background pass survives the same tree
+        store._gc_thread.join()
+        with pytest.raises(StoreDumpError, match="directory"):
+            store.dump(ids[:1], BlockPages(src, torch.tensor([0]))).wait()
+    assert not errors
+
+
+def test_gc_skips_blocks_it_cannot_remove(backend, tmp_path, monkeypatch):
+    errors = _thread_errors(monkeypatch)
+    other = tmp_path / "other"
+    other.mkdir()
+    src = make_cache(32)
+    ids = ids_for(32, 16)
+    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, [ro, other], max_storage_size=64 * FILE) as store:
+        store.dump(ids, BlockPages(src, torch.arange(16))).wait()
+        on_ro, on_other = _split(store, ids, ro)
+        assert on_ro and len(on_other) >= 2
+        files = block_files(ro, other)
+        _set_atimes([files[b] for b in on_ro + on_other], [1000 + i for i in range(len(ids))][::-1])
+        remount_read_only(ro)
+        store.max_storage_size = len(on_ro) * FILE  # only evicting every block of the writable dir gets close
+        result = store.collect_garbage()
+        assert result["skipped"] == len(on_ro) and store.stats().gc_skipped == len(on_ro)
+        assert store.lookup(ids) == [b in on_ro for b in ids]
+    assert not errors
+
+
+def test_gc_and_dumps_never_follow_a_symlinked_shard(backend, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    ids = ids_for(33, 3)
+    names = ["a.kv", "b.kv", "c.kv", f"{ids[0]}.kv", ".tmp-ab12-host-1-x"]
+    for name in names:
+        (outside / name).write_bytes(b"y" * FILE)
+        os.utime(outside / name, (time.time() - 7200, time.time() - 7200))
+    (root / ids[0][:2]).symlink_to(outside, target_is_directory=True)
+    with nfs(backend, root, max_storage_size=FILE, stale_temp_seconds=1) as store:
+        store.collect_garbage()
+        assert sorted(p.name for p in outside.iterdir()) == sorted(names)
+        with pytest.raises(StoreDumpError, match="symbolic link") as info:
+            store.dump(ids[:1], BlockPages(make_cache(33), torch.tensor([0]))).wait()
+        assert info.value.failed_ids == ids[:1]
+        assert sorted(p.name for p in outside.iterdir()) == sorted(names)
+        with pytest.raises(StoreLoadError, match="symbolic link"):
+            store.load(ids[:1], BlockPages(make_cache(), torch.tensor([0]))).wait()
+        assert store.lookup(ids[:1]) == [False]
+
+
+# ---------------------------------------------------------------------------- blocks another engine can read
+def test_other_block_size_is_a_miss_not_corruption(backend, tmp_path):
+    src = make_cache(34)
+    ids = ids_for(34, 2)
+    with nfs(backend, tmp_path) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([1, 2]))).wait()
+    files = block_files(tmp_path)
+    config = {"storage_backends": str(tmp_path), "kv_block_size": WIDTH // 2}
+    with create_store("UcmNfsStore", config, backend) as other:
+        task = other.load(ids, BlockPages(torch.zeros(4, WIDTH // 2, dtype=torch.uint8), torch.tensor([0, 1])))
+        with pytest.raises(StoreLoadError, match="kv_block_size.*file kept") as info:
+            task.wait()
+        assert info.value.failed_ids == ids and other.lookup(ids) == [False, False]
+    assert block_files(tmp_path) == files
+    with nfs(backend, tmp_path) as store:  # the engine that wrote them still reads them
+        dst = make_cache()
+        store.load(ids, BlockPages(dst, torch.tensor([3, 4]))).wait()
+        assert page_bytes(dst, 3) == page_bytes(src, 1)
+
+
+def test_newer_format_version_is_a_miss_not_corruption(backend, tmp_path):
+    src = make_cache(35)
+    ids = ids_for(35, 2)
+    with nfs(backend, tmp_path) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([1, 2]))).wait()
+        path = block_files(tmp_path)[ids[0]]
+        with open(path, "r+b") as f:  # a well-formed header of a later format: version 2, header crc updated
+            header = bytearray(f.read(HEADER_SIZE))
+            struct.pack_into("<I", header, 8, FORMAT_VERSION + 1)
+            struct.pack_into("<I", header, 172, zlib.crc32(header[:172]))
+            f.seek(0)
+            f.write(header)
+        with pytest.raises(StoreLoadError, match="newer.*file kept") as info:
+            store.load(ids, BlockPages(make_cache(), torch.tensor([3, 4]))).wait()
+        assert info.value.failed_ids == ids[:1] and os.path.exists(path)
+        assert store.lookup(ids) == [False, True]
+        store.dump(ids[:1], BlockPages(src, torch.tensor([1]))).wait()  # never overwrites the other engine's file
+        assert open(path, "rb").read(HEADER_SIZE) == bytes(header)
+
+
+READER = """
+import sys
+sys.modules["xxhash"] = None  # an engine where the xxhash package is not installed
+import torch
+from ucm.device import get_backend
+from ucm.store import BlockPages, StoreLoadError, create_store
+root, width, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+config = {"storage_backends": root, "kv_block_size": width}
+with create_store("UcmNfsStore", config, get_backend("cpu")) as store:
+    try:
+        store.load(ids, BlockPages(torch.zeros(len(ids), width, dtype=torch.uint8), torch.arange(len(ids)))).wait()
+    except StoreLoadError as exc:
+        print("LOOKUP", store.lookup(ids), "ERROR", exc)
+"""
+
+
+def test_checksum_not_available_here_is_a_miss_not_corruption(backend, tmp_path):
+    pytest.importorskip("xxhash")
+    ids = ids_for(36, 2)
+    with nfs(backend, tmp_path, checksum="xxh3_64") as store:
+        store.dump(ids, BlockPages(make_cache(36), torch.tensor([1, 2]))).wait()
+    files = block_files(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", READER, str(tmp_path), str(WIDTH), *ids], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOOKUP [False, False]" in proc.stdout and "not available here" in proc.stdout, proc.stdout
+    assert "file kept" in proc.stdout and block_files(tmp_path) == files
+
+
+# ---------------------------------------------------------------------------- FIFOs, links, unremovable files
+def test_fifo_at_a_block_path_fails_that_block_without_hanging(backend, tmp_path):
+    src = make_cache(37)
+    ids = ids_for(37, 2)
+    store = nfs(backend, tmp_path)
+    store.dump(ids[1:], BlockPages(src, torch.tensor([2]))).wait()
+    fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        assert store.lookup(ids) == [False, True]
+        dst = make_cache()
+        with pytest.raises(StoreLoadError, match="FIFO") as info:
+            store.load(ids, BlockPages(dst, torch.tensor([3, 4]))).wait(timeout=20)
+        assert info.value.failed_ids == ids[:1] and page_bytes(dst, 4) == page_bytes(src, 2)
+        store.dump(ids[:1], BlockPages(src, torch.tensor([1]))).wait()  # a dump replaces the FIFO
+        store.load(ids[:1], BlockPages(dst, torch.tensor([3]))).wait(timeout=20)
+        assert page_bytes(dst, 3) == page_bytes(src, 1)
+    finally:
+        with contextlib.suppress(OSError):  # release a reader blocked in open (the bug), so close() returns
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        store.close()
+
+
+def test_fifo_does_not_turn_off_o_direct(backend, tmp_path):
+    pages = torch.randint(0, 255, (4, 4096), dtype=torch.uint8)
+    ids = ids_for(44, 2)
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "o_direct": True}
+    with create_store("UcmNfsStore", config, backend) as store:
+        store.dump(ids[1:], BlockPages(pages, torch.tensor([1]))).wait()
+        if not store._direct_ok[str(tmp_path)]:
+            pytest.skip("this file system refuses O_DIRECT")
+        fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+        fifo.parent.mkdir(exist_ok=True)
+        os.mkfifo(fifo)
+        with pytest.raises(StoreLoadError, match="FIFO"):
+            store.load(ids, BlockPages(torch.zeros_like(pages), torch.tensor([2, 3]))).wait(timeout=20)
+        assert store._direct_ok[str(tmp_path)]  # the FIFO refused O_DIRECT, not the file system
+
+
+def test_dangling_symlink_at_a_block_path_is_replaced(backend, tmp_path):
+    src = make_cache(38)
+    ids = ids_for(38, 1)
+    link = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "nowhere")
+    with nfs(backend, tmp_path) as store:
+        assert store.lookup(ids) == [False]
+        store.dump(ids, BlockPages(src, torch.tensor([1]))).wait()
+        assert not link.is_symlink() and not (tmp_path / "nowhere").exists()
+        dst = make_cache()
+        store.load(ids, BlockPages(dst, torch.tensor([2]))).wait()
+        assert page_bytes(dst, 2) == page_bytes(src, 1) and store.lookup(ids) == [True]
+
+
+def test_symlink_to_a_block_file_is_never_read(backend, tmp_path):
+    src = make_cache(39)
+    ids = ids_for(39, 1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    with nfs(backend, outside) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([1]))).wait()
+    link = root / ids[0][:2] / f"{ids[0]}.kv"
+    link.parent.mkdir()
+    link.symlink_to(block_files(outside)[ids[0]])
+    with nfs(backend, root) as store:
+        assert store.lookup(ids) == [False]
+        with pytest.raises(StoreLoadError, match="symbolic link"):
+            store.load(ids, BlockPages(make_cache(), torch.tensor([2]))).wait()
+    assert block_files(outside)
+
+
+def test_corrupt_file_that_cannot_be_removed(backend, tmp_path):
+    src = make_cache(40)
+    ids = ids_for(40, 2)
+    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, ro) as store:
+        store.dump(ids, BlockPages(src, torch.tensor([1, 2]))).wait()
+        path = block_files(ro)[ids[0]]
+        flip(path, HEADER_SIZE + 5)
+        remount_read_only(ro)
+        with pytest.raises(StoreLoadError, match="payload checksum mismatch") as info:
+            store.load(ids, BlockPages(make_cache(), torch.tensor([3, 4]))).wait()
+        reason = info.value.reasons[ids[0]]
+        assert "file removed" not in reason and "could not be removed" in reason and os.path.exists(path)
+        assert store.lookup(ids) == [False, True] and store.lookup_prefix(ids) == 0
+
+
+# ---------------------------------------------------------------------------- close racing transfers
+def test_close_racing_transfers_raises_store_closed(backend, tmp_path):
+    src = make_cache(41)
+    ids = ids_for(41, 4)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so close() lands inside dump/load calls
+    try:
+        for trial in range(20):
+            root = tmp_path / str(trial)
+            root.mkdir()
+            store = nfs(backend, root, io_threads=1)
+            errors: list[BaseException] = []
+
+            def hammer(store=store, errors=errors) -> None:
+                while True:
+                    try:
+                        store.dump(ids, BlockPages(src, torch.arange(4))).wait()
+                        store.load(ids, BlockPages(make_cache(), torch.arange(4))).wait()
+                    except StoreClosedError:
+                        return
+                    except BaseException as exc:  # surfaced below
+                        errors.append(exc)
+                        return
+
+            threads = [threading.Thread(target=hammer) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(0.002 * trial)
+            store.close()
+            for t in threads:
+                t.join(30)
+            assert not errors, repr(errors[0])
+    finally:
+        sys.setswitchinterval(old)
+
+
+# ---------------------------------------------------------------------------- file and directory modes
+def test_default_modes_are_owner_and_group_only(backend, tmp_path):
+    old = os.umask(0)  # the modes must not depend on the process umask
+    try:
+        with nfs(backend, tmp_path) as store:
+            ids = ids_for(42, 1)
+            store.dump(ids, BlockPages(make_cache(42), torch.tensor([1]))).wait()
+    finally:
+        os.umask(old)
+    path = block_files(tmp_path)[ids[0]]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o750
+
+
+def test_configured_modes_for_a_service_group(backend, tmp_path):
+    old = os.umask(0o027)  # a umask clearing group write must not undo file_mode
+    try:
+        with nfs(backend, tmp_path, file_mode="0660", dir_mode=0o2770) as store:
+            ids = ids_for(43, 1)
+            store.dump(ids, BlockPages(make_cache(43), torch.tensor([1]))).wait()
+    finally:
+        os.umask(old)
+    path = block_files(tmp_path)[ids[0]]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o2770
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("file_mode", "0999"), ("file_mode", "rw-r-----"), ("file_mode", 0o4640), ("file_mode", "0440"),
+     ("file_mode", True), ("dir_mode", 0o640), ("dir_mode", "77777"), ("dir_mode", 1.5)],
+)
+def test_bad_modes_name_the_field(backend, tmp_path, field, value):
+    with pytest.raises(UcmConfigError, match=f"{field}.*octal"):
+        nfs(backend, tmp_path, **{field: value})

@@ -133,6 +133,7 @@ class StoreStats:
     evictions: int = 0
     dump_failures: int = 0
     load_failures: int = 0
+    gc_skipped: int = 0  # entries a garbage collection pass could not use or delete (summed over passes)
     used_bytes: int = 0
     stored_blocks: int = 0
     capacity_bytes: int | None = None

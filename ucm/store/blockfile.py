@@ -1,7 +1,8 @@
 """The on-disk format of one stored block (UcmNfsStore): a fixed 4 KiB header, then the payload.
 
-Owned by `ucm.store.nfs`, which writes a block to a temporary name and publishes it by rename; `read_block`
-verifies everything before the payload may be used. Header (little-endian), then zero padding to 4096 bytes:
+Owned by `ucm.store.nfs`, which writes a block to a temporary name and publishes it; `check_block` verifies
+everything before the payload may be used, and tells a damaged file (delete it) from one this engine cannot
+read (keep it: another engine may). Header (little-endian), then zero padding to 4096 bytes:
 
     magic "UCMKVBLK" | u32 format version | u32 header size | u64 payload size | u32 checksum algorithm |
     u32 flags (0) | u64 payload checksum | u32 id length | 128 B block id (ASCII, zero padded) | u32 crc32 of all
@@ -70,7 +71,18 @@ def _checksum_fn(algo: int) -> Callable[[Sequence[memoryview]], int] | None:
 
 
 class BlockFileError(Exception):
-    """A block file cannot be used; the message says why (missing, truncated, checksum mismatch, ...)."""
+    """A block file cannot be used; the message says why. Raised as one of the two subclasses below."""
+
+
+class BlockCorruptError(BlockFileError):
+    """The file is damaged or is not this block (truncated, bad magic, header or payload checksum mismatch,
+    another block's content): no engine can use it, so it may be deleted."""
+
+
+class BlockUnsupportedError(BlockFileError):
+    """An intact-looking file this engine cannot verify (a newer format version, a checksum algorithm not
+    available here, another ``kv_block_size``): a miss for this engine only, never deleted (in a mixed fleet
+    another engine reads it)."""
 
 
 _local = threading.local()
@@ -96,27 +108,35 @@ def fill_header(buf: memoryview, block_id: str, payload: Sequence[memoryview], c
 
 
 def check_block(header: memoryview, payload: memoryview, block_id: str, file_size: int) -> None:
-    """Raise `BlockFileError` unless header + payload are a complete, intact copy of block `block_id`."""
-    expected = HEADER_SIZE + payload.nbytes
-    if file_size != expected:
-        raise BlockFileError(f"truncated or wrong size: {file_size} B, expected {expected} B")
-    magic, version, header_size, size, algo, _flags, digest, id_len, raw = _FIELDS.unpack_from(header, 0)
+    """Raise `BlockCorruptError` or `BlockUnsupportedError` unless header + payload are a complete, intact copy
+    of block `block_id`. The version is read before the header checksum: a later format may lay its header out
+    differently, and must not look corrupt to this engine."""
+    if file_size < HEADER_SIZE:
+        raise BlockCorruptError(f"truncated: {file_size} B, shorter than the {HEADER_SIZE} B header")
+    magic, version = struct.unpack_from("<8sI", header, 0)
     if magic != MAGIC:
-        raise BlockFileError("not a UCM block file (bad magic)")
+        raise BlockCorruptError("not a UCM block file (bad magic)")
+    if version > FORMAT_VERSION:
+        raise BlockUnsupportedError(f"format version {version} is newer than this engine's ({FORMAT_VERSION})")
     (header_crc,) = _HEADER_CRC.unpack_from(header, _FIELDS.size)
     if header_crc != zlib.crc32(header[: _FIELDS.size]):
-        raise BlockFileError("header checksum mismatch")
+        raise BlockCorruptError("header checksum mismatch")
+    _magic, _version, header_size, size, algo, _flags, digest, id_len, raw = _FIELDS.unpack_from(header, 0)
     if version != FORMAT_VERSION or header_size != HEADER_SIZE:
-        raise BlockFileError(f"unsupported format version {version} (header {header_size} B)")
+        raise BlockCorruptError(f"bad format version {version} (header {header_size} B)")
     if raw[:id_len].decode("ascii", "replace") != block_id:
-        raise BlockFileError(f"file holds block {raw[:id_len].decode('ascii', 'replace')!r}")
+        raise BlockCorruptError(f"file holds block {raw[:id_len].decode('ascii', 'replace')!r}")
     if size != payload.nbytes:
-        raise BlockFileError(f"payload is {size} B, the store's kv_block_size is {payload.nbytes} B")
+        raise BlockUnsupportedError(f"stored with a {size} B payload, this store's kv_block_size is {payload.nbytes} B")
+    if file_size != HEADER_SIZE + size:
+        raise BlockCorruptError(f"truncated or wrong size: {file_size} B, expected {HEADER_SIZE + size} B")
     fn = _checksum_fn(algo)
     if fn is None:
-        raise BlockFileError(f"checksum algorithm {algo} is not available here (install xxhash)")
+        known = {v: k for k, v in CHECKSUMS.items()}
+        what = f"{known[algo]} (install xxhash)" if algo in known else "unknown to this engine"
+        raise BlockUnsupportedError(f"checksum algorithm {algo} is not available here: {what}")
     if fn([payload]) != digest:
-        raise BlockFileError("payload checksum mismatch")
+        raise BlockCorruptError("payload checksum mismatch")
 
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:

@@ -3,6 +3,7 @@ naming the field and what it accepts. Used by the store classes' constructors.""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,3 +43,19 @@ def get_choice(config: Mapping[str, Any], field: str, default: str, allowed: lis
     if value not in allowed:
         raise UcmConfigError(field, value, allowed)
     return value
+
+
+def get_mode(config: Mapping[str, Any], field: str, default: int, required: int, allowed: int) -> int:
+    """A permission mode: an int (``0o640``) or a string of octal digits (``"0640"``, ``"640"``, ``"0o640"``) with
+    every bit of `required` set and none outside `allowed`. JSON has no octal ints: write modes as strings."""
+    value = config.get(field, default)
+    mode = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and value.removeprefix("0o").isdigit():
+        with contextlib.suppress(ValueError):
+            mode = int(value.removeprefix("0o"), 8)
+    if mode is None or mode < 0 or mode & ~allowed or mode & required != required:
+        raise UcmConfigError(field, value, f"an octal mode such as {default:#o} or {f'{default:04o}'!r}, with at least "
+                             f"{required:#o} set and no bits outside {allowed:#o}")
+    return mode

@@ -10,12 +10,20 @@ straight from their pages), then per block a temporary file ``.tmp-<id>-<host>-<
 header + payload in one ``writev``, fsync, then publish: hard-link it to the final name (atomic, and only if the
 name is free, so of two engines writing the same block the first wins) or rename where hard links are missing;
 readers see no file or a whole one. Reads: one ``preadv`` into staging, verify header, size and checksum
-(`ucm.store.blockfile`), then one batched scatter of the verified rows; a bad block is reported failed
-and its file removed. All I/O runs on a thread pool of ``io_threads``.
+(`ucm.store.blockfile`), then one batched scatter of the verified rows. All I/O runs on a thread pool of
+``io_threads``; `close()` waits for it, and a transfer started once `close()` has begun raises `StoreClosedError`.
+
+Faults never give wrong bytes and never delete a valid block; the block fails (vLLM recomputes it) and the store
+keeps serving. A corrupt file is deleted (or, when it cannot be, no longer reported by `lookup` and replaced by
+the next dump); a file this engine cannot verify (a newer format, a checksum algorithm not installed here,
+another ``kv_block_size``) is kept for the engines that can. Shard dirs and block files are never opened through
+a symlink, and a FIFO or other non-regular entry at a block's name is refused without blocking (a dump replaces
+it). New files get ``file_mode`` (default 0640), new shard dirs ``dir_mode`` (0750), whatever the umask.
 
 Capacity: with ``max_storage_size`` set, a garbage collection pass deletes the least recently accessed blocks
 (loads refresh a file's atime explicitly, so ``noatime``/``relatime`` mounts work) down to 90% of the bound; the
-same pass deletes temporary files older than ``stale_temp_seconds`` left by crashed writers.
+same pass deletes temporary files older than ``stale_temp_seconds`` left by crashed writers. It only deletes
+regular files named like a block or a temporary file, skips (and counts) what it cannot delete, and never dies.
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,14 +51,21 @@ from ucm.device import Backend, PinnedBufferPool
 from ucm.errors import UcmConfigError
 from ucm.store import blockfile
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import get_bool, get_choice, get_float, get_int
+from ucm.store.config import get_bool, get_choice, get_float, get_int, get_mode
 from ucm.store.errors import StoreClosedError
-from ucm.store.naming import check_block_id
+from ucm.store.naming import check_block_id, is_block_id
 from ucm.store.task import ThreadTask
+
+logger = logging.getLogger(__name__)
 
 SUFFIX = ".kv"
 TEMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_TEMP_RE = re.compile(r"\.tmp-[0-9a-f]+-[A-Za-z0-9._-]+")  # the store's own temporary files (see _write_block)
+# Shard dirs are opened without following a symlink: a link there could lead anywhere outside the tree.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_KNOWN_BAD = 4096  # unusable block files remembered per store (oldest forgotten first)
+_MISSING = "not in the store (never dumped, garbage-collected, or its dump has not finished)"
 _GC_LOW_WATERMARK = 0.9
 _ATIME_REFRESH_S = 60.0
 _MAX_IOV = 1000  # writev takes at most IOV_MAX (1024) buffers: header + one per page tensor
@@ -73,6 +90,9 @@ class NfsStore(KVStoreBase):
         "checksum": f"payload checksum, one of {blockfile.available_checksums()} (default "
         f"{blockfile.default_checksum()!r})",
         "stale_temp_seconds": "number, age after which a temporary file is a crashed writer's leftover (default 600)",
+        "file_mode": "permission bits of block files, an octal string: '0640' (default) or e.g. '0660' for a "
+        "service group",
+        "dir_mode": "permission bits of the shard dirs the store creates: '0750' (default) or e.g. '2770'",
     }
 
     def __init__(self, config: Mapping[str, Any], backend: Backend):
@@ -92,6 +112,8 @@ class NfsStore(KVStoreBase):
         self.fsync = get_bool(config, "fsync", True)
         self.checksum = get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums())
         self.stale_temp_seconds = get_float(config, "stale_temp_seconds", 600.0)
+        self.file_mode = get_mode(config, "file_mode", 0o640, required=0o600, allowed=0o777)
+        self.dir_mode = get_mode(config, "dir_mode", 0o750, required=0o700, allowed=0o3777)
         super().__init__(config, backend)
 
         self._chunk_rows = max(1, staging // block)
@@ -106,6 +128,11 @@ class NfsStore(KVStoreBase):
         self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
         self._stats = StoreStats(capacity_bytes=self.max_storage_size)
         self._published_count = 0  # blocks this process published (tells a GC pass whether its scan is current)
+        self._umask = _process_umask()
+        # Block files found unusable, by path: (file identity, corrupt). Kept only when the file stays: a corrupt
+        # file that could not be removed (a dump replaces it), or one this engine cannot read (never replaced).
+        self._known_bad: OrderedDict[str, tuple[tuple[int, ...], bool]] = OrderedDict()
+        self._bad_shards: set[str] = set()  # shard names that are not real directories (e.g. symlinks)
         self._gc_lock = threading.Lock()
         self._gc_thread: threading.Thread | None = None
         self._closed = False
@@ -114,7 +141,7 @@ class NfsStore(KVStoreBase):
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:
         self._check_open()
-        hits = [os.path.exists(self._path(check_block_id(b))[2]) for b in block_ids]
+        hits = [self._loadable(check_block_id(b)) for b in block_ids]
         with self._lock:
             self._stats.lookup_hits += sum(hits)
             self._stats.lookup_misses += len(hits) - sum(hits)
@@ -125,7 +152,7 @@ class NfsStore(KVStoreBase):
         self._check_open()
         count = 0
         for block_id in block_ids:
-            if not os.path.exists(self._path(check_block_id(block_id))[2]):
+            if not self._loadable(check_block_id(block_id)):
                 break
             count += 1
         with self._lock:
@@ -139,35 +166,38 @@ class NfsStore(KVStoreBase):
         source.check(len(block_ids), self.kv_block_size, whole_row=True)
         # A block another task is writing right now is written again (both publish a whole file): waiting for
         # the other task from an I/O thread could deadlock the pool, and skipping would end this task early.
-        self._check_open()
-        with self._lock:
-            self._pending.update(block_ids)
-        return self._submit("dump", block_ids, list(range(len(block_ids))), source, self._dump_chunk)
+        return self._submit("dump", block_ids, source, self._dump_chunk, self._pending)
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
         destination.check(len(block_ids), self.kv_block_size, whole_row=False)
-        self._check_open()
-        with self._lock:
-            self._reading.update(block_ids)
-        return self._submit("load", block_ids, list(range(len(block_ids))), destination, self._load_chunk)
+        return self._submit("load", block_ids, destination, self._load_chunk, self._reading)
 
-    def _submit(self, op: str, block_ids: list[str], picks: list[int], pages: BlockPages, job: Any) -> StoreTask:
-        per_chunk = min(self._chunk_rows, max(1, -(-len(picks) // self.io_threads)))
-        chunks = [picks[i : i + per_chunk] for i in range(0, len(picks), per_chunk)]
+    def _submit(self, op: str, block_ids: list[str], pages: BlockPages, job: Any, in_flight: Counter[str]) -> StoreTask:
+        """Split the ids into one job per I/O thread (at most a staging buffer each) and queue them; raises
+        `StoreClosedError` once `close()` has begun (never the pool's own error)."""
+        self._check_open()
+        per_chunk = min(self._chunk_rows, max(1, -(-len(block_ids) // self.io_threads)))
+        chunks = [list(range(i, min(i + per_chunk, len(block_ids)))) for i in range(0, len(block_ids), per_chunk)]
         task = ThreadTask(op, block_ids, len(chunks))
         ready = self.backend.record_event()  # device copies start after the caller's queued work
-        for chunk in chunks:
-            ids = [block_ids[i] for i in chunk]
-            slots = pages.slots.index_select(0, torch.tensor(chunk, dtype=torch.int64, device=pages.slots.device))
-            self._pool.submit(job, task, ids, slots, pages, ready)
+        device = pages.slots.device
+        jobs = [
+            ([block_ids[i] for i in c], pages.slots.index_select(0, torch.tensor(c, device=device)))
+            for c in chunks
+        ]
+        with self._lock:  # close() marks the store closed under this lock, so no job is queued after shutdown
+            self._check_open()
+            in_flight.update(block_ids)
+            for ids, slots in jobs:
+                self._pool.submit(job, task, ids, slots, pages, ready)
         return task
 
     def _dump_chunk(
         self, task: ThreadTask, ids: list[str], slots: torch.Tensor, source: BlockPages, ready: Any
     ) -> None:
         try:
-            todo = [i for i, b in enumerate(ids) if not os.path.exists(self._path(b)[2])]
+            todo = [i for i, b in enumerate(ids) if not self._stored(b)]
             with self._lock:
                 self._stats.dumps_skipped += len(ids) - len(todo)
             pages = source.pages
@@ -186,7 +216,7 @@ class NfsStore(KVStoreBase):
                     for row, i in enumerate(todo):
                         self._dump_one(task, ids[i], [memoryview(rows[row])])
         except Exception as exc:  # a device/staging failure fails the blocks not yet published
-            unpublished = [b for b in ids if not os.path.exists(self._path(b)[2])]
+            unpublished = [b for b in ids if not self._stored(b)]
             task.fail(unpublished, f"dump failed: {type(exc).__name__}: {exc}")
             with self._lock:
                 self._stats.dump_failures += len(unpublished)
@@ -238,10 +268,10 @@ class NfsStore(KVStoreBase):
                 good: list[int] = []
                 try:
                     for i, block_id in enumerate(ids):
-                        fd, reason = opened[i]
-                        opened[i] = (None, None)
+                        fd, st, reason = opened[i]
+                        opened[i] = (None, None, None)
                         if fd is not None:
-                            reason = self._read_block(block_id, fd, memoryview(rows[i]))
+                            reason = self._read_block(block_id, fd, st, memoryview(rows[i]))
                         if reason is not None:
                             task.fail([block_id], reason)
                             continue
@@ -249,7 +279,7 @@ class NfsStore(KVStoreBase):
                         if to_host:  # host-resident cache: copy the verified row while it is still in cache
                             _copy_row_to_pages(rows[i], pages, int(slots[i]), destination.row_offset)
                 finally:
-                    for fd, _ in opened:
+                    for fd, _, _ in opened:
                         if fd is not None:
                             os.close(fd)
                 if good and not to_host:
@@ -281,87 +311,235 @@ class NfsStore(KVStoreBase):
         shard = os.path.join(root, block_id[:2])
         return root, shard, os.path.join(shard, block_id + SUFFIX)
 
+    def _loadable(self, block_id: str) -> bool:
+        """What `lookup` reports: a regular file is at the block's name and this store has not found it unusable
+        (one lstat; symlinks, FIFOs and directories there are never loaded)."""
+        _, shard, path = self._path(block_id)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if not (self._known_bad or self._bad_shards):
+            return True
+        with self._lock:
+            bad = self._known_bad.get(path)
+            return shard not in self._bad_shards and (bad is None or bad[0] != _identity(st))
+
+    def _stored(self, block_id: str) -> bool:
+        """Whether a dump may skip the block: a regular file is at its name that is not known to be corrupt. A
+        file this engine cannot read (e.g. a newer format) counts as stored: another engine's block is never
+        overwritten."""
+        _, shard, path = self._path(block_id)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or not _is_real_dir(shard):  # lstat followed a linked shard dir
+            return False
+        return not self._known_corrupt(path, st)
+
     def _write_block(self, block_id: str, payload: list[memoryview]) -> int:
         """Write, sync and publish one block file; returns the bytes it adds to the store (0 when another writer
         published the block meanwhile). Raises OSError (temp file removed)."""
         root, shard, final = self._path(block_id)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(shard)  # never makedirs: a vanished storage dir must fail, not be recreated
-        tmp = os.path.join(shard, f"{TEMP_PREFIX}{block_id}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}")
+        tmp = f"{TEMP_PREFIX}{block_id}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
         header = blockfile.header_buffer()
         blockfile.fill_header(header, block_id, payload, self.checksum)
-        fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload)
+        dir_fd = self._open_shard(shard, create=True)
         try:
-            blockfile.write_all(fd, [header, *payload])
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
+            fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload, dir_fd, self.file_mode)
+            try:
+                if self.file_mode & self._umask:  # give back the bits the umask cleared (never more than asked)
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, self.file_mode)
+                blockfile.write_all(fd, [header, *payload])
+                if self.fsync:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
             os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            self._before_publish(tmp)
-            new = _publish(tmp, final)
+            try:
+                self._before_publish(os.path.join(shard, tmp))
+                new = self._publish(dir_fd, tmp, final)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            os.close(dir_fd)
         # No directory fsync: a publish lost in a machine crash only loses the block (a miss, its temporary file
         # is collected later); the content is already durable, so a published name never shows partial data.
         return blockfile.HEADER_SIZE + self.kv_block_size if new else 0
 
+    def _publish(self, dir_fd: int, tmp: str, final: str) -> bool:
+        """Give the complete file `tmp` the name of `final` (both in shard dir `dir_fd`) atomically; False when
+        another writer already had (its file holds the same block, verified on every load). A hard link publishes
+        only if the name is free, so the first writer wins and counts stay exact; file systems without hard links
+        fall back to rename. Whatever else holds the name (a symlink, a FIFO, a file found corrupt) is replaced by
+        the rename, which never follows it; a directory there fails the block."""
+        name = os.path.basename(final)
+        try:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", final)
+        regular = st is not None and stat.S_ISREG(st.st_mode)
+        if regular and not self._known_corrupt(final, st):
+            return False
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return not regular
+
     def _before_publish(self, temp_path: str) -> None:
         """Called after a block's temporary file is complete and synced, right before publishing (test hook)."""
 
-    def _open_for_read(self, block_id: str, payload: memoryview) -> tuple[int | None, str | None]:
-        """(fd, None), or (None, why the block file cannot be opened); hints the kernel to read it ahead."""
-        root, _, path = self._path(block_id)
+    def _open_shard(self, shard: str, create: bool = False) -> int:
+        """An fd of a shard dir, opened without following a symlink; made (with `dir_mode`) when `create`. Raises
+        OSError: ENOENT when missing, ELOOP/ENOTDIR when not a real directory (then remembered for `lookup`)."""
+        made = False
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(shard, self.dir_mode)  # never makedirs: a vanished storage dir must fail, not be recreated
+                made = True
         try:
-            fd = self._open(root, path, os.O_RDONLY, [payload])
-        except FileNotFoundError:
-            return None, "not in the store (never dumped, garbage-collected, or its dump has not finished)"
+            fd = os.open(shard, _DIR_FLAGS)
         except OSError as exc:
-            return None, self._describe(exc, root)
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        return fd, None
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                with self._lock:
+                    self._bad_shards.add(shard)
+            raise
+        if self._bad_shards:
+            with self._lock:
+                self._bad_shards.discard(shard)
+        if made and self.dir_mode & (self._umask | 0o7000):  # the umask (and mkdir, for setgid) cleared bits
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, self.dir_mode)
+        return fd
 
-    def _read_block(self, block_id: str, fd: int, payload: memoryview) -> str | None:
-        """Read and verify one block from `fd` (closed here) into `payload`; None on success, else why not."""
-        root, _, path = self._path(block_id)
+    def _open_for_read(
+        self, block_id: str, payload: memoryview
+    ) -> tuple[int | None, os.stat_result | None, str | None]:
+        """(fd, its stat, None), or (None, None, why the block cannot be read); hints the kernel to read it ahead.
+        Never blocks: a FIFO opens at once (O_NONBLOCK) and is refused like any entry that is not a regular file;
+        neither the shard dir nor the file is opened through a symlink."""
+        root, shard, path = self._path(block_id)
+        try:
+            dir_fd = self._open_shard(shard)
+        except FileNotFoundError:
+            return None, None, _MISSING
+        except OSError as exc:
+            return None, None, self._describe(exc, root, shard)
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            fd = self._open(root, os.path.basename(path), flags, [payload], dir_fd)
+        except FileNotFoundError:
+            return None, None, _MISSING
+        except OSError as exc:
+            return None, None, self._describe(exc, root, path)
+        finally:
+            os.close(dir_fd)
         try:
             st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            return None, None, self._describe(exc, root, path)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None, None, f"{path} is {_kind(st.st_mode)}, not a block file (left in place; a dump replaces it)"
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return fd, st, None
+
+    def _read_block(self, block_id: str, fd: int, st: os.stat_result, payload: memoryview) -> str | None:
+        """Read and verify one block from `fd` (closed here) into `payload`; None on success, else why not. Only a
+        corrupt file is deleted; one this engine cannot read is kept (and no longer reported by `lookup`)."""
+        root, shard, path = self._path(block_id)
+        try:
             header = blockfile.header_buffer()
             blockfile.read_all(fd, [header, payload])
             blockfile.check_block(header, payload, block_id, st.st_size)
+            if time.time() - st.st_atime > _ATIME_REFRESH_S:  # GC evicts by access time; keep it fresh cheaply
+                with contextlib.suppress(OSError):
+                    os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
+        except blockfile.BlockUnsupportedError as exc:
+            self._remember_bad(path, st, corrupt=False)
+            return f"{path}: {exc} (file kept: another engine may read it)"
         except blockfile.BlockFileError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # corrupt: remove it so the block can be dumped again
-            return f"{path}: {exc} (file removed)"
+            return f"{path}: {exc} ({self._remove_corrupt(shard, path, st)})"
         except OSError as exc:
-            return self._describe(exc, root)
+            return self._describe(exc, root, path)
         finally:
             os.close(fd)
-        if time.time() - st.st_atime > _ATIME_REFRESH_S:  # GC evicts by access time; keep it fresh cheaply
-            with contextlib.suppress(OSError):
-                os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
         return None
 
-    def _open(self, root: str, path: str, flags: int, bufs: list[memoryview]) -> int:
+    def _remove_corrupt(self, shard: str, path: str, st: os.stat_result) -> str:
+        """Delete the corrupt file `st` at `path` so the block can be dumped again (not if another file has taken
+        the name meanwhile); returns what happened, for the failure reason. A file that stays is remembered:
+        `lookup` stops reporting it and a dump replaces it."""
+        name = os.path.basename(path)
+        try:
+            dir_fd = os.open(shard, _DIR_FLAGS)
+            try:
+                now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    return "file kept: a new file has replaced it"
+                os.unlink(name, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except FileNotFoundError:
+            return "file already removed"
+        except OSError as exc:
+            self._remember_bad(path, st, corrupt=True)
+            return f"file could not be removed: {exc.strerror}; no longer reported by lookup"
+        return "file removed"
+
+    def _remember_bad(self, path: str, st: os.stat_result, corrupt: bool) -> None:
+        with self._lock:
+            self._known_bad[path] = (_identity(st), corrupt)
+            self._known_bad.move_to_end(path)
+            while len(self._known_bad) > _MAX_KNOWN_BAD:
+                self._known_bad.popitem(last=False)
+
+    def _known_corrupt(self, path: str, st: os.stat_result) -> bool:
+        """Whether `st` is the very file at `path` that a load found corrupt (and could not remove)."""
+        if not self._known_bad:
+            return False
+        with self._lock:
+            bad = self._known_bad.get(path)
+        return bad is not None and bad[1] and bad[0] == _identity(st)
+
+    def _open(self, root: str, name: str, flags: int, bufs: list[memoryview], dir_fd: int, mode: int = 0o600) -> int:
         flags |= os.O_CLOEXEC
         if self._direct_ok[root] and all(_aligned(b) for b in bufs):
             try:
-                return os.open(path, flags | os.O_DIRECT, 0o644)
+                return os.open(name, flags | os.O_DIRECT, mode, dir_fd=dir_fd)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self._direct_ok[root] = False  # this file system does not support O_DIRECT (e.g. tmpfs)
-        return os.open(path, flags, 0o644)
+            fd = os.open(name, flags, mode, dir_fd=dir_fd)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a FIFO or device refusing O_DIRECT: the file system is
+                self._direct_ok[root] = False  # without O_DIRECT support (e.g. tmpfs)
+            return fd
+        return os.open(name, flags, mode, dir_fd=dir_fd)
 
     @staticmethod
-    def _describe(exc: OSError, root: str) -> str:
+    def _describe(exc: OSError, root: str, path: str | None = None) -> str:
         code = errno.errorcode.get(exc.errno or 0, "")
+        if path is None:  # os errors name the full path, except those relative to a dir fd
+            path = exc.filename if isinstance(exc.filename, str) and os.path.isabs(exc.filename) else root
+        link = f"{path} is a symbolic link; links below storage dir {root} are never followed"
         known = {
             errno.ENOSPC: f"no space left in storage dir {root} (ENOSPC)",
             errno.EDQUOT: f"disk quota exceeded in storage dir {root} (EDQUOT)",
@@ -369,6 +547,9 @@ class NfsStore(KVStoreBase):
             errno.EACCES: f"permission denied in storage dir {root} (EACCES)",
             errno.EPERM: f"operation not permitted in storage dir {root} (EPERM)",
             errno.ENOENT: f"storage dir {root} is missing (ENOENT)",
+            errno.ELOOP: f"{link} (ELOOP)",
+            errno.ENOTDIR: f"{link} (ENOTDIR)" if os.path.islink(path) else f"{path} is not a directory (ENOTDIR)",
+            errno.EISDIR: f"{path} is a directory, not a block file (EISDIR)",
         }
         return known.get(exc.errno, f"I/O error in storage dir {root}: {code} {exc.strerror or exc}")
 
@@ -377,60 +558,95 @@ class NfsStore(KVStoreBase):
         """One pass over every storage dir: delete stale temporary files and, over `max_storage_size`, the least
         recently accessed blocks (not those this process is loading) down to 90% of it. Returns counts.
 
+        Only regular files named like a block or a temporary file of the store are ever deleted, and links are
+        never followed. Entries it cannot use or delete (a directory or FIFO at a block's name, a linked shard
+        dir, a read-only or permission-denied file) are skipped and counted (``skipped``, `StoreStats.gc_skipped`);
+        the rest of the pass goes on, so the size bound holds as far as the deletable blocks allow.
+
         Runs in the background at construction and when a dump goes over the bound (or hits ENOSPC); callable any
         time (passes are serialized)."""
         with self._gc_lock:
             with self._lock:
                 published_before = self._published_count
             now = time.time()
-            temps_removed = 0
-            blocks: list[tuple[float, int, str, str]] = []
+            temps_removed = skipped = 0
+            bad_shards: set[str] = set()
+            blocks: list[tuple[float, int, str, str]] = []  # (atime, size, shard dir, file name)
             for root in self._roots:
                 for shard in _scandir(root):
-                    if not (shard.is_dir() and _SHARD_RE.fullmatch(shard.name)):
+                    if not _SHARD_RE.fullmatch(shard.name):
                         continue
-                    for entry in _scandir(shard.path):
-                        try:
-                            st = entry.stat()
-                        except OSError:
-                            continue
-                        if entry.name.startswith(TEMP_PREFIX):
-                            if now - st.st_mtime > self.stale_temp_seconds:
-                                with contextlib.suppress(OSError):
-                                    os.unlink(entry.path)
-                                    temps_removed += 1
-                        elif entry.name.endswith(SUFFIX):
-                            blocks.append((st.st_atime, st.st_size, entry.path, entry.name[: -len(SUFFIX)]))
+                    if not shard.is_dir(follow_symlinks=False):  # a symlink (could lead anywhere) or a file
+                        bad_shards.add(shard.path)
+                        skipped += 1
+                        continue
+                    try:
+                        dir_fd = os.open(shard.path, _DIR_FLAGS)
+                    except OSError:  # replaced by a link since the listing, or unreadable
+                        skipped += 1
+                        continue
+                    try:
+                        for entry in _scandir(dir_fd):
+                            is_block = entry.name.endswith(SUFFIX) and is_block_id(entry.name[: -len(SUFFIX)])
+                            if not (is_block or _TEMP_RE.fullmatch(entry.name)):
+                                continue  # not the store's (e.g. an NFS client's .nfs* file): left alone
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue  # vanished since the listing
+                            if not stat.S_ISREG(st.st_mode):
+                                skipped += 1
+                            elif is_block:
+                                blocks.append((st.st_atime, st.st_size, shard.path, entry.name))
+                            elif now - st.st_mtime > self.stale_temp_seconds:
+                                removed = _unlink_at(dir_fd, entry.name)
+                                temps_removed += removed is True
+                                skipped += removed is False
+                    finally:
+                        os.close(dir_fd)
             used = sum(size for _, size, _, _ in blocks)
             scanned_used, evicted = used, 0
             if self.max_storage_size is not None and used > self.max_storage_size:
                 target = int(self.max_storage_size * _GC_LOW_WATERMARK)
                 with self._lock:
                     busy = set(self._reading) | set(self._pending)
-                for _, size, path, block_id in sorted(blocks):
+                for _, size, shard, name in sorted(blocks):
                     if used <= target:
                         break
-                    if block_id in busy:
+                    if name[: -len(SUFFIX)] in busy:
                         continue
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                        evicted += 1
+                    removed = _unlink_in(shard, name)
+                    if removed is False:
+                        skipped += 1
+                        continue
+                    evicted += removed is True
                     used -= size
             with self._lock:
                 self._stats.evictions += evicted
+                self._stats.gc_skipped += skipped
+                self._bad_shards = bad_shards
                 if self._published_count == published_before:  # the scan is a consistent picture: take it
                     self._stats.used_bytes = used
                     self._stats.stored_blocks = len(blocks) - evicted
                 else:  # blocks were published during the scan: keep the running counts, minus what was deleted
                     self._stats.used_bytes = max(0, self._stats.used_bytes - (scanned_used - used))
                     self._stats.stored_blocks = max(0, self._stats.stored_blocks - evicted)
-            return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used}
+            return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used,
+                    "skipped": skipped}
+
+    def _collect_in_background(self) -> None:
+        """The GC thread: a pass that fails anyway (e.g. a storage dir unmounted mid-scan) is logged; the next
+        pass, at the next dump over the bound, tries again."""
+        try:
+            self.collect_garbage()
+        except Exception:
+            logger.exception("UcmNfsStore: garbage collection pass failed")
 
     def _schedule_gc(self) -> None:
         with self._lock:
             if self._closed or (self._gc_thread is not None and self._gc_thread.is_alive()):
                 return
-            self._gc_thread = threading.Thread(target=self.collect_garbage, name="ucm-nfs-gc", daemon=True)
+            self._gc_thread = threading.Thread(target=self._collect_in_background, name="ucm-nfs-gc", daemon=True)
             self._gc_thread.start()
 
     # ------------------------------------------------------------------ housekeeping
@@ -482,7 +698,7 @@ class NfsStore(KVStoreBase):
         return roots
 
 
-def _scandir(path: str) -> list[os.DirEntry]:
+def _scandir(path: str | int) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
             return list(it)
@@ -490,21 +706,58 @@ def _scandir(path: str) -> list[os.DirEntry]:
         return []
 
 
-def _publish(tmp: str, final: str) -> bool:
-    """Give the complete file `tmp` the name `final` atomically; False when another writer already had (its
-    file holds the same block, verified on every load). A hard link publishes only if the name is free, so the
-    first writer wins and counts stay exact; file systems without hard links fall back to rename (last wins)."""
+def _unlink_at(dir_fd: int, name: str) -> bool | None:
+    """Remove `name` from the dir `dir_fd`: True if removed, None if already gone, False if it cannot be removed
+    (read-only file system, permission, a directory)."""
     try:
-        os.link(tmp, final)
+        os.unlink(name, dir_fd=dir_fd)
         return True
-    except FileExistsError:
+    except FileNotFoundError:
+        return None
+    except OSError:
         return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-    existed = os.path.exists(final)
-    os.rename(tmp, final)
-    return not existed
+
+
+def _unlink_in(shard: str, name: str) -> bool | None:
+    """`_unlink_at` by shard path, never through a linked shard dir."""
+    try:
+        dir_fd = os.open(shard, _DIR_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    try:
+        return _unlink_at(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Tells one file from a later one at the same name (another engine may replace a bad block file)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISLNK: "a symbolic link"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it (Linux >= 4.7); all bits when unknown, so modes are always set."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o777
 
 
 def _aligned(buf: memoryview) -> bool:
