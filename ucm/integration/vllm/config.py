@@ -1,8 +1,10 @@
 """The connector's configuration: `kv_connector_extra_config` parsed and checked against the model.
 
 Owned by the connector (`ucm.integration.vllm.uc_connector`), which builds one `ConnectorConfig` per role at
-engine start. Every mistake raises one `UcmConfigError` naming the field, the value and what is accepted, so the
-engine fails to start with a message a user can act on (never a half-working engine).
+engine start; `check` (everything that does not need the model) also runs earlier, in the process that builds
+vLLM's engine config (`ucm.integration.vllm.compat.config_check`). Every mistake raises one `UcmConfigError`
+naming the field, the value and what is accepted, so the engine fails to start with a message a user can act on
+(never a half-working engine).
 
 Fields (all under ``kv_connector_extra_config``)::
 
@@ -11,7 +13,7 @@ Fields (all under ``kv_connector_extra_config``)::
                             omitted (derived from the model), if given it must equal the model's
                             bytes per block (all layers of one worker)                          required
     ucm_sparse_method       "ESA" (or a registered method); absent/null: dense attention          optional
-    ucm_sparse_config       {"ESA": {...}} per-method fields                                      optional
+    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry (needs the method) optional
     ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
