@@ -120,3 +120,16 @@ def test_a_list_as_store_name_is_a_config_error(backend):
     with pytest.raises(UcmConfigError) as info:
         create_store(["UcmDram"], {"max_cache_size": 4096, "kv_block_size": 1024}, backend)
     assert info.value.field == "ucm_connector_name" and "'UcmDram'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [({"max_cache_size": "1GB"}, "max_cache_size"), ({"max_cache_size": 4096, "transfer": ["dma"]}, "transfer"),
+     ({"max_cache_size": 1000, "kv_block_size": 1024}, "max_cache_size")],
+)
+def test_dram_values_are_checked_without_building_the_store(config, field):
+    # no pinned memory is allocated: the connector runs this before any engine starts
+    with pytest.raises(UcmConfigError) as info:
+        DramStore.check_values(config)
+    assert info.value.field == f"ucm_connector_config.{field}"
+    assert DramStore.check_values({"max_cache_size": 4096}) == {"max_cache_size": 4096, "transfer": "auto"}

@@ -95,9 +95,6 @@ class ConnectorConfig:
                 f"{expected} for this model ({block.num_layers} layers x {block.page_bytes} B per {block.block_size}-"
                 f"token block of K and V in {block.dtype}), or leave it out to derive it",
             )
-        if fields["store_name"] in ("UcmDram",) and store_config["max_cache_size"] < expected:
-            raise UcmConfigError("ucm_connector_config.max_cache_size", store_config["max_cache_size"],
-                                 f"an int >= {expected} bytes (one block of this model)")
         _store_class(fields["store_name"]).check_values(store_config)  # the checks that need kv_block_size
         return cls(store_config=store_config, block=block, **fields)
 
@@ -137,10 +134,6 @@ def check(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     if name in ("UcmNfsStore",) and "storage_backends" not in store_config:
         raise UcmConfigError("ucm_connector_config.storage_backends", "<missing>",
                              "an existing directory path, or a list of them")
-    if name in ("UcmDram",):
-        from ucm.store.config import get_int
-
-        get_int(store_config, "max_cache_size")  # required; >= one block is checked once the model is known
     store_cls.check_values(store_config)  # ranges, paths, choices (the checks needing kv_block_size wait)
 
     method, sparse_config = _check_sparse(extra)
