@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucm.errors import UcmConfigError
-from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape
+from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape, check
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmWorkerMetadata
 from ucm.integration.vllm.stats import UcmConnectorStats
@@ -81,6 +81,85 @@ def test_kv_block_size_must_match_the_model(tmp_path) -> None:
 )
 def test_bad_fields_name_the_field(extra, field) -> None:
     assert error(extra).field == field
+
+
+DRAM = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        # values of the wrong type used to escape as TypeError / ValueError
+        ({**DRAM, "ucm_connector_name": ["UcmDram"]}, "ucm_connector_name"),
+        ({**DRAM, "ucm_sparse_method": ["ESA"]}, "ucm_sparse_method"),
+        ({**DRAM, "ucm_device_backend": ["cpu"]}, "ucm_device_backend"),
+        ({**DRAM, "ucm_load_failure_policy": ["fail"]}, "ucm_load_failure_policy"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": 0.2}}, "ucm_sparse_config.ESA"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": [1, 2]}}, "ucm_sparse_config.ESA"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": "abc"}}, "ucm_sparse_config.ESA"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": [1, 2]}, "ucm_sparse_config"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": "abc"}, "ucm_sparse_config"),
+        ({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": "/tmp\0x"}},
+         "ucm_connector_config.storage_backends"),
+        ({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": [""]}},
+         "ucm_connector_config.storage_backends"),
+        ({**DRAM, "ucm_connector_config": {"max_cache_size": "1GB"}}, "ucm_connector_config.max_cache_size"),
+        ({**DRAM, "ucm_connector_config": {"max_cache_size": 1 << 20, "kv_block_size": "131072"}},
+         "ucm_connector_config.kv_block_size"),
+    ],
+)
+def test_malformed_values_give_one_config_error(extra, field) -> None:
+    assert error(extra).field == field
+
+
+@pytest.mark.parametrize("method", ["", False, 0, "esa"])
+def test_sparse_method_is_a_known_name_or_absent(method) -> None:
+    # "", False and 0 used to run dense without a word
+    err = error({**DRAM, "ucm_sparse_method": method, "ucm_sparse_config": {"ESA": {}}})
+    assert err.field == "ucm_sparse_method" and "'ESA'" in str(err) and "dense attention" in str(err)
+
+
+def test_sparse_config_without_a_method_is_refused() -> None:
+    err = error({**DRAM, "ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3}}})
+    assert err.field == "ucm_sparse_method" and err.value == "<missing>" and "'ESA'" in str(err)
+    assert ConnectorConfig.parse({**DRAM, "ucm_sparse_config": {}}, BLOCK).sparse_method is None
+
+
+@pytest.mark.parametrize("sparse_config", [{"esa": {"sparse_ratio": 0.3}}, {"ESA": {}, "Quest": {}}])
+def test_sparse_config_entries_are_named_after_the_method(sparse_config) -> None:
+    # {"esa": ...} used to run ESA with its defaults
+    err = error({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": sparse_config})
+    assert err.field in ("ucm_sparse_config.esa", "ucm_sparse_config.Quest") and "method names: 'ESA'" in str(err)
+
+
+def test_esa_fields_are_checked_with_the_connector_config() -> None:
+    err = error({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": {"sparse_ratio": 2}}})
+    assert err.field == "ucm_sparse_config.ESA.sparse_ratio"
+    cfg = ConnectorConfig.parse({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": {"min_blocks": 8}}},
+                                BLOCK)
+    assert cfg.sparse_config == {"ESA": {"min_blocks": 8}}
+
+
+@pytest.mark.parametrize(
+    ("store", "field"),
+    [
+        ({"io_threads": 10**7}, "io_threads"),
+        ({"staging_bytes": 2**50}, "staging_bytes"),
+        ({"stale_temp_seconds": 0}, "stale_temp_seconds"),
+        ({"storage_backends": "nope-missing"}, "storage_backends"),
+    ],
+)
+def test_store_values_are_checked_without_the_model(tmp_path, store, field) -> None:
+    # `check` is what runs in the process that builds vLLM's engine config, before the model is known
+    with pytest.raises(UcmConfigError) as info:
+        check(nfs(tmp_path, **store))
+    assert info.value.field == f"ucm_connector_config.{field}"
+    assert check(nfs(tmp_path))["store_config"] == {"storage_backends": str(tmp_path)}
+
+
+def test_kv_block_size_is_named_when_too_large(tmp_path) -> None:
+    err = error(nfs(tmp_path, kv_block_size=2**40))
+    assert err.field == "ucm_connector_config.kv_block_size" and err.value == 2**40
 
 
 def test_layout_of_vllm_032_cpu_caches_and_its_tag() -> None:

@@ -56,6 +56,19 @@ def test_bad_block_size_and_config_type():
         create_sparse("ESA", [("ESA", {})], UcmSparseRole.SCHEDULER, block_size=16)
 
 
+@pytest.mark.parametrize("entry", [0.2, [1, 2], "abc"])
+def test_method_entry_must_be_a_mapping(entry):
+    with pytest.raises(UcmConfigError) as info:
+        create_sparse("ESA", {"ESA": entry}, UcmSparseRole.SCHEDULER, block_size=16)
+    assert info.value.field == "ucm_sparse_config.ESA" and "sparse_ratio" in str(info.value)
+
+
+def test_unhashable_method_name_lists_known():
+    with pytest.raises(UcmConfigError) as info:
+        create_sparse(["ESA"], None, UcmSparseRole.SCHEDULER, block_size=16)
+    assert info.value.field == "ucm_sparse_method" and "'ESA'" in str(info.value)
+
+
 class _Request:
     def __init__(self, prompt: int, computed: int, outputs: int = 0):
         self.request_id, self.num_prompt_tokens, self.num_computed_tokens = "r", prompt, computed

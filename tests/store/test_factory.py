@@ -67,3 +67,69 @@ def test_missing_storage_dir_at_configuration(backend, tmp_path):
                                      "kv_block_size": 4096}, backend)
     with pytest.raises(UcmConfigError, match="storage_backends"):
         create_store("UcmNfsStore", {"storage_backends": [], "kv_block_size": 4096}, backend)
+
+
+@pytest.mark.parametrize("paths", ["", [""], ["TMP", ""], "TMP/a\0b", ["TMP", "TMP\0"], [b"/tmp"]])
+def test_nfs_paths_must_name_directories(backend, tmp_path, paths):
+    # "" would be the current directory; a NUL byte used to escape as a raw ValueError
+    def fill(path):
+        return path.replace("TMP", str(tmp_path)) if isinstance(path, str) else path
+
+    paths = [fill(p) for p in paths] if isinstance(paths, list) else fill(paths)
+    with pytest.raises(UcmConfigError) as info:
+        create_store("UcmNfsStore", {"storage_backends": paths, "kv_block_size": 4096}, backend)
+    assert info.value.field == "ucm_connector_config.storage_backends" and "non-empty paths" in str(info.value)
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 59.5, float("nan"), float("inf"), "600", True])
+def test_stale_temp_seconds_is_a_finite_number_of_at_least_a_minute(backend, tmp_path, seconds):
+    # with 0, one engine's GC deleted the temporary files another engine was still writing
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "stale_temp_seconds": seconds}
+    with pytest.raises(UcmConfigError) as info:
+        create_store("UcmNfsStore", config, backend)
+    assert info.value.field == "ucm_connector_config.stale_temp_seconds"
+    assert "a finite number >= 60" in str(info.value) and "another engine" in str(info.value)
+    assert NfsStore.check_values({**config, "stale_temp_seconds": 60})["stale_temp_seconds"] == 60.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "bound"),
+    [
+        ({"io_threads": 10**7}, "io_threads", "[1, 256]"),
+        ({"staging_bytes": 2**50}, "staging_bytes", "4294967296"),
+        ({"kv_block_size": 2**40}, "kv_block_size", "[1, 1073741824]"),  # was reported as staging_bytes
+        ({"kv_block_size": 2**40, "staging_bytes": 1 << 20}, "kv_block_size", "[1, 1073741824]"),
+    ],
+)
+def test_nfs_sizes_have_upper_bounds_and_errors_name_the_field_set(backend, tmp_path, extra, field, bound):
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, **extra}
+    with pytest.raises(UcmConfigError) as info:
+        create_store("UcmNfsStore", config, backend)
+    assert info.value.field == f"ucm_connector_config.{field}" and bound in str(info.value)
+
+
+def test_nfs_default_staging_holds_a_large_block(tmp_path):
+    # only an explicit staging_bytes smaller than a block is an error (checked without building the store)
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 100 << 20}
+    assert NfsStore.check_values(config)["staging_bytes"] == 100 << 20
+    with pytest.raises(UcmConfigError, match="staging_bytes=1048576: expected an int in \\[kv_block_size"):
+        NfsStore.check_values({**config, "staging_bytes": 1 << 20})
+
+
+def test_a_list_as_store_name_is_a_config_error(backend):
+    with pytest.raises(UcmConfigError) as info:
+        create_store(["UcmDram"], {"max_cache_size": 4096, "kv_block_size": 1024}, backend)
+    assert info.value.field == "ucm_connector_name" and "'UcmDram'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [({"max_cache_size": "1GB"}, "max_cache_size"), ({"max_cache_size": 4096, "transfer": ["dma"]}, "transfer"),
+     ({"max_cache_size": 1000, "kv_block_size": 1024}, "max_cache_size")],
+)
+def test_dram_values_are_checked_without_building_the_store(config, field):
+    # no pinned memory is allocated: the connector runs this before any engine starts
+    with pytest.raises(UcmConfigError) as info:
+        DramStore.check_values(config)
+    assert info.value.field == f"ucm_connector_config.{field}"
+    assert DramStore.check_values({"max_cache_size": 4096}) == {"max_cache_size": 4096, "transfer": "auto"}

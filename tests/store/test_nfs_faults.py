@@ -211,7 +211,7 @@ def test_gc_and_dumps_never_follow_a_symlinked_shard(backend, tmp_path):
         (outside / name).write_bytes(b"y" * FILE)
         os.utime(outside / name, (time.time() - 7200, time.time() - 7200))
     (root / ids[0][:2]).symlink_to(outside, target_is_directory=True)
-    with nfs(backend, root, max_storage_size=FILE, stale_temp_seconds=1) as store:
+    with nfs(backend, root, max_storage_size=FILE, stale_temp_seconds=60) as store:
         store.collect_garbage()
         assert sorted(p.name for p in outside.iterdir()) == sorted(names)
         with pytest.raises(StoreDumpError, match="symbolic link") as info:

@@ -51,11 +51,14 @@ class EsaConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> EsaConfig:
         """Build from the user's ``ucm_sparse_config["ESA"]`` mapping (None or {} -> defaults)."""
-        values = dict(values or {})
         known = [f.name for f in dataclasses.fields(cls)]
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise UcmConfigError("ucm_sparse_config.ESA", values, f"a mapping {{field: value}} of the fields {known}")
         for name in values:
             if name not in known:
-                raise UcmConfigError("ucm_sparse_config.ESA field", name, known)
+                raise UcmConfigError(f"ucm_sparse_config.ESA.{name}", values[name], f"a field of ESA: {known}")
         return cls(**values)
 
 

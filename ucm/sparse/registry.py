@@ -26,7 +26,7 @@ def known_methods() -> list[str]:
 
 
 def sparse_class(method: str) -> type[UcmSparseBase]:
-    if method not in _METHODS:
+    if not isinstance(method, str) or method not in _METHODS:
         raise UcmConfigError("ucm_sparse_method", method, known_methods())
     module, _, attr = _METHODS[method].partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -157,6 +157,16 @@ class KVStoreBase(abc.ABC):
         self.backend = backend
         self.kv_block_size: int = int(config["kv_block_size"])
 
+    @classmethod
+    def check_values(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The checked values of `config`'s fields; raise one `UcmConfigError` for the first bad one.
+
+        Builds nothing (no memory, threads or files), so the connector calls it in the process that builds the
+        engine config, before any engine starts; ``kv_block_size`` may be absent there (derived from the model
+        later), and checks that need it then wait for the constructor. Unknown fields are refused before, by
+        `ucm.store.factory.check_config`. Default: no checks."""
+        return {}
+
     # ------------------------------------------------------------------ queries (scheduler and worker side)
     @abc.abstractmethod
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:

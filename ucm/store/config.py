@@ -1,47 +1,75 @@
 """Reading one field of a store's ``ucm_connector_config``: type/range checks that raise `UcmConfigError`
-naming the field and what it accepts. Used by the store classes' constructors."""
+naming the field as the user writes it (``ucm_connector_config.<field>``) and what it accepts. Used by the
+store classes' `check_values` (run by the connector before any engine starts) and constructors."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from ucm.errors import UcmConfigError
 
 _MISSING = object()
+#: Where a store's fields sit in ``kv_connector_extra_config``: errors name ``ucm_connector_config.<field>``.
+FIELD_PREFIX = "ucm_connector_config."
+#: Largest ``kv_block_size``: one vLLM block of every layer of one worker (a 405B model's 128-token block of K
+#: and V in bf16 is 63 MiB); larger values are unit mistakes, and a store stages whole blocks in pinned memory.
+MAX_KV_BLOCK_SIZE = 1 << 30
 
 
-def get_int(config: Mapping[str, Any], field: str, default: Any = _MISSING, minimum: int = 1) -> int | None:
-    """An int >= `minimum` (bools rejected); `default` when absent (None allowed as a default)."""
+def config_error(field: str, value: Any, allowed: Any) -> UcmConfigError:
+    """The `UcmConfigError` of store field `field`, named as the user writes it."""
+    return UcmConfigError(FIELD_PREFIX + field, value, allowed)
+
+
+def get_int(
+    config: Mapping[str, Any], field: str, default: Any = _MISSING, minimum: int = 1, maximum: int | None = None
+) -> int | None:
+    """An int in [`minimum`, `maximum`] (bools rejected); `default` when absent (None allowed as a default)."""
     value = config.get(field, default)
+    expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
     if value is _MISSING:
-        raise UcmConfigError(field, "<missing>", f"an int >= {minimum} (required)")
+        raise config_error(field, "<missing>", f"{expected} (required)")
     if value is None and default is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UcmConfigError(field, value, f"an int >= {minimum}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise config_error(field, value, expected)
     return value
 
 
 def get_bool(config: Mapping[str, Any], field: str, default: bool) -> bool:
     value = config.get(field, default)
     if not isinstance(value, bool):
-        raise UcmConfigError(field, value, "true or false")
+        raise config_error(field, value, "true or false")
     return value
 
 
-def get_float(config: Mapping[str, Any], field: str, default: float, minimum: float = 0.0) -> float:
+def get_float(
+    config: Mapping[str, Any], field: str, default: float, minimum: float = 0.0, why: str = ""
+) -> float:
+    """A finite number >= `minimum` (NaN, infinities and bools rejected); `why` is added to the error."""
     value = config.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise UcmConfigError(field, value, f"a number >= {minimum}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise config_error(field, value, f"a finite number >= {minimum:g}" + (f" ({why})" if why else ""))
     return float(value)
 
 
 def get_choice(config: Mapping[str, Any], field: str, default: str, allowed: list[str]) -> str:
     value = config.get(field, default)
-    if value not in allowed:
-        raise UcmConfigError(field, value, allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise config_error(field, value, allowed)
     return value
 
 
@@ -56,6 +84,6 @@ def get_mode(config: Mapping[str, Any], field: str, default: int, required: int,
         with contextlib.suppress(ValueError):
             mode = int(value.removeprefix("0o"), 8)
     if mode is None or mode < 0 or mode & ~allowed or mode & required != required:
-        raise UcmConfigError(field, value, f"an octal mode such as {default:#o} or {f'{default:04o}'!r}, with at least "
+        raise config_error(field, value, f"an octal mode such as {default:#o} or {f'{default:04o}'!r}, with at least "
                              f"{required:#o} set and no bits outside {allowed:#o}")
     return mode

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from ucm.device import Backend, CopyHandle
-from ucm.errors import UcmConfigError
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import get_choice, get_int
+from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_choice, get_int
 from ucm.store.errors import StoreClosedError
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
@@ -101,11 +100,9 @@ class DramStore(KVStoreBase):
     }
 
     def __init__(self, config: Mapping[str, Any], backend: Backend):
-        block = get_int(config, "kv_block_size")
-        size = get_int(config, "max_cache_size")
-        self.transfer = get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])
-        if size < block:
-            raise UcmConfigError("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
+        block = get_int(config, "kv_block_size", maximum=MAX_KV_BLOCK_SIZE)
+        checked = self.check_values(config)
+        size, self.transfer = checked["max_cache_size"], checked["transfer"]
         super().__init__(config, backend)
         self.capacity_blocks = size // block
         self._arena = backend.alloc_pinned(self.capacity_blocks * block).view(self.capacity_blocks, block)
@@ -120,6 +117,14 @@ class DramStore(KVStoreBase):
         self._inflight: list[CopyTask] = []
         self._stats = StoreStats(capacity_bytes=self.capacity_blocks * block)
         self._closed = False
+
+    @classmethod
+    def check_values(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        block = get_int(config, "kv_block_size", None, maximum=MAX_KV_BLOCK_SIZE)
+        size = get_int(config, "max_cache_size")
+        if block is not None and size < block:
+            raise config_error("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
+        return {"max_cache_size": size, "transfer": get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])}
 
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:

@@ -39,7 +39,7 @@ def registered_stores() -> dict[str, str]:
 def store_class(name: str) -> type[KVStoreBase]:
     """The class registered as `name`; `UcmConfigError` listing the known names otherwise."""
     known = registered_stores()
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise UcmConfigError("ucm_connector_name", name, sorted(known))
     module, _, attr = known[name].partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -48,10 +48,9 @@ import numpy as np
 import torch
 
 from ucm.device import Backend, PinnedBufferPool
-from ucm.errors import UcmConfigError
 from ucm.store import blockfile
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import get_bool, get_choice, get_float, get_int, get_mode
+from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_bool, get_choice, get_float, get_int, get_mode
 from ucm.store.errors import StoreClosedError
 from ucm.store.naming import check_block_id, is_block_id
 from ucm.store.task import ThreadTask
@@ -69,6 +68,10 @@ _MISSING = "not in the store (never dumped, garbage-collected, or its dump has n
 _GC_LOW_WATERMARK = 0.9
 _ATIME_REFRESH_S = 60.0
 _MAX_IOV = 1000  # writev takes at most IOV_MAX (1024) buffers: header + one per page tensor
+DEFAULT_STAGING_BYTES = 64 << 20
+MAX_STAGING_BYTES = 4 << 30  # pinned memory per I/O thread
+MAX_IO_THREADS = 256
+MIN_STALE_TEMP_SECONDS = 60.0  # a slow shared file system may take seconds to write and fsync one block
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
 
 
@@ -83,37 +86,28 @@ class NfsStore(KVStoreBase):
         "storage_backends": "an existing directory path, or a list of them (same list on every engine)",
         "kv_block_size": "int bytes of one stored block = one vLLM block of all layers of the worker (required)",
         "max_storage_size": "int bytes bound on all block files of all directories, or null for unbounded",
-        "io_threads": "int >= 1 I/O threads (default 4)",
-        "staging_bytes": "int bytes of pinned staging memory per I/O thread (default 64 MiB, >= kv_block_size)",
+        "io_threads": f"int in [1, {MAX_IO_THREADS}] I/O threads (default 4)",
+        "staging_bytes": "int bytes of pinned staging memory per I/O thread, in [kv_block_size, 4 GiB] "
+        "(default 64 MiB, or kv_block_size if larger)",
         "o_direct": "bool, bypass the page cache (default false; needs kv_block_size % 4096 == 0)",
         "fsync": "bool, fsync each block file before publishing it (default true)",
         "checksum": f"payload checksum, one of {blockfile.available_checksums()} (default "
         f"{blockfile.default_checksum()!r})",
-        "stale_temp_seconds": "number, age after which a temporary file is a crashed writer's leftover (default 600)",
+        "stale_temp_seconds": "seconds >= 60, age after which a temporary file is a crashed writer's leftover "
+        "(default 600)",
         "file_mode": "permission bits of block files, an octal string: '0640' (default) or e.g. '0660' for a "
         "service group",
         "dir_mode": "permission bits of the shard dirs the store creates: '0750' (default) or e.g. '2770'",
     }
 
     def __init__(self, config: Mapping[str, Any], backend: Backend):
-        block = get_int(config, "kv_block_size")
-        self._roots = self._check_roots(config.get("storage_backends"))
-        self.max_storage_size = get_int(config, "max_storage_size", None)
-        if self.max_storage_size is not None and self.max_storage_size < blockfile.HEADER_SIZE + block:
-            minimum = blockfile.HEADER_SIZE + block
-            raise UcmConfigError("max_storage_size", self.max_storage_size, f"null or >= one block file ({minimum} B)")
-        self.io_threads = get_int(config, "io_threads", 4)
-        staging = get_int(config, "staging_bytes", 64 << 20)
-        if staging < block:
-            raise UcmConfigError("staging_bytes", staging, f"an int >= kv_block_size ({block} B)")
-        self.o_direct = get_bool(config, "o_direct", False)
-        if self.o_direct and (not hasattr(os, "O_DIRECT") or block % blockfile.ALIGN):
-            raise UcmConfigError("o_direct", True, f"false unless on Linux with kv_block_size % {blockfile.ALIGN} == 0")
-        self.fsync = get_bool(config, "fsync", True)
-        self.checksum = get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums())
-        self.stale_temp_seconds = get_float(config, "stale_temp_seconds", 600.0)
-        self.file_mode = get_mode(config, "file_mode", 0o640, required=0o600, allowed=0o777)
-        self.dir_mode = get_mode(config, "dir_mode", 0o750, required=0o700, allowed=0o3777)
+        get_int(config, "kv_block_size", maximum=MAX_KV_BLOCK_SIZE)  # required here
+        checked = self.check_values(config)
+        block, staging = checked["kv_block_size"], checked["staging_bytes"]
+        self._roots, self.max_storage_size = checked["storage_backends"], checked["max_storage_size"]
+        self.io_threads, self.o_direct, self.fsync = checked["io_threads"], checked["o_direct"], checked["fsync"]
+        self.checksum, self.stale_temp_seconds = checked["checksum"], checked["stale_temp_seconds"]
+        self.file_mode, self.dir_mode = checked["file_mode"], checked["dir_mode"]
         super().__init__(config, backend)
 
         self._chunk_rows = max(1, staging // block)
@@ -137,6 +131,42 @@ class NfsStore(KVStoreBase):
         self._gc_thread: threading.Thread | None = None
         self._closed = False
         self._schedule_gc()  # in the background: a shared tree may hold millions of files
+
+    @classmethod
+    def check_values(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        block = get_int(config, "kv_block_size", None, maximum=MAX_KV_BLOCK_SIZE)
+        roots = cls._check_roots(config.get("storage_backends"))
+        max_storage_size = get_int(config, "max_storage_size", None)
+        if max_storage_size is not None and block is not None and max_storage_size < blockfile.HEADER_SIZE + block:
+            minimum = blockfile.HEADER_SIZE + block
+            raise config_error("max_storage_size", max_storage_size, f"null or >= one block file ({minimum} B)")
+        io_threads = get_int(config, "io_threads", 4, maximum=MAX_IO_THREADS)
+        if "staging_bytes" in config:
+            staging = get_int(config, "staging_bytes", maximum=MAX_STAGING_BYTES)
+            if block is not None and staging < block:
+                raise config_error("staging_bytes", staging, f"an int in [kv_block_size ({block} B), "
+                                   f"{MAX_STAGING_BYTES}]")
+        else:  # the default holds one block of any size
+            staging = max(DEFAULT_STAGING_BYTES, block or 0)
+        o_direct = get_bool(config, "o_direct", False)
+        if o_direct and (not hasattr(os, "O_DIRECT") or (block is not None and block % blockfile.ALIGN)):
+            raise config_error("o_direct", True, f"false unless on Linux with kv_block_size % {blockfile.ALIGN} == 0")
+        return {
+            "kv_block_size": block,
+            "storage_backends": roots,
+            "max_storage_size": max_storage_size,
+            "io_threads": io_threads,
+            "staging_bytes": staging,
+            "o_direct": o_direct,
+            "fsync": get_bool(config, "fsync", True),
+            "checksum": get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums()),
+            "stale_temp_seconds": get_float(
+                config, "stale_temp_seconds", 600.0, minimum=MIN_STALE_TEMP_SECONDS,
+                why="seconds; a younger temporary file may still be written by another engine sharing the directory",
+            ),
+            "file_mode": get_mode(config, "file_mode", 0o640, required=0o600, allowed=0o777),
+            "dir_mode": get_mode(config, "dir_mode", 0o750, required=0o700, allowed=0o3777),
+        }
 
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:
@@ -689,12 +719,16 @@ class NfsStore(KVStoreBase):
     @staticmethod
     def _check_roots(value: Any) -> list[str]:
         paths = [value] if isinstance(value, str | os.PathLike) else value
+        expected = "a directory path or a non-empty list of them (non-empty paths without NUL bytes)"
         if not isinstance(paths, list | tuple) or not paths or not all(isinstance(p, str | os.PathLike) for p in paths):
-            raise UcmConfigError("storage_backends", value, "a directory path or a non-empty list of them")
+            raise config_error("storage_backends", value, expected)
+        for path in map(os.fspath, paths):
+            if not isinstance(path, str) or not path or "\0" in path:  # "" would be the current directory
+                raise config_error("storage_backends", value, expected)
         roots = sorted({os.path.realpath(os.fspath(p)) for p in paths})
         for root in roots:
             if not os.path.isdir(root):
-                raise UcmConfigError("storage_backends", root, "existing directories (create them first)")
+                raise config_error("storage_backends", root, "existing directories (create them first)")
         return roots
 
 

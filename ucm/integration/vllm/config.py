@@ -1,8 +1,10 @@
 """The connector's configuration: `kv_connector_extra_config` parsed and checked against the model.
 
 Owned by the connector (`ucm.integration.vllm.uc_connector`), which builds one `ConnectorConfig` per role at
-engine start. Every mistake raises one `UcmConfigError` naming the field, the value and what is accepted, so the
-engine fails to start with a message a user can act on (never a half-working engine).
+engine start; `check` (everything that does not need the model) also runs earlier, in the process that builds
+vLLM's engine config (`ucm.integration.vllm.compat.config_check`). Every mistake raises one `UcmConfigError`
+naming the field, the value and what is accepted, so the engine fails to start with a message a user can act on
+(never a half-working engine).
 
 Fields (all under ``kv_connector_extra_config``)::
 
@@ -11,7 +13,7 @@ Fields (all under ``kv_connector_extra_config``)::
                             omitted (derived from the model), if given it must equal the model's
                             bytes per block (all layers of one worker)                          required
     ucm_sparse_method       "ESA" (or a registered method); absent/null: dense attention          optional
-    ucm_sparse_config       {"ESA": {...}} per-method fields                                      optional
+    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry (needs the method) optional
     ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
@@ -74,84 +76,123 @@ class ConnectorConfig:
         return self.store_name in PROCESS_LOCAL_STORES or bool(getattr(self._store_class(), "process_local", False))
 
     def _store_class(self) -> type:
-        from ucm.store import store_class
-
-        return store_class(self.store_name)
+        return _store_class(self.store_name)
 
     @classmethod
     def parse(cls, extra: Mapping[str, Any] | None, block: ModelBlockShape) -> ConnectorConfig:
-        """Validate ``kv_connector_extra_config`` for a model whose blocks look like `block`."""
-        from ucm.store import store_class
-        from ucm.store.factory import check_config
-
-        if extra is None:
-            extra = {}
-        if not isinstance(extra, Mapping):
-            raise UcmConfigError("kv_connector_extra_config", extra, "a mapping of ucm_* fields")
-        for key in extra:
-            if isinstance(key, str) and key.startswith("ucm_") and key not in KNOWN_FIELDS:
-                raise UcmConfigError(f"kv_connector_extra_config.{key}", extra[key], f"a known field: {KNOWN_FIELDS}")
-
-        name = extra.get("ucm_connector_name")
-        if name is None:
-            raise UcmConfigError("ucm_connector_name", "<missing>", "a store name, e.g. 'UcmDram' or 'UcmNfsStore'")
-        store_cls = store_class(name)  # unknown name -> UcmConfigError listing the registered stores
-
-        raw = extra.get("ucm_connector_config")
-        if raw is None:
-            raise UcmConfigError("ucm_connector_config", "<missing>", f"a mapping with the fields of {name}")
-        check_config(store_cls, raw)  # not a mapping / unknown field -> UcmConfigError listing accepted fields
-        store_config = dict(raw)
+        """Validate ``kv_connector_extra_config`` for a model whose blocks look like `block` (in the connector, once
+        vLLM knows the KV cache): `check` first, then what needs the model (``kv_block_size``)."""
+        fields = check(extra)
+        store_config = fields.pop("store_config")
         expected = block.bytes_per_block
         given = store_config.get("kv_block_size")
         if given is None:
             store_config["kv_block_size"] = expected
-        elif isinstance(given, bool) or not isinstance(given, int) or given != expected:
+        elif given != expected:
             raise UcmConfigError(
                 "ucm_connector_config.kv_block_size",
                 given,
                 f"{expected} for this model ({block.num_layers} layers x {block.page_bytes} B per {block.block_size}-"
                 f"token block of K and V in {block.dtype}), or leave it out to derive it",
             )
-        if name in ("UcmNfsStore",) and not store_config.get("storage_backends"):
-            raise UcmConfigError(
-                "ucm_connector_config.storage_backends",
-                store_config.get("storage_backends", "<missing>"),
-                "an existing directory path, or a list of them",
-            )
-        if name in ("UcmDram",) and "max_cache_size" not in store_config:
-            raise UcmConfigError("ucm_connector_config.max_cache_size", "<missing>", f"an int >= {expected} bytes")
+        _store_class(fields["store_name"]).check_values(store_config)  # the checks that need kv_block_size
+        return cls(store_config=store_config, block=block, **fields)
 
-        method = extra.get("ucm_sparse_method") or None
-        if method is not None:
-            from ucm.sparse.registry import sparse_class
 
-            sparse_class(method)  # unknown method -> UcmConfigError listing the known ones
-        sparse_config = extra.get("ucm_sparse_config")
-        if sparse_config is not None and not isinstance(sparse_config, Mapping):
-            raise UcmConfigError("ucm_sparse_config", sparse_config, "a mapping {method name: {field: value}}")
+def check(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate everything in ``kv_connector_extra_config`` that does not need the model; raise one
+    `UcmConfigError` for the first bad field. Builds nothing (no store, no memory, no threads).
 
-        policy = extra.get("ucm_load_failure_policy", "recompute")
-        if policy not in LOAD_FAILURE_POLICIES:
-            raise UcmConfigError("ucm_load_failure_policy", policy, LOAD_FAILURE_POLICIES)
-        backend = extra.get("ucm_device_backend")
-        if backend is not None:
-            from ucm.device.registry import registered_backends
+    Called by `ConnectorConfig.parse` and, through ``ucm.integration.vllm.compat.config_check``, in the process
+    that builds vLLM's engine config, so a mistake stops the user's process before any engine core starts.
+    Returns the `ConnectorConfig` fields but ``block`` (``store_config`` as given: ``kv_block_size`` may be absent).
+    """
+    from ucm.store.factory import check_config
 
-            if backend not in registered_backends() and backend != "auto":
-                raise UcmConfigError("ucm_device_backend", backend, sorted(registered_backends()) + ["auto"])
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, Mapping):
+        raise UcmConfigError("kv_connector_extra_config", extra, "a mapping of ucm_* fields")
+    for key in extra:
+        if isinstance(key, str) and key.startswith("ucm_") and key not in KNOWN_FIELDS:
+            raise UcmConfigError(f"kv_connector_extra_config.{key}", extra[key], f"a known field: {KNOWN_FIELDS}")
 
-        return cls(
-            store_name=name,
-            store_config=store_config,
-            sparse_method=method,
-            sparse_config=sparse_config,
-            prefix_reuse=_flag(extra, "ucm_prefix_reuse"),
-            save_blocks=_flag(extra, "ucm_save_blocks"),
-            load_failure_policy=policy,
-            device_backend=backend,
-            block=block,
-        )
+    name = extra.get("ucm_connector_name")
+    if name is None:
+        raise UcmConfigError("ucm_connector_name", "<missing>", "a store name, e.g. 'UcmDram' or 'UcmNfsStore'")
+    store_cls = _store_class(name)  # not a known name -> UcmConfigError listing the registered stores
+
+    raw = extra.get("ucm_connector_config")
+    if raw is None:
+        raise UcmConfigError("ucm_connector_config", "<missing>", f"a mapping with the fields of {name}")
+    check_config(store_cls, raw)  # not a mapping / unknown field -> UcmConfigError listing accepted fields
+    store_config = dict(raw)
+    given = store_config.get("kv_block_size")
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+        raise UcmConfigError("ucm_connector_config.kv_block_size", given,
+                             "an int: the model's bytes per block, or leave it out to derive it")
+    if name in ("UcmNfsStore",) and "storage_backends" not in store_config:
+        raise UcmConfigError("ucm_connector_config.storage_backends", "<missing>",
+                             "an existing directory path, or a list of them")
+    store_cls.check_values(store_config)  # ranges, paths, choices (the checks needing kv_block_size wait)
+
+    method, sparse_config = _check_sparse(extra)
+
+    policy = extra.get("ucm_load_failure_policy", "recompute")
+    if not isinstance(policy, str) or policy not in LOAD_FAILURE_POLICIES:
+        raise UcmConfigError("ucm_load_failure_policy", policy, LOAD_FAILURE_POLICIES)
+    backend = extra.get("ucm_device_backend")
+    if backend is not None:
+        from ucm.device.registry import registered_backends
+
+        if not isinstance(backend, str) or (backend not in registered_backends() and backend != "auto"):
+            raise UcmConfigError("ucm_device_backend", backend, sorted(registered_backends()) + ["auto"])
+
+    return {
+        "store_name": name,
+        "store_config": store_config,
+        "sparse_method": method,
+        "sparse_config": sparse_config,
+        "prefix_reuse": _flag(extra, "ucm_prefix_reuse"),
+        "save_blocks": _flag(extra, "ucm_save_blocks"),
+        "load_failure_policy": policy,
+        "device_backend": backend,
+    }
+
+
+def _store_class(name: Any) -> type:
+    from ucm.store import store_class
+
+    return store_class(name)
+
+
+def _check_sparse(extra: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any] | None]:
+    """``ucm_sparse_method`` (absent or null: dense) and ``ucm_sparse_config`` (only the method's own entry,
+    validated by the method's config class)."""
+    from ucm.sparse.registry import known_methods, sparse_class
+
+    method = extra.get("ucm_sparse_method")
+    sparse_config = extra.get("ucm_sparse_config")
+    names = ", ".join(repr(m) for m in known_methods())
+    known = f"one of {names}"
+    if method is None:
+        if sparse_config is not None and sparse_config != {}:
+            raise UcmConfigError("ucm_sparse_method", "<missing>", f"{known} when ucm_sparse_config is given")
+        return None, None
+    if not isinstance(method, str) or method not in known_methods():
+        raise UcmConfigError("ucm_sparse_method", method, f"{known}, or leave it out for dense attention")
+    cls = sparse_class(method)
+    if sparse_config is None:
+        sparse_config = {}
+    if not isinstance(sparse_config, Mapping):
+        raise UcmConfigError("ucm_sparse_config", sparse_config, f"a mapping {{method name: {{field: value}}}}, e.g. "
+                             f"{{{method!r}: {{...}}}}")
+    for key in sparse_config:
+        if key != method:
+            raise UcmConfigError(f"ucm_sparse_config.{key}", sparse_config[key],
+                                 f"the entry of ucm_sparse_method {method!r} (method names: {names})")
+    cls.config_class.from_mapping(sparse_config.get(method))  # bad field -> UcmConfigError naming it
+    return method, sparse_config
 
 
 def _flag(extra: Mapping[str, Any], field: str, default: bool = True) -> bool:

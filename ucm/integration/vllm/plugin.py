@@ -1,4 +1,5 @@
-"""The ``vllm.general_plugins`` entry point: installs the UCM sparse hooks in every vLLM process.
+"""The ``vllm.general_plugins`` entry point: installs the UCM sparse hooks in every vLLM process, and the check of
+the connector's configuration in the process that builds the engine config (`compat.config_check`).
 
 vLLM calls `register()` in the main process, the engine core and every worker before the scheduler and the
 model are built (see ``setup.py``: ``ucm = ucm.integration.vllm.plugin:register``). It loads the bindings of the
@@ -15,7 +16,13 @@ from __future__ import annotations
 import logging
 
 from ucm.errors import UcmError
-from ucm.integration.vllm.compat import UnsupportedVllmError, bindings, check_vllm_version, installed_vllm_version
+from ucm.integration.vllm.compat import (
+    UnsupportedVllmError,
+    bindings,
+    check_vllm_version,
+    config_check,
+    installed_vllm_version,
+)
 from ucm.integration.vllm.compat.base import VllmBindings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,10 @@ class SparseHooksNotInstalledError(UcmError, RuntimeError):
 def register() -> None:
     """Entry point of ``vllm.general_plugins``; safe to call more than once per process."""
     global _unsupported
+    try:  # on every release: a bad connector config fails in the user's process, before any engine starts
+        config_check.install()
+    except Exception:  # the connector still checks its config when the engine builds it
+        logger.exception("UCM connector config check NOT installed in the engine config builder")
     try:
         release = bindings()
     except UnsupportedVllmError as error:
