@@ -1,5 +1,6 @@
 """UcmDram on the CPU backend: round trips, sub-range loads, LRU eviction and its capacity bound, blocks being
-loaded are never evicted, publish only after the copy, and concurrent use from several threads."""
+loaded are never evicted, publish only after the copy, and concurrent use from several threads; faults: a failed
+dump settles a second dump of its blocks, close racing calls, slots outside the pages, an arena too big to pin."""
 
 from __future__ import annotations
 
@@ -232,3 +233,147 @@ def test_pinned_blocks_load_by_index_and_survive_eviction_until_unpinned(backend
         assert store.lookup([e]) == [True]
         with pytest.raises(ValueError, match="released"):
             store.load_pinned([(pin, [0])], BlockPages(make_cache(), torch.tensor([0])))
+
+
+class HeldCopyBackend(CpuBackend):
+    """The CPU backend, but the first `gather_blocks` (a dump's device copy) signals `entered`, waits for
+    `release`, then raises when `fail` is set (a device fault, e.g. no memory for the DMA staging buffer): other
+    threads act while a dump is between claiming its blocks and queuing its copy."""
+
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.fail = fail
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._held = False
+
+    def gather_blocks(self, *args, **kwargs):
+        if not self._held:
+            self._held = True
+            self.entered.set()
+            assert self.release.wait(10)
+            if self.fail:
+                raise RuntimeError("CUDA error: out of memory (injected)")
+        return super().gather_blocks(*args, **kwargs)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(_outcome(fn)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # returned to the test thread
+        return exc
+
+
+def test_failed_dump_fails_the_second_dump_of_the_same_block_and_close_returns():
+    backend = HeldCopyBackend(fail=True)
+    src = make_cache(9)
+    ids = ids_for(9, 2)
+    store = dram(backend, 4)
+    first, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([0, 1]))))
+    assert backend.entered.wait(10)
+    second = store.dump(ids[:1], BlockPages(src, torch.tensor([0])))  # waits on the first's copy
+    assert not second.done()
+    backend.release.set()
+    first.join(10)
+    with pytest.raises(StoreDumpError, match="out of memory") as info:
+        out[0].wait(timeout=5)
+    with pytest.raises(StoreDumpError, match="another task.*out of memory") as info:
+        second.wait(timeout=5)
+    assert info.value.failed_ids == ids[:1] and store.lookup(ids) == [False, False]
+    store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait(timeout=5)  # the claims were released
+    assert store.lookup(ids) == [True, True]
+    closer, _ = _in_thread(store.close)
+    closer.join(10)
+    assert not closer.is_alive()
+
+
+def test_second_dump_waits_while_the_first_is_queuing_its_copy():
+    backend = HeldCopyBackend(fail=False)
+    src = make_cache(10)
+    ids = ids_for(10, 1)
+    with dram(backend, 2) as store:
+        first, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([3]))))
+        assert backend.entered.wait(10)
+        second = store.dump(ids, BlockPages(src, torch.tensor([3])))
+        assert not second.done()
+        backend.release.set()
+        second.wait(timeout=5)  # ends once the first has published, even if nobody polls the first
+        first.join(10)
+        assert store.lookup(ids) == [True] and out[0].done()
+
+
+def test_close_racing_a_dump_waits_for_it_and_later_calls_raise_closed():
+    """close() while a dump is queuing its copy: the dump completes (close waits for it), every call that starts
+    after close raises StoreClosedError, and close returns."""
+    backend = HeldCopyBackend(fail=False)
+    src, dst = make_cache(11), make_cache()
+    ids = ids_for(11, 2)
+    config = {"max_cache_size": 4 * WIDTH, "kv_block_size": WIDTH, "transfer": "dma"}
+    store = create_store("UcmDram", config, backend)
+    dumper, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([0, 1]))))
+    assert backend.entered.wait(10)
+    closer, _ = _in_thread(store.close)
+    closer.join(0.2)
+    with pytest.raises(StoreClosedError):
+        store.dump(ids_for(12, 1), BlockPages(src, torch.tensor([2])))
+    with pytest.raises(StoreClosedError):
+        store.load(ids, BlockPages(dst, torch.tensor([0, 1])))
+    backend.release.set()
+    closer.join(10)
+    dumper.join(10)
+    assert not closer.is_alive() and not dumper.is_alive()
+    out[0].wait(timeout=5)  # the racing dump succeeded
+    with pytest.raises(StoreClosedError):
+        store.pin(ids)
+
+
+@pytest.mark.parametrize("slot", [-1, NUM_PAGES])
+def test_slot_outside_the_pages_is_refused(backend, slot):
+    src, dst = make_cache(13), make_cache()
+    ids = ids_for(13, 2)
+    with dram(backend, 4) as store:
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*{slot}.*{ids[1]}"):
+            store.dump(ids, BlockPages(src, torch.tensor([0, slot])))
+        assert store.lookup(ids) == [False, False]
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait()  # no claim was left behind
+        with pytest.raises(UcmConfigError, match="BlockPages.slots"):
+            store.load(ids, BlockPages(dst, torch.tensor([slot, 1])))
+        assert page_bytes(dst, NUM_PAGES - 1) == page_bytes(make_cache(), 0)
+        pin = store.pin(ids)
+        with pytest.raises(UcmConfigError, match="BlockPages.slots"):
+            store.load_pinned([(pin, [0, 1])], BlockPages(dst, torch.tensor([1, slot])))
+        store.unpin(pin)
+
+
+def test_layers_with_fewer_pages_bound_the_slots(backend):
+    """A slot that exists in some layers but not in others is refused before anything is claimed."""
+    src = make_cache(14)
+    src[1] = (src[1][0][:8], src[1][1][:8])
+    ids = ids_for(14, 1)
+    with dram(backend, 2) as store:
+        for _ in range(2):
+            with pytest.raises(UcmConfigError, match=r"\[0, 8\)"):
+                store.dump(ids, BlockPages(src, torch.tensor([10])))
+        store.dump(ids, BlockPages(src, torch.tensor([5]))).wait(timeout=5)
+        assert store.lookup(ids) == [True]
+
+
+def test_max_cache_size_that_cannot_be_allocated(backend):
+    with pytest.raises(UcmConfigError, match=r"ucm_connector_config\.max_cache_size=1152921504606846976.*host "
+                       r"memory.*1073741824.0 GiB.*can't allocate") as info:
+        create_store("UcmDram", {"max_cache_size": 2**60, "kv_block_size": WIDTH}, backend)
+    assert "\n" not in str(info.value)
+
+
+def test_an_id_listed_twice_in_one_dump_is_copied_once(backend):
+    src = make_cache(15)
+    (a,) = ids_for(15, 1)
+    with dram(backend, 2) as store:
+        store.dump([a, a], BlockPages(src, torch.tensor([2, 2]))).wait(timeout=5)
+        assert store.lookup([a]) == [True] and store.stats().stored_blocks == 1
