@@ -170,6 +170,14 @@ class KVStoreBase(abc.ABC):
     #: field -> one-line description of accepted values (used in error messages and docs/stores.md)
     config_fields: ClassVar[Mapping[str, str]] = {}
 
+    @classmethod
+    def check_values(cls, config: Mapping[str, Any]) -> None:
+        """Raise `UcmConfigError` for a field of `config` with a bad type or range, before anything is built.
+
+        Called by `ucm.store.factory.check_config` (also when the connector parses its config, so the scheduler
+        side never reads a bad value); fields left out are not checked here. Default: nothing to check."""
+        return None
+
     def __init__(self, config: Mapping[str, Any], backend: Backend):
         self.backend = backend
         self.kv_block_size: int = int(config["kv_block_size"])

@@ -24,7 +24,7 @@ import torch
 from ucm.device import Backend, CopyHandle
 from ucm.errors import UcmConfigError
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import get_choice, get_int
+from ucm.store.config import get_choice, get_int, user_field
 from ucm.store.errors import StoreClosedError, StoreDumpError
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
@@ -103,6 +103,17 @@ class _OtherDump:
                 p.settled.wait(0.001)  # the owner may still be queuing its copy
 
 
+def _read_config(config: Mapping[str, Any]) -> tuple[int, int, str]:
+    """(kv_block_size, max_cache_size, transfer) of a UcmDram config; `UcmConfigError` naming a bad field."""
+    block = get_int(config, "kv_block_size")
+    size = get_int(config, "max_cache_size")
+    transfer = get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])
+    if size < block:
+        expected = f"an int >= kv_block_size ({block} B): one block must fit"
+        raise UcmConfigError(user_field("max_cache_size"), size, expected)
+    return block, size, transfer
+
+
 class DramStore(KVStoreBase):
     name = "UcmDram"
     config_fields = {
@@ -113,12 +124,13 @@ class DramStore(KVStoreBase):
         "'auto' (dma for device caches; default)",
     }
 
+    @classmethod
+    def check_values(cls, config: Mapping[str, Any]) -> None:
+        block = config.get("kv_block_size", 1)  # absent fields: the connector derives or requires them later
+        _read_config({"kv_block_size": block, "max_cache_size": block, **config})
+
     def __init__(self, config: Mapping[str, Any], backend: Backend):
-        block = get_int(config, "kv_block_size")
-        size = get_int(config, "max_cache_size")
-        self.transfer = get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])
-        if size < block:
-            raise UcmConfigError("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
+        block, size, self.transfer = _read_config(config)
         super().__init__(config, backend)
         self.capacity_blocks = size // block
         self._arena = self._alloc_arena(size)
@@ -143,7 +155,7 @@ class DramStore(KVStoreBase):
             arena = self.backend.alloc_pinned(self.capacity_blocks * block)
         except (RuntimeError, MemoryError) as exc:  # torch.AcceleratorError (CUDA OOM) is a RuntimeError
             raise UcmConfigError(
-                "ucm_connector_config.max_cache_size", size,
+                user_field("max_cache_size"), size,
                 f"an amount of host memory this machine can pin: {size / 2**30:.1f} GiB was asked and allocating "
                 f"it failed ({_one_line(exc)})",
             ) from exc
