@@ -5,6 +5,7 @@ dump settles a second dump of its blocks, close racing calls, slots outside the 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -377,3 +378,70 @@ def test_an_id_listed_twice_in_one_dump_is_copied_once(backend):
     with dram(backend, 2) as store:
         store.dump([a, a], BlockPages(src, torch.tensor([2, 2]))).wait(timeout=5)
         assert store.lookup([a]) == [True] and store.stats().stored_blocks == 1
+
+
+class FlakyBackend(CpuBackend):
+    """The CPU backend, but every device copy takes a millisecond (other threads race it) and every third one
+    raises (the bytes it would move never move)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._calls = 0
+
+    def _flaky(self) -> None:
+        time.sleep(0.001)
+        with self._lock:
+            self._calls += 1
+            if self._calls % 3 == 0:
+                raise RuntimeError("CUDA error: out of memory (injected)")
+
+    def gather_blocks(self, *args, **kwargs):
+        self._flaky()
+        return super().gather_blocks(*args, **kwargs)
+
+    def scatter_blocks(self, *args, **kwargs):
+        self._flaky()
+        return super().scatter_blocks(*args, **kwargs)
+
+
+def test_threads_racing_dumps_of_the_same_blocks_through_faults():
+    """6 threads dump and load the same few blocks while a third of the copies fail: every task ends within its
+    timeout, a load delivers the exact bytes or names the block failed (pages untouched), and close returns."""
+    backend = FlakyBackend()
+    src = make_cache(16)
+    ids = ids_for(16, 6)
+    errors: list[BaseException] = []
+    store = dram(backend, 4)
+
+    def worker(k: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(k)
+            for _ in range(40):
+                pick = torch.randperm(6, generator=gen)[:3]
+                try:
+                    store.dump([ids[i] for i in pick], BlockPages(src, pick)).wait(timeout=10)
+                except StoreDumpError:
+                    pass
+                dst = make_cache()
+                task = store.load([ids[i] for i in pick], BlockPages(dst, torch.arange(3)))
+                try:
+                    task.wait(timeout=10)
+                except StoreLoadError:
+                    pass
+                for j, i in enumerate(pick.tolist()):
+                    expect = page_bytes(make_cache(), 0) if ids[i] in task.failed_ids else page_bytes(src, i)
+                    assert page_bytes(dst, j) == expect
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and not errors, errors[:1]
+    closer, _ = _in_thread(store.close)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert store.stats().dump_failures > 0
