@@ -320,7 +320,10 @@ def test_close_racing_a_dump_waits_for_it_and_later_calls_raise_closed():
     dumper, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([0, 1]))))
     assert backend.entered.wait(10)
     closer, _ = _in_thread(store.close)
-    closer.join(0.2)
+    deadline = time.monotonic() + 10
+    while not isinstance(_outcome(lambda: store.lookup(ids)), StoreClosedError):  # close has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     with pytest.raises(StoreClosedError):
         store.dump(ids_for(12, 1), BlockPages(src, torch.tensor([2])))
     with pytest.raises(StoreClosedError):
