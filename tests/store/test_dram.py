@@ -448,3 +448,50 @@ def test_threads_racing_dumps_of_the_same_blocks_through_faults():
     closer.join(10)
     assert not closer.is_alive()
     assert store.stats().dump_failures > 0
+
+
+class _FaultyEvent(_GateEvent):
+    def query(self) -> bool:
+        if not self.gate.is_set():
+            return False
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    def synchronize(self) -> None:
+        self.gate.wait()
+        self.query()
+
+
+class InFlightFaultBackend(GatedBackend):
+    """The gated CPU backend, but while `fail` is set a queued copy reports a device error once the gate opens
+    (an asynchronous fault: the copy was queued fine)."""
+
+    fail = True
+
+    def record_event(self, stream=None):
+        return _FaultyEvent(self.gate) if self.fail else super().record_event(stream)
+
+
+def test_copy_that_faults_in_flight_fails_its_blocks_and_frees_their_rows():
+    backend = InFlightFaultBackend()
+    src = make_cache(17)
+    ids = ids_for(17, 2)
+    with dram(backend, 2) as store:
+        first = store.dump(ids, BlockPages(src, torch.tensor([0, 1])))
+        second = store.dump(ids, BlockPages(src, torch.tensor([0, 1])))  # waits on the first's copy
+        assert not second.done()
+        backend.gate.set()
+        for task in (second, first):
+            with pytest.raises(StoreDumpError, match="illegal memory access") as info:
+                task.wait(timeout=5)
+            assert info.value.failed_ids == ids
+        stats = store.stats()
+        assert store.lookup(ids) == [False, False] and (stats.dump_failures, stats.dumps_skipped) == (2, 2)
+        backend.fail = False
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait(timeout=5)  # both rows were freed
+        backend.fail = True
+        dst = make_cache()
+        with pytest.raises(StoreLoadError, match="illegal memory access"):
+            store.load(ids, BlockPages(dst, torch.tensor([3, 4]))).wait()
+        backend.fail = False
+        store.dump(ids_for(18, 2), BlockPages(src, torch.tensor([2, 3]))).wait(timeout=5)  # load unpinned: evictable
+        assert store.lookup(ids) == [False, False]

@@ -25,17 +25,11 @@ from ucm.device import Backend, CopyHandle
 from ucm.errors import UcmConfigError
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
 from ucm.store.config import get_choice, get_int, user_field
-from ucm.store.errors import StoreClosedError, StoreDumpError
+from ucm.store.errors import StoreClosedError, StoreDumpError, error_line
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
 
 _DEVICE_STAGING_BYTES = 64 << 20  # device memory of the 'dma' transfer; chunks larger calls
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (CUDA errors add lines of advice), with its type."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
@@ -157,7 +151,7 @@ class DramStore(KVStoreBase):
             raise UcmConfigError(
                 user_field("max_cache_size"), size,
                 f"an amount of host memory this machine can pin: {size / 2**30:.1f} GiB was asked and allocating "
-                f"it failed ({_one_line(exc)})",
+                f"it failed ({error_line(exc)})",
             ) from exc
         return arena.view(self.capacity_blocks, block)
 
@@ -209,7 +203,8 @@ class DramStore(KVStoreBase):
             if ids:
                 self._queue_dump(task, mine, source, picks, ids, rows)
             if others:
-                task.add_part(_OtherDump(others), lambda: self._check_others(task, other_ids, others))
+                on_settled = lambda _: self._check_others(task, other_ids, others)  # noqa: E731
+                task.add_part(_OtherDump(others), on_settled, lambda: other_ids)
         finally:
             self._end(task)
         return task
@@ -222,13 +217,13 @@ class DramStore(KVStoreBase):
             picks_t = torch.tensor(picks, dtype=torch.int64, device=source.slots.device)
             handle = self._to_arena(source, source.slots.index_select(0, picks_t), rows)
         except BaseException as exc:  # even an interrupt must settle the claims that other dumps may wait on
-            reason = f"device gather failed: {_one_line(exc)}"
+            reason = f"device gather failed: {error_line(exc)}"
             task.fail(ids, reason)
             self._publish(mine, ids, rows, error=reason)
             if not isinstance(exc, Exception):
                 raise
         else:
-            task.add_part(handle, lambda: self._publish(mine, ids, rows, error=None))
+            task.add_part(handle, lambda error: self._publish(mine, ids, rows, error), lambda: ids)
 
     def _check_others(self, task: CopyTask, ids: list[str], others: list[_Pending]) -> None:
         """Fail the ids whose dump by another task failed (they are not stored)."""
@@ -266,12 +261,13 @@ class DramStore(KVStoreBase):
                     handle = self._from_arena(destination, slots, [e.row for e in entries])
                 except BaseException as exc:  # unpin on every path, or the rows could never be evicted
                     self._unpin(entries, 0)
-                    task.fail([block_ids[i] for i in picks], f"device scatter failed: {_one_line(exc)}")
+                    task.fail([block_ids[i] for i in picks], f"device scatter failed: {error_line(exc)}")
                     if not isinstance(exc, Exception):
                         raise
                 else:
                     nbytes = destination.row_bytes * len(entries)
-                    task.add_part(handle, lambda: self._unpin(entries, nbytes))
+                    task.add_part(handle, lambda error: self._unpin(entries, 0 if error else nbytes),
+                                  lambda: [block_ids[i] for i in picks])
         finally:
             self._end(task)
         return task
@@ -331,15 +327,18 @@ class DramStore(KVStoreBase):
                         rows = rows[picks]
                     handle = self._from_arena(destination, slots, rows)
                 except Exception as exc:
-                    task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {_one_line(exc)}")
+                    task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
                 else:
                     blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
-                    task.add_part(handle, lambda: self._count_loaded(blocks, nbytes))
+                    task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
+                                  lambda: [block_ids[j] for j in picks.tolist()])
         finally:
             self._end(task)
         return task
 
-    def _count_loaded(self, blocks: int, nbytes: int) -> None:
+    def _count_loaded(self, blocks: int, nbytes: int, error: str | None) -> None:
+        if error is not None:
+            return
         with self._lock:
             self._stats.blocks_loaded += blocks
             self._stats.bytes_loaded += nbytes
