@@ -9,11 +9,14 @@ stream, ordered after the caller's queued work. Two ways across PCIe (``transfer
   (HBM speed, brief) plus one DMA per run of consecutive arena rows on the copy engines, so compute running on
   other streams keeps the SMs (the zero-copy kernel holds them for the whole PCIe transfer).
 When the arena is full, the least-recently-used published block that no load is reading is evicted.
+Faults never leave a task waiting: a dump whose copy fails frees its rows and fails its blocks, and so does a second
+dump of those blocks waiting on it; `close` waits for the calls queuing copies and for the copies in flight.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -203,7 +206,7 @@ class DramStore(KVStoreBase):
             if ids:
                 self._queue_dump(task, mine, source, picks, ids, rows)
             if others:
-                on_settled = lambda _: self._check_others(task, other_ids, others)  # noqa: E731
+                on_settled = functools.partial(self._check_others, task, other_ids, others)
                 task.add_part(_OtherDump(others), on_settled, lambda: other_ids)
         finally:
             self._end(task)
@@ -225,7 +228,7 @@ class DramStore(KVStoreBase):
         else:
             task.add_part(handle, lambda error: self._publish(mine, ids, rows, error), lambda: ids)
 
-    def _check_others(self, task: CopyTask, ids: list[str], others: list[_Pending]) -> None:
+    def _check_others(self, task: CopyTask, ids: list[str], others: list[_Pending], _: str | None) -> None:
         """Fail the ids whose dump by another task failed (they are not stored)."""
         for block_id, pending in zip(ids, others, strict=True):
             if pending.error is not None:
@@ -425,13 +428,16 @@ class DramStore(KVStoreBase):
 
     def _end(self, task: CopyTask) -> None:
         """End a `_begin` call; `task` is tracked until done, so its blocks are published even if nobody polls."""
-        done = task.done()
-        with self._lock:
-            if not done:
-                self._inflight.append(task)
-            self._busy -= 1
-            if self._busy == 0:
-                self._idle.notify_all()
+        done = False
+        try:
+            done = task.done()
+        finally:  # whatever happens, close must not wait for this call forever
+            with self._lock:
+                if not done:
+                    self._inflight.append(task)
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.notify_all()
 
     def _take_row(self) -> int | None:
         """A free row, evicting the least-recently-used unpinned published block if needed (lock held)."""
