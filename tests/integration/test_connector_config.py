@@ -67,6 +67,8 @@ def test_kv_block_size_must_match_the_model(tmp_path) -> None:
         ({"ucm_connector_config": {}}, "ucm_connector_name"),
         ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"kv_block_size": 131072}},
          "ucm_connector_config.max_cache_size"),
+        ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": "5GB"}},
+         "ucm_connector_config.max_cache_size"),  # at parse time: the scheduler side reads it as an int
         ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1, "bogus": 2}},
          "ucm_connector_config.bogus"),
         ({"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20},

@@ -1,9 +1,11 @@
 """UcmDram on the CPU backend: round trips, sub-range loads, LRU eviction and its capacity bound, blocks being
-loaded are never evicted, publish only after the copy, and concurrent use from several threads."""
+loaded are never evicted, publish only after the copy, and concurrent use from several threads; faults: a failed
+dump settles a second dump of its blocks, close racing calls, slots outside the pages, an arena too big to pin."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -232,3 +234,264 @@ def test_pinned_blocks_load_by_index_and_survive_eviction_until_unpinned(backend
         assert store.lookup([e]) == [True]
         with pytest.raises(ValueError, match="released"):
             store.load_pinned([(pin, [0])], BlockPages(make_cache(), torch.tensor([0])))
+
+
+class HeldCopyBackend(CpuBackend):
+    """The CPU backend, but the first `gather_blocks` (a dump's device copy) signals `entered`, waits for
+    `release`, then raises when `fail` is set (a device fault, e.g. no memory for the DMA staging buffer): other
+    threads act while a dump is between claiming its blocks and queuing its copy."""
+
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.fail = fail
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._held = False
+
+    def gather_blocks(self, *args, **kwargs):
+        if not self._held:
+            self._held = True
+            self.entered.set()
+            assert self.release.wait(10)
+            if self.fail:
+                raise RuntimeError("CUDA error: out of memory (injected)")
+        return super().gather_blocks(*args, **kwargs)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(_outcome(fn)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # returned to the test thread
+        return exc
+
+
+def test_failed_dump_fails_the_second_dump_of_the_same_block_and_close_returns():
+    backend = HeldCopyBackend(fail=True)
+    src = make_cache(9)
+    ids = ids_for(9, 2)
+    store = dram(backend, 4)
+    first, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([0, 1]))))
+    assert backend.entered.wait(10)
+    second = store.dump(ids[:1], BlockPages(src, torch.tensor([0])))  # waits on the first's copy
+    assert not second.done()
+    backend.release.set()
+    first.join(10)
+    with pytest.raises(StoreDumpError, match="out of memory") as info:
+        out[0].wait(timeout=5)
+    with pytest.raises(StoreDumpError, match="another task.*out of memory") as info:
+        second.wait(timeout=5)
+    assert info.value.failed_ids == ids[:1] and store.lookup(ids) == [False, False]
+    store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait(timeout=5)  # the claims were released
+    assert store.lookup(ids) == [True, True]
+    closer, _ = _in_thread(store.close)
+    closer.join(10)
+    assert not closer.is_alive()
+
+
+def test_second_dump_waits_while_the_first_is_queuing_its_copy():
+    backend = HeldCopyBackend(fail=False)
+    src = make_cache(10)
+    ids = ids_for(10, 1)
+    with dram(backend, 2) as store:
+        first, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([3]))))
+        assert backend.entered.wait(10)
+        second = store.dump(ids, BlockPages(src, torch.tensor([3])))
+        assert not second.done()
+        backend.release.set()
+        second.wait(timeout=5)  # ends once the first has published, even if nobody polls the first
+        first.join(10)
+        assert store.lookup(ids) == [True] and out[0].done()
+
+
+def test_close_racing_a_dump_waits_for_it_and_later_calls_raise_closed():
+    """close() while a dump is queuing its copy: the dump completes (close waits for it), every call that starts
+    after close raises StoreClosedError, and close returns."""
+    backend = HeldCopyBackend(fail=False)
+    src, dst = make_cache(11), make_cache()
+    ids = ids_for(11, 2)
+    config = {"max_cache_size": 4 * WIDTH, "kv_block_size": WIDTH, "transfer": "dma"}
+    store = create_store("UcmDram", config, backend)
+    dumper, out = _in_thread(lambda: store.dump(ids, BlockPages(src, torch.tensor([0, 1]))))
+    assert backend.entered.wait(10)
+    closer, _ = _in_thread(store.close)
+    deadline = time.monotonic() + 10
+    while not isinstance(_outcome(lambda: store.lookup(ids)), StoreClosedError):  # close has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(StoreClosedError):
+        store.dump(ids_for(12, 1), BlockPages(src, torch.tensor([2])))
+    with pytest.raises(StoreClosedError):
+        store.load(ids, BlockPages(dst, torch.tensor([0, 1])))
+    backend.release.set()
+    closer.join(10)
+    dumper.join(10)
+    assert not closer.is_alive() and not dumper.is_alive()
+    out[0].wait(timeout=5)  # the racing dump succeeded
+    with pytest.raises(StoreClosedError):
+        store.pin(ids)
+
+
+@pytest.mark.parametrize("slot", [-1, NUM_PAGES])
+def test_slot_outside_the_pages_is_refused(backend, slot):
+    src, dst = make_cache(13), make_cache()
+    ids = ids_for(13, 2)
+    with dram(backend, 4) as store:
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*{slot}.*{ids[1]}"):
+            store.dump(ids, BlockPages(src, torch.tensor([0, slot])))
+        assert store.lookup(ids) == [False, False]
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait()  # no claim was left behind
+        with pytest.raises(UcmConfigError, match="BlockPages.slots"):
+            store.load(ids, BlockPages(dst, torch.tensor([slot, 1])))
+        assert page_bytes(dst, NUM_PAGES - 1) == page_bytes(make_cache(), 0)
+        pin = store.pin(ids)
+        with pytest.raises(UcmConfigError, match="BlockPages.slots"):
+            store.load_pinned([(pin, [0, 1])], BlockPages(dst, torch.tensor([1, slot])))
+        store.unpin(pin)
+
+
+def test_layers_with_fewer_pages_bound_the_slots(backend):
+    """A slot that exists in some layers but not in others is refused before anything is claimed."""
+    src = make_cache(14)
+    src[1] = (src[1][0][:8], src[1][1][:8])
+    ids = ids_for(14, 1)
+    with dram(backend, 2) as store:
+        for _ in range(2):
+            with pytest.raises(UcmConfigError, match=r"\[0, 8\)"):
+                store.dump(ids, BlockPages(src, torch.tensor([10])))
+        store.dump(ids, BlockPages(src, torch.tensor([5]))).wait(timeout=5)
+        assert store.lookup(ids) == [True]
+
+
+def test_max_cache_size_that_cannot_be_allocated(backend):
+    with pytest.raises(UcmConfigError, match=r"ucm_connector_config\.max_cache_size=1152921504606846976.*host "
+                       r"memory.*1073741824.0 GiB.*can't allocate") as info:
+        create_store("UcmDram", {"max_cache_size": 2**60, "kv_block_size": WIDTH}, backend)
+    assert "\n" not in str(info.value)
+
+
+def test_an_id_listed_twice_in_one_dump_is_copied_once(backend):
+    src = make_cache(15)
+    (a,) = ids_for(15, 1)
+    with dram(backend, 2) as store:
+        store.dump([a, a], BlockPages(src, torch.tensor([2, 2]))).wait(timeout=5)
+        assert store.lookup([a]) == [True] and store.stats().stored_blocks == 1
+
+
+class FlakyBackend(CpuBackend):
+    """The CPU backend, but every device copy takes a millisecond (other threads race it) and every third one
+    raises (the bytes it would move never move)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._calls = 0
+
+    def _flaky(self) -> None:
+        time.sleep(0.001)
+        with self._lock:
+            self._calls += 1
+            if self._calls % 3 == 0:
+                raise RuntimeError("CUDA error: out of memory (injected)")
+
+    def gather_blocks(self, *args, **kwargs):
+        self._flaky()
+        return super().gather_blocks(*args, **kwargs)
+
+    def scatter_blocks(self, *args, **kwargs):
+        self._flaky()
+        return super().scatter_blocks(*args, **kwargs)
+
+
+def test_threads_racing_dumps_of_the_same_blocks_through_faults():
+    """6 threads dump and load the same few blocks while a third of the copies fail: every task ends within its
+    timeout, a load delivers the exact bytes or names the block failed (pages untouched), and close returns."""
+    backend = FlakyBackend()
+    src = make_cache(16)
+    ids = ids_for(16, 6)
+    errors: list[BaseException] = []
+    store = dram(backend, 4)
+
+    def worker(k: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(k)
+            for _ in range(40):
+                pick = torch.randperm(6, generator=gen)[:3]
+                try:
+                    store.dump([ids[i] for i in pick], BlockPages(src, pick)).wait(timeout=10)
+                except StoreDumpError:
+                    pass
+                dst = make_cache()
+                task = store.load([ids[i] for i in pick], BlockPages(dst, torch.arange(3)))
+                try:
+                    task.wait(timeout=10)
+                except StoreLoadError:
+                    pass
+                for j, i in enumerate(pick.tolist()):
+                    expect = page_bytes(make_cache(), 0) if ids[i] in task.failed_ids else page_bytes(src, i)
+                    assert page_bytes(dst, j) == expect
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and not errors, errors[:1]
+    closer, _ = _in_thread(store.close)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert store.stats().dump_failures > 0
+
+
+class _FaultyEvent(_GateEvent):
+    def query(self) -> bool:
+        if not self.gate.is_set():
+            return False
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    def synchronize(self) -> None:
+        self.gate.wait()
+        self.query()
+
+
+class InFlightFaultBackend(GatedBackend):
+    """The gated CPU backend, but while `fail` is set a queued copy reports a device error once the gate opens
+    (an asynchronous fault: the copy was queued fine)."""
+
+    fail = True
+
+    def record_event(self, stream=None):
+        return _FaultyEvent(self.gate) if self.fail else super().record_event(stream)
+
+
+def test_copy_that_faults_in_flight_fails_its_blocks_and_frees_their_rows():
+    backend = InFlightFaultBackend()
+    src = make_cache(17)
+    ids = ids_for(17, 2)
+    with dram(backend, 2) as store:
+        first = store.dump(ids, BlockPages(src, torch.tensor([0, 1])))
+        second = store.dump(ids, BlockPages(src, torch.tensor([0, 1])))  # waits on the first's copy
+        assert not second.done()
+        backend.gate.set()
+        for task in (second, first):
+            with pytest.raises(StoreDumpError, match="illegal memory access") as info:
+                task.wait(timeout=5)
+            assert info.value.failed_ids == ids
+        stats = store.stats()
+        assert store.lookup(ids) == [False, False] and (stats.dump_failures, stats.dumps_skipped) == (2, 2)
+        backend.fail = False
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait(timeout=5)  # both rows were freed
+        backend.fail = True
+        dst = make_cache()
+        with pytest.raises(StoreLoadError, match="illegal memory access"):
+            store.load(ids, BlockPages(dst, torch.tensor([3, 4]))).wait()
+        backend.fail = False
+        store.dump(ids_for(18, 2), BlockPages(src, torch.tensor([2, 3]))).wait(timeout=5)  # load unpinned: evictable
+        assert store.lookup(ids) == [False, False]

@@ -3,11 +3,13 @@ accepted; bad values name the field."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ucm.errors import UcmConfigError
 from ucm.store import create_store, registered_stores
 from ucm.store.dram import DramStore
+from ucm.store.factory import check_config
 from ucm.store.nfs import NfsStore
 
 
@@ -133,3 +135,25 @@ def test_dram_values_are_checked_without_building_the_store(config, field):
         DramStore.check_values(config)
     assert info.value.field == f"ucm_connector_config.{field}"
     assert DramStore.check_values({"max_cache_size": 4096}) == {"max_cache_size": 4096, "transfer": "auto"}
+
+
+@pytest.mark.parametrize("size", ["5GB", "5368709120", 5.0, 5e9, True, None, [5]])
+def test_a_size_that_is_not_a_plain_int_is_one_clear_error(backend, size):
+    with pytest.raises(UcmConfigError, match=r"ucm_connector_config\.max_cache_size=.*a plain integer") as info:
+        create_store("UcmDram", {"max_cache_size": size, "kv_block_size": 1024}, backend)
+    assert info.value.field == "ucm_connector_config.max_cache_size" and info.value.value == size
+    with pytest.raises(UcmConfigError, match="a plain integer"):  # also before kv_block_size is known
+        check_config(DramStore, {"max_cache_size": size})
+
+
+def test_numpy_ints_are_ints(backend):
+    config = {"max_cache_size": np.int64(4096), "kv_block_size": np.int32(1024)}
+    with create_store("UcmDram", config, backend) as store:
+        assert store.capacity_blocks == 4 and type(store.kv_block_size) is int
+
+
+@pytest.mark.parametrize("value", ["600", True, float("nan"), -1.0])
+def test_bad_numbers_name_the_field(backend, tmp_path, value):
+    config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "stale_temp_seconds": value}
+    with pytest.raises(UcmConfigError, match=r"ucm_connector_config\.stale_temp_seconds"):
+        create_store("UcmNfsStore", config, backend)

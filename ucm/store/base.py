@@ -66,12 +66,17 @@ class BlockPages:
         """Bytes of one block's pages here (= the covered sub-range of a stored row)."""
         return bytes_per_block(self.pages)
 
-    def check(self, num_ids: int, kv_block_size: int, whole_row: bool) -> None:
-        """Raise `UcmConfigError` unless these pages fit `num_ids` blocks of a `kv_block_size`-byte row."""
+    def check(self, num_ids: int, kv_block_size: int, whole_row: bool, block_ids: Sequence[str] = ()) -> None:
+        """Raise `UcmConfigError` unless these pages fit `num_ids` blocks of a `kv_block_size`-byte row.
+
+        Slots on the host are checked against the pages (indexing would wrap a negative slot to another page);
+        slots on a device are not: reading them back would wait for the device. `block_ids` name bad slots."""
         if self.slots.dtype != torch.int64 or self.slots.dim() != 1 or self.slots.numel() != num_ids:
             raise UcmConfigError(
                 "BlockPages.slots", f"{self.slots.dtype} {tuple(self.slots.shape)}", f"int64 [{num_ids}]"
             )
+        if self.slots.device.type == "cpu" and num_ids:
+            self._check_slots(block_ids)
         width = self.row_bytes
         if whole_row and (self.row_offset != 0 or width != kv_block_size):
             raise UcmConfigError(
@@ -83,6 +88,19 @@ class BlockPages:
                 "load destination", f"{width} B per block at offset {self.row_offset}",
                 f"a sub-range of the {kv_block_size} B row",
             )
+
+
+    def _check_slots(self, block_ids: Sequence[str]) -> None:
+        num_pages = min(page.shape[0] for page in self.pages)  # layers may differ: every one must hold the slot
+        low, high = torch.aminmax(self.slots)
+        if low >= 0 and high < num_pages:
+            return
+        bad = torch.nonzero((self.slots < 0) | (self.slots >= num_pages)).flatten().tolist()
+        shown = ", ".join(
+            f"slot {int(self.slots[i])} of {block_ids[i] if i < len(block_ids) else f'position {i}'}" for i in bad[:4]
+        )
+        more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise UcmConfigError("BlockPages.slots", shown + more, f"page indices in [0, {num_pages}) of every layer")
 
 
 class StoreTask(abc.ABC):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,29 +20,38 @@ FIELD_PREFIX = "ucm_connector_config."
 MAX_KV_BLOCK_SIZE = 1 << 30
 
 
+def user_field(field: str) -> str:
+    """The name of a store field as the user writes it in ``kv_connector_extra_config``."""
+    return FIELD_PREFIX + field
+
+
 def config_error(field: str, value: Any, allowed: Any) -> UcmConfigError:
     """The `UcmConfigError` of store field `field`, named as the user writes it."""
-    return UcmConfigError(FIELD_PREFIX + field, value, allowed)
+    return UcmConfigError(user_field(field), value, allowed)
 
 
 def get_int(
     config: Mapping[str, Any], field: str, default: Any = _MISSING, minimum: int = 1, maximum: int | None = None
 ) -> int | None:
-    """An int in [`minimum`, `maximum`] (bools rejected); `default` when absent (None allowed as a default)."""
+    """An int in [`minimum`, `maximum`]; `default` when absent (None allowed as a default).
+
+    Only integers count (Python or numpy ints): a bool, a float (even 5e9) or a string such as ``"5GB"`` is one
+    and the same error, so a size is never rounded or parsed into something the user did not write."""
     value = config.get(field, default)
-    expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    bound = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    expected = f"{bound} (a plain integer, e.g. bytes as 5 << 30; not a bool, float or string)"
     if value is _MISSING:
         raise config_error(field, "<missing>", f"{expected} (required)")
     if value is None and default is None:
         return None
     if (
         isinstance(value, bool)
-        or not isinstance(value, int)
+        or not isinstance(value, numbers.Integral)
         or value < minimum
         or (maximum is not None and value > maximum)
     ):
         raise config_error(field, value, expected)
-    return value
+    return int(value)
 
 
 def get_bool(config: Mapping[str, Any], field: str, default: bool) -> bool:
@@ -54,11 +64,11 @@ def get_bool(config: Mapping[str, Any], field: str, default: bool) -> bool:
 def get_float(
     config: Mapping[str, Any], field: str, default: float, minimum: float = 0.0, why: str = ""
 ) -> float:
-    """A finite number >= `minimum` (NaN, infinities and bools rejected); `why` is added to the error."""
+    """A finite number >= `minimum` (NaN, infinities, bools and strings rejected); `why` is added to the error."""
     value = config.get(field, default)
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | float)
+        or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
         or value < minimum
     ):
@@ -68,7 +78,7 @@ def get_float(
 
 def get_choice(config: Mapping[str, Any], field: str, default: str, allowed: list[str]) -> str:
     value = config.get(field, default)
-    if not isinstance(value, str) or value not in allowed:
+    if not isinstance(value, str) or value not in allowed:  # unhashable values compare unequal, never raise
         raise config_error(field, value, allowed)
     return value
 

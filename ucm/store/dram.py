@@ -9,13 +9,15 @@ stream, ordered after the caller's queued work. Two ways across PCIe (``transfer
   (HBM speed, brief) plus one DMA per run of consecutive arena rows on the copy engines, so compute running on
   other streams keeps the SMs (the zero-copy kernel holds them for the whole PCIe transfer).
 When the arena is full, the least-recently-used published block that no load is reading is evicted.
+Faults never leave a task waiting: a dump whose copy fails frees its rows and fails its blocks, and so does a second
+dump of those blocks waiting on it; `close` waits for the calls queuing copies and for the copies in flight.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 from ucm.device import Backend, CopyHandle
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
 from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_choice, get_int
-from ucm.store.errors import StoreClosedError
+from ucm.store.errors import StoreClosedError, StoreDumpError, error_line
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
 
@@ -52,13 +54,15 @@ class _Entry:
 
 
 class _Pending:
-    """A block whose dump copy is in flight; `handle` is set once the copy is queued."""
+    """The blocks one `dump` call is copying into the arena. `settled` is set once that dump has published them
+    or failed (then `error` says why), on every path, so a second dump of one of them never waits forever."""
 
-    __slots__ = ("row", "handle")
+    __slots__ = ("owner", "settled", "error")
 
-    def __init__(self, row: int):
-        self.row = row
-        self.handle: CopyHandle | None = None
+    def __init__(self, owner: CopyTask):
+        self.owner = owner
+        self.settled = threading.Event()
+        self.error: str | None = None
 
 
 class _Pinned:
@@ -74,19 +78,25 @@ class _Pinned:
 
 
 class _OtherDump:
-    """Completion of blocks another task is dumping, so a second dump of a block ends only once it is stored."""
+    """Completion of blocks other dumps are copying: a second dump of a block ends once the first has settled."""
 
-    def __init__(self, store: DramStore, pending: list[_Pending]):
-        self._store, self._pending = store, pending
+    def __init__(self, pending: list[_Pending]):
+        self._pending = list({id(p): p for p in pending}.values())
 
     def done(self) -> bool:
-        with self._store._lock:  # handle is None until the other thread has queued its copy
-            handles = [p.handle for p in self._pending]
-        return all(h is not None and h.done() for h in handles)
+        for p in self._pending:
+            if not p.settled.is_set():
+                p.owner.done()  # publishes the first dump's blocks once its copy has ended, even if nobody polls it
+        return all(p.settled.is_set() for p in self._pending)
 
     def wait(self) -> None:
-        while not self.done():
-            time.sleep(0.0002)
+        for p in self._pending:
+            while not p.settled.is_set():
+                try:
+                    p.owner.wait()
+                except StoreDumpError:
+                    pass  # settled with its error
+                p.settled.wait(0.001)  # the owner may still be queuing its copy
 
 
 class DramStore(KVStoreBase):
@@ -105,7 +115,7 @@ class DramStore(KVStoreBase):
         size, self.transfer = checked["max_cache_size"], checked["transfer"]
         super().__init__(config, backend)
         self.capacity_blocks = size // block
-        self._arena = backend.alloc_pinned(self.capacity_blocks * block).view(self.capacity_blocks, block)
+        self._arena = self._alloc_arena(size)
         self._stream = backend.new_stream()
         self._staging_rows = max(1, _DEVICE_STAGING_BYTES // block)
         self._staging: dict[torch.device, torch.Tensor] = {}  # device staging of the 'dma' transfer
@@ -115,6 +125,8 @@ class DramStore(KVStoreBase):
         self._pending: dict[str, _Pending] = {}  # dumps in flight
         self._free_rows = list(range(self.capacity_blocks - 1, -1, -1))
         self._inflight: list[CopyTask] = []
+        self._busy = 0  # calls between `_begin` and `_end`
+        self._idle = threading.Condition(self._lock)
         self._stats = StoreStats(capacity_bytes=self.capacity_blocks * block)
         self._closed = False
 
@@ -125,6 +137,19 @@ class DramStore(KVStoreBase):
         if block is not None and size < block:
             raise config_error("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
         return {"max_cache_size": size, "transfer": get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])}
+
+    def _alloc_arena(self, size: int) -> torch.Tensor:
+        """The pinned arena; a size this machine cannot pin is the user's config to fix, said as such."""
+        block = self.kv_block_size
+        try:
+            arena = self.backend.alloc_pinned(self.capacity_blocks * block)
+        except (RuntimeError, MemoryError) as exc:  # torch.AcceleratorError (CUDA OOM) is a RuntimeError
+            raise config_error(
+                "max_cache_size", size,
+                f"an amount of host memory this machine can pin: {size / 2**30:.1f} GiB was asked and allocating "
+                f"it failed ({error_line(exc)})",
+            ) from exc
+        return arena.view(self.capacity_blocks, block)
 
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:
@@ -139,22 +164,25 @@ class DramStore(KVStoreBase):
     # ------------------------------------------------------------------ transfers
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        source.check(len(block_ids), self.kv_block_size, whole_row=True)
+        source.check(len(block_ids), self.kv_block_size, whole_row=True, block_ids=block_ids)
         self._reap()
         task = CopyTask("dump", block_ids)
         picks: list[int] = []
         rows: list[int] = []
         ids: list[str] = []
-        mine: list[_Pending] = []
+        mine = _Pending(task)
         others: list[_Pending] = []
+        other_ids: list[str] = []
         with self._lock:
-            self._check_open()
+            self._begin()
             for i, block_id in enumerate(block_ids):
                 if block_id in self._published:
                     self._published.move_to_end(block_id)
                     self._stats.dumps_skipped += 1
                 elif block_id in self._pending:
-                    others.append(self._pending[block_id])
+                    if self._pending[block_id] is not mine:  # else: listed twice in this call, copied once
+                        others.append(self._pending[block_id])
+                        other_ids.append(block_id)
                     self._stats.dumps_skipped += 1
                 else:
                     row = self._take_row()
@@ -163,37 +191,52 @@ class DramStore(KVStoreBase):
                         task.fail([block_id], reason)
                         self._stats.dump_failures += 1
                         continue
-                    self._pending[block_id] = pending = _Pending(row)
-                    mine.append(pending)
+                    self._pending[block_id] = mine
                     picks.append(i)
                     rows.append(row)
                     ids.append(block_id)
-        if ids:
-            slots = source.slots.index_select(0, torch.tensor(picks, dtype=torch.int64, device=source.slots.device))
-            try:
-                handle = self._to_arena(source, slots, rows)
-            except Exception as exc:
-                self._publish(ids, rows, ok=False)
-                task.fail(ids, f"device gather failed: {exc}")
-            else:
-                with self._lock:
-                    for pending in mine:
-                        pending.handle = handle
-                task.add_part(handle, lambda: self._publish(ids, rows, ok=True))
-        if others:
-            task.add_part(_OtherDump(self, others), lambda: None)
-        return self._track(task)
+        try:
+            if ids:
+                self._queue_dump(task, mine, source, picks, ids, rows)
+            if others:
+                on_settled = functools.partial(self._check_others, task, other_ids, others)
+                task.add_part(_OtherDump(others), on_settled, lambda: other_ids)
+        finally:
+            self._end(task)
+        return task
+
+    def _queue_dump(
+        self, task: CopyTask, mine: _Pending, source: BlockPages, picks: list[int], ids: list[str], rows: list[int]
+    ) -> None:
+        """Queue the copy of the claimed blocks; on any error release their rows and settle `mine` failed."""
+        try:
+            picks_t = torch.tensor(picks, dtype=torch.int64, device=source.slots.device)
+            handle = self._to_arena(source, source.slots.index_select(0, picks_t), rows)
+        except BaseException as exc:  # even an interrupt must settle the claims that other dumps may wait on
+            reason = f"device gather failed: {error_line(exc)}"
+            task.fail(ids, reason)
+            self._publish(mine, ids, rows, error=reason)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            task.add_part(handle, lambda error: self._publish(mine, ids, rows, error), lambda: ids)
+
+    def _check_others(self, task: CopyTask, ids: list[str], others: list[_Pending], _: str | None) -> None:
+        """Fail the ids whose dump by another task failed (they are not stored)."""
+        for block_id, pending in zip(ids, others, strict=True):
+            if pending.error is not None:
+                task.fail([block_id], f"another task's dump of this block failed: {pending.error}")
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        destination.check(len(block_ids), self.kv_block_size, whole_row=False)
+        destination.check(len(block_ids), self.kv_block_size, whole_row=False, block_ids=block_ids)
         self._reap()
         task = CopyTask("load", block_ids)
         picks: list[int] = []
         entries: list[_Entry] = []
         missing: list[str] = []
         with self._lock:
-            self._check_open()
+            self._begin()
             for i, block_id in enumerate(block_ids):
                 entry = self._published.get(block_id)
                 if entry is None:
@@ -204,21 +247,26 @@ class DramStore(KVStoreBase):
                 picks.append(i)
                 entries.append(entry)
             self._stats.load_failures += len(missing)
-        if missing:
-            task.fail(missing, "not in UcmDram (never dumped, evicted, or its dump has not finished)")
-        if entries:
-            slots = destination.slots.index_select(
-                0, torch.tensor(picks, dtype=torch.int64, device=destination.slots.device)
-            )
-            try:
-                handle = self._from_arena(destination, slots, [e.row for e in entries])
-            except Exception as exc:
-                self._unpin(entries, 0)
-                task.fail([block_ids[i] for i in picks], f"device scatter failed: {exc}")
-            else:
-                nbytes = destination.row_bytes * len(entries)
-                task.add_part(handle, lambda: self._unpin(entries, nbytes))
-        return self._track(task)
+        try:
+            if missing:
+                task.fail(missing, "not in UcmDram (never dumped, evicted, or its dump has not finished)")
+            if entries:
+                try:
+                    picks_t = torch.tensor(picks, dtype=torch.int64, device=destination.slots.device)
+                    slots = destination.slots.index_select(0, picks_t)
+                    handle = self._from_arena(destination, slots, [e.row for e in entries])
+                except BaseException as exc:  # unpin on every path, or the rows could never be evicted
+                    self._unpin(entries, 0)
+                    task.fail([block_ids[i] for i in picks], f"device scatter failed: {error_line(exc)}")
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    nbytes = destination.row_bytes * len(entries)
+                    task.add_part(handle, lambda error: self._unpin(entries, 0 if error else nbytes),
+                                  lambda: [block_ids[i] for i in picks])
+        finally:
+            self._end(task)
+        return task
 
     # ------------------------------------------------------------------ pinned loads
     def pin(self, block_ids: Sequence[str]) -> _Pinned:
@@ -255,31 +303,38 @@ class DramStore(KVStoreBase):
             block_ids.extend([ids[i] for i in indices.tolist()])
             parts.append(pinned.rows[indices])
         rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        destination.check(len(rows), self.kv_block_size, whole_row=False)
-        self._check_open()
+        destination.check(len(rows), self.kv_block_size, whole_row=False, block_ids=block_ids)
         task = CopyTask("load", block_ids)
-        ok = rows >= 0
-        picks = np.flatnonzero(ok)
-        if picks.size < rows.size:
-            missing = [block_ids[j] for j in np.flatnonzero(~ok).tolist()]
-            task.fail(missing, "not in UcmDram when the reader pinned its blocks")
-            with self._lock:
-                self._stats.load_failures += len(missing)
-        if picks.size:
-            slots = destination.slots
+        with self._lock:
+            self._begin()
+        try:
+            ok = rows >= 0
+            picks = np.flatnonzero(ok)
             if picks.size < rows.size:
-                slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
-                rows = rows[picks]
-            try:
-                handle = self._from_arena(destination, slots, rows)
-            except Exception as exc:
-                task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {exc}")
-            else:
-                blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
-                task.add_part(handle, lambda: self._count_loaded(blocks, nbytes))
-        return self._track(task)
+                missing = [block_ids[j] for j in np.flatnonzero(~ok).tolist()]
+                task.fail(missing, "not in UcmDram when the reader pinned its blocks")
+                with self._lock:
+                    self._stats.load_failures += len(missing)
+            if picks.size:
+                try:
+                    slots = destination.slots
+                    if picks.size < rows.size:
+                        slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
+                        rows = rows[picks]
+                    handle = self._from_arena(destination, slots, rows)
+                except Exception as exc:
+                    task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
+                else:
+                    blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
+                    task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
+                                  lambda: [block_ids[j] for j in picks.tolist()])
+        finally:
+            self._end(task)
+        return task
 
-    def _count_loaded(self, blocks: int, nbytes: int) -> None:
+    def _count_loaded(self, blocks: int, nbytes: int, error: str | None) -> None:
+        if error is not None:
+            return
         with self._lock:
             self._stats.blocks_loaded += blocks
             self._stats.bytes_loaded += nbytes
@@ -297,7 +352,8 @@ class DramStore(KVStoreBase):
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # calls from now on raise StoreClosedError
+            self._idle.wait_for(lambda: self._busy == 0)  # calls already past the check finish queuing first
             tasks, self._inflight = self._inflight, []
         for task in tasks:
             task._finish_parts(block=True)
@@ -358,6 +414,24 @@ class DramStore(KVStoreBase):
         if self._closed:
             raise StoreClosedError(self.name)
 
+    def _begin(self) -> None:
+        """Start a call that queues copies (lock held): raise if closed, else `close` waits for its `_end`."""
+        self._check_open()
+        self._busy += 1
+
+    def _end(self, task: CopyTask) -> None:
+        """End a `_begin` call; `task` is tracked until done, so its blocks are published even if nobody polls."""
+        done = False
+        try:
+            done = task.done()
+        finally:  # whatever happens, close must not wait for this call forever
+            with self._lock:
+                if not done:
+                    self._inflight.append(task)
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.notify_all()
+
     def _take_row(self) -> int | None:
         """A free row, evicting the least-recently-used unpinned published block if needed (lock held)."""
         if self._free_rows:
@@ -369,19 +443,22 @@ class DramStore(KVStoreBase):
                 return entry.row
         return None
 
-    def _publish(self, ids: list[str], rows: list[int], ok: bool) -> None:
+    def _publish(self, pending: _Pending, ids: list[str], rows: list[int], error: str | None) -> None:
+        """End the dump of `ids` into `rows`: publish them (error None) or free the rows, then settle `pending`."""
         with self._lock:
             for block_id, row in zip(ids, rows, strict=True):
                 del self._pending[block_id]
-                if ok and not self._closed:
+                if error is None and not self._closed:
                     self._published[block_id] = _Entry(row)
                 else:
                     self._free_rows.append(row)
-            if ok:
+            if error is None:
                 self._stats.blocks_dumped += len(ids)
                 self._stats.bytes_dumped += len(ids) * self.kv_block_size
             else:
                 self._stats.dump_failures += len(ids)
+            pending.error = error
+            pending.settled.set()
 
     def _unpin(self, entries: list[_Entry], nbytes: int) -> None:
         with self._lock:
@@ -390,12 +467,6 @@ class DramStore(KVStoreBase):
             if nbytes:
                 self._stats.blocks_loaded += len(entries)
                 self._stats.bytes_loaded += nbytes
-
-    def _track(self, task: CopyTask) -> CopyTask:
-        if not task.done():
-            with self._lock:
-                self._inflight.append(task)
-        return task
 
     def _reap(self) -> None:
         """Finish tasks whose copies have ended, so dumps are published even if nobody polls their task."""

@@ -43,3 +43,9 @@ class StoreClosedError(StoreError):
 
     def __init__(self, name: str):
         super().__init__(f"store {name} is closed")
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as one line for a failure reason: its type and first message line (CUDA adds advice)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

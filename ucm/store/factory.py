@@ -46,13 +46,14 @@ def store_class(name: str) -> type[KVStoreBase]:
 
 
 def check_config(cls: type[KVStoreBase], config: Mapping[str, Any]) -> None:
-    """Raise one `UcmConfigError` for the first unknown or missing field (listing every accepted field)."""
+    """Raise one `UcmConfigError` for the first unknown field (listing every accepted field) or bad value."""
     if not isinstance(config, Mapping):
         raise UcmConfigError("ucm_connector_config", config, f"a mapping with fields {sorted(cls.config_fields)}")
     accepted = ", ".join(f"{k} ({v})" for k, v in cls.config_fields.items())
     for key in config:
         if key not in cls.config_fields:
             raise UcmConfigError(f"ucm_connector_config.{key}", config[key], f"a field of {cls.name}: {accepted}")
+    cls.check_values(config)
 
 
 def create_store(name: str, config: Mapping[str, Any], backend: Backend | None = None) -> KVStoreBase:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from ucm.device import CopyHandle
 from ucm.store.base import StoreTask
-from ucm.store.errors import StoreDumpError, StoreLoadError, StoreTransferError
+from ucm.store.errors import StoreDumpError, StoreLoadError, StoreTransferError, error_line
 
 _ERRORS: dict[str, type[StoreTransferError]] = {"dump": StoreDumpError, "load": StoreLoadError}
 
@@ -51,10 +51,15 @@ class _TaskBase(StoreTask):
 
 
 class _CopyPart:
-    """One device copy plus what to do once it has finished (publish, unpin), run exactly once."""
+    """One device copy plus what to do once it has ended (publish, unpin), run exactly once.
 
-    def __init__(self, handle: CopyHandle, on_complete: Callable[[], None]):
-        self.handle, self.on_complete = handle, on_complete
+    A copy whose handle raises (a device fault reported when polled or waited on) has ended too: its blocks
+    (``block_ids()``, only asked then) are failed with the error and ``on_complete`` gets that sentence (None after
+    a copy that succeeded)."""
+
+    def __init__(self, task: CopyTask, handle: CopyHandle, on_complete: Callable[[str | None], None],
+                 block_ids: Callable[[], Sequence[str]]):
+        self.task, self.handle, self.on_complete, self.block_ids = task, handle, on_complete, block_ids
         self.lock = threading.Lock()
         self.finished = False
 
@@ -62,14 +67,20 @@ class _CopyPart:
         with self.lock:  # held while completing, so no caller sees the task done before on_complete ran
             if self.finished:
                 return True
-            if block:
-                self.handle.wait()
-            elif not self.handle.done():
-                return False
+            error = None
             try:
-                self.on_complete()
+                if block:
+                    self.handle.wait()
+                elif not self.handle.done():
+                    return False
+            except Exception as exc:
+                error = f"device copy failed: {error_line(exc)}"
+                self.task.fail(self.block_ids(), error)
+            try:
+                self.on_complete(error)
             finally:
                 self.finished = True
+                self.task = None  # no cycle task -> part -> task
             return True
 
 
@@ -80,9 +91,13 @@ class CopyTask(_TaskBase):
         super().__init__(op, block_ids)
         self._parts: list[_CopyPart] = []
 
-    def add_part(self, handle: CopyHandle, on_complete: Callable[[], None]) -> None:
+    def add_part(
+        self, handle: CopyHandle, on_complete: Callable[[str | None], None], block_ids: Callable[[], Sequence[str]]
+    ) -> None:
+        """Track one copy; ``on_complete(error)`` runs once it has ended (error None: success). `block_ids` gives
+        the ids the copy moves, asked only when it failed (so a large load builds no list on the way)."""
         with self._lock:
-            self._parts.append(_CopyPart(handle, on_complete))
+            self._parts.append(_CopyPart(self, handle, on_complete, block_ids))
 
     def _finish_parts(self, block: bool) -> bool:
         with self._lock:
