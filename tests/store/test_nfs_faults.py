@@ -419,28 +419,27 @@ def test_close_racing_transfers_raises_store_closed(backend, tmp_path):
 
 
 # ---------------------------------------------------------------------------- file and directory modes
-def test_default_modes_are_owner_and_group_only(backend, tmp_path):
-    old = os.umask(0)  # the modes must not depend on the process umask
+def dump_under_umask(backend, root, umask: int, seed: int, **config) -> str:
+    """The path of one block dumped while the process umask is `umask` (the modes must not depend on it)."""
+    old = os.umask(umask)
     try:
-        with nfs(backend, tmp_path) as store:
-            ids = ids_for(42, 1)
-            store.dump(ids, BlockPages(make_cache(42), torch.tensor([1]))).wait()
+        with nfs(backend, root, **config) as store:
+            ids = ids_for(seed, 1)
+            store.dump(ids, BlockPages(make_cache(seed), torch.tensor([1]))).wait()
     finally:
         os.umask(old)
-    path = block_files(tmp_path)[ids[0]]
+    return block_files(root)[ids[0]]
+
+
+def test_default_modes_are_owner_and_group_only(backend, tmp_path):
+    path = dump_under_umask(backend, tmp_path, 0, 42)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o750
 
 
 def test_configured_modes_for_a_service_group(backend, tmp_path):
-    old = os.umask(0o027)  # a umask clearing group write must not undo file_mode
-    try:
-        with nfs(backend, tmp_path, file_mode="0660", dir_mode=0o2770) as store:
-            ids = ids_for(43, 1)
-            store.dump(ids, BlockPages(make_cache(43), torch.tensor([1]))).wait()
-    finally:
-        os.umask(old)
-    path = block_files(tmp_path)[ids[0]]
+    # a umask clearing group write must not undo file_mode
+    path = dump_under_umask(backend, tmp_path, 0o027, 43, file_mode="0660", dir_mode=0o2770)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o2770
 
