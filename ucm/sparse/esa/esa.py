@@ -269,8 +269,6 @@ class Esa(UcmSparseBase):
             return view
         index = self._layer(layer_name)
         resident_before, full_before = self._stats.resident_blocks, self._stats.full_blocks
-        if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
-            query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
         rows: list[int] = []
         tables: list[torch.Tensor] = []
         lengths: list[int] = []
@@ -306,6 +304,8 @@ class Esa(UcmSparseBase):
             self._stats.resident_blocks += table.numel()
             self._stats.full_blocks += -(-step.seq_len // self.block_size)
         if submits:
+            if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
+                query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
             self._submit(query, submits)
         if not rows:
             return None
@@ -320,6 +320,21 @@ class Esa(UcmSparseBase):
         if self._steady:
             self._steady_view = (view, self._stats.resident_blocks - resident_before,
                                  self._stats.full_blocks - full_before)
+        return view
+
+    def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
+        """In a steady step (see `execute_begin`) every layer attends the first layer's view and nothing else
+        happens per layer: that view, with the step's stats counted for every layer."""
+        if not self._steady or self._batch is None or not self._requests or not self._caches:
+            return None
+        first = next(iter(self._layer_index))
+        view = self.attention_begin(first, None, None, None, self._caches[0], block_table, seq_lens)
+        if view is None or self._steady_view is None:
+            return None
+        _, resident, full = self._steady_view
+        others = len(self._caches) - 1
+        self._stats.resident_blocks += resident * others
+        self._stats.full_blocks += full * others
         return view
 
     def _submit(self, query: torch.Tensor, submits: list[tuple[_LayerState, _RequestState, int]]) -> None:
