@@ -57,6 +57,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 256 << 20}}
         if spec.get("esa") is not None:
             extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": spec["esa"]})
+            if spec.get("full_graphs"):
+                extra["ucm_sparse_full_graphs"] = True
         kv = KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1",
             kv_connector_module_path="ucm.integration.vllm.uc_connector",
@@ -321,7 +323,7 @@ def test_cuda_esa_engine_decodes_sparsely_with_flash_attention_and_cuda_graphs(r
     requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 48}, {"name": "short_1", "ids": SHORT_1,
                                                                        "max_tokens": 48}]
     dense = run_engine(root, connector=True, requests=requests, **CUDA)
-    sparse = run_engine(root, connector=True, esa=ESA_CUDA, requests=requests, **CUDA)
+    sparse = run_engine(root, connector=True, esa=ESA_CUDA, full_graphs=True, requests=requests, **CUDA)
     # full graphs for the steady steps (the view is in vLLM's metadata), piecewise for the retrieval steps
     assert sparse["attn_backend"] == ["FlashAttentionImpl"], sparse
     assert sparse["cudagraph_mode"].endswith("FULL_AND_PIECEWISE"), sparse["cudagraph_mode"]
@@ -341,9 +343,9 @@ def test_cuda_esa_ratio_one_gives_the_dense_connector_tokens(root: Engines) -> N
     requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 40}, {"name": "long_b", "ids": LONG_B,
                                                                        "max_tokens": 40}]
     # Both run what a sparse engine runs apart from the selection: vLLM's V1 model runner (the bindings pin it;
-    # 0.26's CUDA default is Model Runner V2), with piecewise CUDA graphs for every step: a sparse engine's
-    # default runs its steady steps as full graphs and its retrieval steps piecewise, and full graphs cap FA3's
-    # split count, which rounds bf16 attention differently from the piecewise steps
+    # 0.26's CUDA default is Model Runner V2), with piecewise CUDA graphs for every step (a sparse engine's
+    # default; with ucm_sparse_full_graphs its steady steps run as full graphs, which cap FA3's split count and
+    # round bf16 attention differently from the piecewise steps)
     dense = run_engine(root, connector=True, requests=requests, env={"VLLM_USE_V2_MODEL_RUNNER": "0"},
                        cudagraph_mode="PIECEWISE", **CUDA)
     sparse = run_engine(root, connector=True, esa=dict(ESA_CUDA, sparse_ratio=1.0), requests=requests,
