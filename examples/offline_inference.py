@@ -5,8 +5,9 @@
     python examples/offline_inference.py --no-sparse          # the connector alone (prefix reuse from UcmDram)
 
 The prompt is a long haystack with one pass key in it; the model is asked for the key. The script prints the
-answer and the connector's summary per request (blocks found in the store, loaded, saved) and ESA's resident
-blocks vs. a dense cache when stats logging reports them. The same configuration runs unchanged on vLLM for GPUs.
+answer, the time (and vLLM's time to first token) and the connector's summary per request (prompt blocks found in
+the store, loaded, saved; ESA's share of the KV blocks dense attention would read), and vLLM logs the connector's
+interval stats ("KV Transfer metrics: ...") after each run. The same configuration runs unchanged on vLLM for GPUs.
 """
 
 from __future__ import annotations
@@ -85,12 +86,15 @@ def main() -> None:
         llm.reset_prefix_cache()  # so the second run's hits come from the UCM store, not vLLM's own cache
         started = time.perf_counter()
         out = llm.generate([prompt], params, use_tqdm=False)[0]
+        seconds = time.perf_counter() - started
         answer = out.outputs[0].text.strip()
         stats = (out.kv_transfer_params or {}).get("ucm", {})
-        print(f"\n== {attempt}: {time.perf_counter() - started:.2f} s, {len(out.prompt_token_ids)} prompt tokens")
+        ttft = getattr(getattr(out, "metrics", None), "first_token_latency", None)  # vLLM's, with stats logging on
+        ttft_text = f", first token after {ttft:.2f} s" if ttft else ""
+        print(f"\n== {attempt}: {seconds:.2f} s{ttft_text}, {len(out.prompt_token_ids)} prompt tokens")
         print(f"answer: {answer!r} (pass key {key}: {'found' if key in answer else 'missed'})")
         print(
-            "connector: {hit} of {blocks} prompt blocks found in the store, {loaded} loaded, {failed} failed, "
+            "connector: {hit} of {blocks} full prompt blocks found in the store, {loaded} loaded, {failed} failed, "
             "{saved} saved".format(
                 hit=stats.get("hit_blocks", 0),
                 blocks=len(out.prompt_token_ids) // max(1, stats.get("block_size", 1)),
@@ -101,8 +105,12 @@ def main() -> None:
         )
         sparse = stats.get("sparse")
         if sparse:
-            print(f"ESA: {sparse}")
-
+            print(f"ESA: decode attended {sparse['resident_share']:.0%} of the KV blocks dense attention reads "
+                  f"({sparse['resident_blocks']} of {sparse['full_blocks']} over {sparse['steps']} decode steps, "
+                  f"{sparse['blocks_loaded']} block loads from the store)")
+        # vLLM logs its interval stats (the connector's "KV Transfer metrics" line among them) every
+        # VLLM_LOG_STATS_INTERVAL seconds while requests run; log this run's now
+        llm.llm_engine.do_log_stats()
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process on CPU: quicker start

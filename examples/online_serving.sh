@@ -38,10 +38,11 @@ KV_TRANSFER_CONFIG="{\"kv_connector\": \"UnifiedCacheConnectorV1\",
 # docs/connector.md); `python -m ucm.integration.vllm.serve` is the same command where the script is not on PATH.
 UCM_SERVE="$(dirname "$(command -v "$PYTHON")")/ucm-serve"
 if [ -x "$UCM_SERVE" ]; then SERVE=("$UCM_SERVE"); else SERVE=("$PYTHON" -m ucm.integration.vllm.serve); fi
-# --kv-cache-memory-bytes: vLLM-CPU otherwise sizes its KV cache from VLLM_CPU_KVCACHE_SPACE / free memory and
-# refuses to start on a small machine; on a GPU leave it out (or use --gpu-memory-utilization).
+# --kv-cache-memory-bytes: vLLM-CPU otherwise reserves 90% of the machine's memory and refuses to start when
+# less is free; on a GPU leave it out. --shutdown-timeout: vLLM's default stop (0: abort) kills the engine at
+# once and its output handler logs an ERROR EngineDeadError traceback; with a timeout the engine drains and exits.
 "${SERVE[@]}" "$MODEL" --host 127.0.0.1 --port "$PORT" \
-  --max-model-len 8192 --kv-cache-memory-bytes "$KV_CACHE_BYTES" --enforce-eager \
+  --max-model-len 8192 --kv-cache-memory-bytes "$KV_CACHE_BYTES" --enforce-eager --shutdown-timeout 30 \
   --kv-transfer-config "$KV_TRANSFER_CONFIG" "$@" >&2 &  # server log on stderr: stdout is the requests' report
 SERVER=$!
 stop() {
