@@ -82,6 +82,7 @@ def main() -> None:
     print(f"engine ready in {time.perf_counter() - started:.1f} s (model {model})")
     prompt, key = long_prompt(llm.get_tokenizer(), args.prompt_tokens, seed=7)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    runs = []
     for attempt in ("first run", "second run (prompt blocks reused from the store)"):
         llm.reset_prefix_cache()  # so the second run's hits come from the UCM store, not vLLM's own cache
         started = time.perf_counter()
@@ -108,9 +109,17 @@ def main() -> None:
             print(f"ESA: decode attended {sparse['resident_share']:.0%} of the KV blocks dense attention reads "
                   f"({sparse['resident_blocks']} of {sparse['full_blocks']} over {sparse['steps']} decode steps, "
                   f"{sparse['blocks_loaded']} block loads from the store)")
+        runs.append((seconds, ttft, stats))
         # vLLM logs its interval stats (the connector's "KV Transfer metrics" line among them) every
         # VLLM_LOG_STATS_INTERVAL seconds while requests run; log this run's now
         llm.llm_engine.do_log_stats()
+    (first_s, first_ttft, _), (second_s, second_ttft, second) = runs
+    ttfts = f", first token {first_ttft:.2f} s -> {second_ttft:.2f} s" if first_ttft and second_ttft else ""
+    sparse = second.get("sparse")
+    print(f"\n== what the connector did: the second run took {second_s:.2f} s instead of {first_s:.2f} s{ttfts}; "
+          f"{second.get('loaded_blocks', 0)} prompt blocks were loaded from the store instead of computed"
+          + (f"; ESA attended {sparse['resident_share']:.0%} of the KV blocks in decode" if sparse else ""))
+
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process on CPU: quicker start

@@ -32,6 +32,7 @@ def test_offline_example_prints_what_the_connector_did() -> None:
     shares = [int(s) for s in re.findall(r"ESA: decode attended (\d+)% of the KV blocks", out)]
     assert len(shares) == 2 and all(0 < s < 100 for s in shares)
     assert "first token after" in out
-    assert "KV Transfer metrics" in log  # vLLM's interval stats line, with the connector's counters
+    assert "KV Transfer metrics: lookup_blocks=" in out + log  # vLLM's interval stats line: the connector's counters
+    assert re.search(rf"== what the connector did: .* {hit2} prompt blocks were loaded from the store", out)
     assert "Traceback" not in log and "EngineDeadError" not in log
     print(f"offline example: {time.monotonic() - started:.1f} s\n{out}")
