@@ -18,7 +18,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 MODEL=${MODEL:-$("$PYTHON" -c 'from ucm.eval.models import ensure_smollm2; print(ensure_smollm2())')}
 PORT=${PORT:-8000}
-STORE_DIR=${STORE_DIR:-$(mktemp -d /tmp/ucm-nfs-store.XXXXXX)}  # fresh: the first request finds nothing
+if [ -z "${STORE_DIR:-}" ]; then  # a fresh one (the first request finds nothing), removed at the end
+  STORE_DIR=$(mktemp -d /tmp/ucm-nfs-store.XXXXXX); OWN_STORE=1
+fi
 SPARSE=${SPARSE:-ESA}
 MAX_TOKENS=${MAX_TOKENS:-16}
 PROMPT_CHARS=${PROMPT_CHARS:-8000}
@@ -50,6 +52,7 @@ stop() {
     status=0; wait "$SERVER" || status=$?
     # what vLLM prints on the way out (an EngineDeadError traceback, nanobind leaks): docs/connector.md, Stopping
     echo "the server stopped with exit status $status" >&2
+    if [ -n "${OWN_STORE:-}" ]; then rm -rf "$STORE_DIR"; fi
   fi
 }
 trap stop EXIT
