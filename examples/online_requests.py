@@ -7,8 +7,10 @@ and a chat turn to ``/v1/chat/completions``, and prints per request the time to 
 per-request summary from the response (``kv_transfer_params["ucm"]``: prompt blocks found in the store and
 loaded, blocks saved) and, with ESA, the share of the dense KV blocks decode attended. The first request
 computes the whole prompt and dumps its full blocks; the second finds them in the store and loads them instead
-of computing them, so it answers sooner. The last line is the three responses as one JSON object.
-Uses only the standard library (and the essays' text files).
+of computing them, so it answers sooner. The requests are not streamed: vLLM's OpenAI server returns
+``kv_transfer_params`` only in a whole response, so the time shown is the time to the answer (with a few new
+tokens mostly the prompt's; `examples/offline_inference.py` prints vLLM's time to first token). The last line
+is the three responses as one JSON object. Uses only the standard library (and the essays' text files).
 """
 
 from __future__ import annotations
