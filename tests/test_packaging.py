@@ -41,6 +41,9 @@ def test_regular_install_maps_external_folders(tmp_path: Path) -> None:
         ("ucm", "backends", "cuda"),
         ("ucm", "backends", "npu"),
     ]
+    # the `ucm-serve` console script (`vllm serve` on every vLLM build) is installed and runs ucm's entry point
+    script = (target / "bin" / "ucm-serve").read_text()
+    assert "from ucm.integration.vllm.serve import main" in script
 
 
 def test_editable_install_points_at_repository_folders(tmp_path: Path) -> None:

@@ -234,3 +234,34 @@ def test_sparse_engines_ask_for_piecewise_graphs_unless_full_graphs_are_asked_fo
     assert Connector.requires_piecewise_for_cudagraph(esa) is True
     # the installed release's bindings write steady steps' views into vLLM's metadata: full graphs allowed
     assert Connector.requires_piecewise_for_cudagraph({**esa, "ucm_sparse_full_graphs": True}) is False
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "path"),
+    [
+        ("top-level field", {**DRAM, "ucm_save_blocks": 1}, "ucm_save_blocks"),
+        ("top-level typo", {**DRAM, "ucm_prefix_resue": False}, "kv_connector_extra_config.ucm_prefix_resue"),
+        ("store field", {**DRAM, "ucm_connector_config": {"max_cache_size": 1 << 20, "transfer": "rdma"}},
+         "ucm_connector_config.transfer"),
+        ("store field needing the model", {**DRAM, "ucm_connector_config": {"max_cache_size": 1 << 10}},
+         "ucm_connector_config.max_cache_size"),
+        ("sparse method", {**DRAM, "ucm_sparse_method": "Quest"}, "ucm_sparse_method"),
+        ("sparse config entry", {**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"Quest": {}}},
+         "ucm_sparse_config.Quest"),
+        ("sparse field", {**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": {"min_blocks": 0}}},
+         "ucm_sparse_config.ESA.min_blocks"),
+        ("sparse field typo", {**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": {"ratio": 0.3}}},
+         "ucm_sparse_config.ESA.ratio"),
+    ],
+)
+def test_every_kind_of_config_error_names_the_users_key_path(kind: str, extra: dict, path: str) -> None:
+    # the message starts with the path as written in kv_connector_extra_config, so a user can find the key
+    err = error(extra)
+    assert err.field == path and str(err).startswith(f"invalid {path}="), kind
+
+
+def test_the_esa_schedule_names_the_users_key_path() -> None:
+    from ucm.sparse.esa.schedule import EsaSchedule
+
+    with pytest.raises(UcmConfigError, match=r"^invalid ucm_sparse_config\.ESA\.retrieval_stride=0:"):
+        EsaSchedule(0)

@@ -34,7 +34,7 @@ class EsaSchedule:
 
     def __init__(self, stride: int):
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise UcmConfigError("retrieval_stride", stride, "an integer >= 1")
+            raise UcmConfigError("ucm_sparse_config.ESA.retrieval_stride", stride, "an integer >= 1")
         self.stride = stride
         self.lag = max(1, stride - 2)
 
