@@ -73,6 +73,8 @@ class ConnectorScheduler:
         self._pending_loads: list[BlockTransfer] = []
         self.stats = UcmConnectorStats()
         self._sparse_totals = dict.fromkeys(SPARSE_COUNTERS, 0.0)  # engine-wide, from the workers' sparse hooks
+        #: requests that finished in the step being processed: (state, the summary dict handed to vLLM)
+        self._finishing: dict[str, tuple[_Request, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ start-up
     def set_handshakes(self, metadata: dict[int, Any]) -> None:
@@ -160,6 +162,7 @@ class ConnectorScheduler:
     def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        self._finishing = {}  # their outputs have left
         steps: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             steps.append((new.req_id, new.num_computed_tokens))
@@ -214,15 +217,20 @@ class ConnectorScheduler:
         for name, value in worker_meta.sparse.items():
             self._sparse_totals[name] = self._sparse_totals.get(name, 0.0) + value
         for req_id, (ok, failed, recomputed) in worker_meta.load_results.items():
-            state = self._requests.get(req_id)
+            state = self._state_of(req_id)
             if state is not None:
                 state.loaded_blocks += ok
                 state.load_failed_blocks += failed
                 state.recomputed_blocks += recomputed
         for req_id, row in worker_meta.sparse_requests.items():
-            state = self._requests.get(req_id)
+            state = self._state_of(req_id)
             if state is not None:
                 state.sparse = [a + b for a, b in zip(state.sparse, row, strict=True)]
+        # vLLM finishes requests (request_finished) before it hands the connector the same step's worker output,
+        # and sends their outputs after both: the summaries it holds get that last step's counts here
+        for state, summary in self._finishing.values():
+            summary.clear()
+            summary.update(self._summary(state))
         if self.store is None:
             for rank, ids in worker_meta.stored_ids.items():
                 index = self._index.setdefault(rank, collections.OrderedDict())
@@ -245,7 +253,19 @@ class ConnectorScheduler:
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, {"ucm": {"hit_blocks": 0}}
-        summary = {
+        summary = self._summary(state)
+        self._finishing[request.request_id] = (state, summary)
+        return False, {"ucm": summary}
+
+    def _state_of(self, req_id: str) -> _Request | None:
+        state = self._requests.get(req_id)
+        if state is None and req_id in self._finishing:
+            state = self._finishing[req_id][0]
+        return state
+
+    def _summary(self, state: _Request) -> dict[str, Any]:
+        """The request's ``kv_transfer_params["ucm"]`` (docs/connector.md, "Per request")."""
+        summary: dict[str, Any] = {
             "hit_blocks": state.hit_blocks,
             "loaded_blocks": state.loaded_blocks,
             "load_failed_blocks": state.load_failed_blocks,
@@ -264,7 +284,7 @@ class ConnectorScheduler:
                 # the whole engine's while the request ran (the request's own when it ran alone)
                 "engine": {k: (round(v, 3) if k.endswith("_ms") else int(v)) for k, v in delta.items()},
             }
-        return False, {"ucm": summary}
+        return summary
 
     def take_stats(self) -> UcmConnectorStats | None:
         if self.stats.is_empty():
