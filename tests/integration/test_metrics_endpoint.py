@@ -171,7 +171,8 @@ def test_metrics_endpoint_exports_the_sparse_series(served: dict) -> None:
     assert m["ucm:sparse_resident_block_steps_total"] == pytest.approx(
         sum(s["resident_blocks"] * s["steps"] for s in sparse), abs=0.1)
     assert 0 < m["ucm:sparse_resident_share"] < 0.5
-    assert m["ucm:sparse_retrieval_seconds_count"] == m["ucm:sparse_retrievals_total"] > 0
+    # one histogram sample per batched selection (a layer), each selecting for one or more requests
+    assert 0 < m["ucm:sparse_retrieval_seconds_count"] <= m["ucm:sparse_retrievals_total"]
 
 
 def test_streamed_responses_carry_no_kv_transfer_params(served: dict) -> None:

@@ -37,7 +37,7 @@ COUNTER_SERIES = {
     "full_block_steps": ("sparse_full_block_steps",
                          "Blocks dense attention would read per sparse (request, decode step), averaged over "
                          "layers, summed."),
-    "retrievals": ("sparse_retrievals", "Batched block selections (one per layer and step that selects)."),
+    "retrievals": ("sparse_retrievals", "(request, layer) block selections submitted."),
 }
 #: stats samples -> (histogram name, help text, buckets in seconds)
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

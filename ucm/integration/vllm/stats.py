@@ -34,7 +34,7 @@ COUNTERS = (
     "sparse_steps",  # (request, decode step) pairs attended sparsely
     "resident_block_steps",  # sum over those pairs of blocks attended, averaged over layers
     "full_block_steps",  # the same for the blocks dense attention would have read
-    "retrievals",  # ESA: batched block selections (one per layer and step that selects)
+    "retrievals",  # (request, layer) block selections submitted
 )
 #: Samples (lists of seconds), for the Prometheus histograms: one per request load, per finished dump task, per
 #: batched retrieval.

@@ -222,7 +222,7 @@ class ConnectorWorker:
         self._sparse_seen.update(new)
         self.stats.add(sparse_requests=len(new), sparse_steps=len(stats.request_blocks),
                        resident_block_steps=resident_steps, full_block_steps=full_steps,
-                       retrievals=len(stats.retrieval_s))
+                       retrievals=stats.retrievals)
         for seconds in stats.retrieval_s:
             self.stats.sample("retrieval_durations", seconds)
         step = {
