@@ -101,7 +101,8 @@ def main() -> None:
         )
         sparse = stats.get("sparse")
         if sparse:
-            print(f"ESA: {sparse}")
+            print(f"ESA: {sparse['steps']} decode steps attended {sparse['resident_blocks']} of "
+                  f"{sparse['full_blocks']} blocks per step (share {sparse['resident_share']:.3f})")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,5 @@ curl -sf "http://127.0.0.1:$PORT/v1/completions" \
     \"temperature\": 0
   }"
 echo
+# the connector's Prometheus series (docs/connector.md, "Statistics"), on stderr: stdout is the reply
+curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^ucm:' >&2 || true
