@@ -3,6 +3,7 @@
 # Idempotent: a second run only re-installs ucm. PyTorch 2.13 CPU comes from the local wheel pip finds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_NO_CACHE_DIR=1  # the CI disk is small: no second copy of every wheel
 VENV=${UCM_VENV:-.venv}
 STAMP="$VENV/.ucm-deps-v1"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -96,6 +96,7 @@ DRAM = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_siz
         ({**DRAM, "ucm_sparse_method": ["ESA"]}, "ucm_sparse_method"),
         ({**DRAM, "ucm_device_backend": ["cpu"]}, "ucm_device_backend"),
         ({**DRAM, "ucm_load_failure_policy": ["fail"]}, "ucm_load_failure_policy"),
+        ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_full_graphs": "yes"}, "ucm_sparse_full_graphs"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": 0.2}}, "ucm_sparse_config.ESA"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": [1, 2]}}, "ucm_sparse_config.ESA"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": "abc"}}, "ucm_sparse_config.ESA"),
@@ -238,3 +239,15 @@ def test_worker_metadata_takes_one_workers_sparse_counters() -> None:
     assert merged.sparse == {"steps": 1, "retrievals": 40, "host_ms": 3.0, "blocks_loaded": 6}
     assert merged.sparse_requests == {"r": [1, 4.0, 20.0], "q": [1, 2.0, 9.0]}
     assert not merged.is_empty() and UcmWorkerMetadata(sparse={"steps": 0}).is_empty()
+
+
+def test_sparse_engines_ask_for_piecewise_graphs_unless_full_graphs_are_asked_for() -> None:
+    from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1 as Connector
+
+    esa = {**DRAM, "ucm_sparse_method": "ESA"}
+    assert ConnectorConfig.parse({**esa, "ucm_sparse_full_graphs": True}, BLOCK).sparse_full_graphs is True
+    assert ConnectorConfig.parse(esa, BLOCK).sparse_full_graphs is False
+    assert Connector.requires_piecewise_for_cudagraph(DRAM) is False  # dense: vLLM's own graph modes
+    assert Connector.requires_piecewise_for_cudagraph(esa) is True
+    # the installed release's bindings write steady steps' views into vLLM's metadata: full graphs allowed
+    assert Connector.requires_piecewise_for_cudagraph({**esa, "ucm_sparse_full_graphs": True}) is False

@@ -57,6 +57,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 256 << 20}}
         if spec.get("esa") is not None:
             extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": spec["esa"]})
+            if spec.get("full_graphs"):
+                extra["ucm_sparse_full_graphs"] = True
         kv = KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1",
             kv_connector_module_path="ucm.integration.vllm.uc_connector",
@@ -148,6 +150,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             "blocks_loaded": hook.totals.stats.blocks_loaded,
             "load_failures": hook.totals.stats.load_failures,
             "last_step_layers": [hook.last_step.layers_seen, hook.last_step.layers_sparse],
+            "view_steps": hook.totals.view_steps,
         },
         "vllm": __import__("vllm").__version__,
         "layers": len(layers),
@@ -261,6 +264,9 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     assert sparse["cpu_isa"] == ["vec"]  # K readable by the sparse algorithm (amx packs it unreadably)
     worker = sparse["worker"]
     assert worker["last_step_layers"] == [2, 2]  # both layers of the last decode step attended sparsely
+    # steady steps (no retrieval stage, no load in flight) attended one view written into vLLM's own metadata
+    # (what lets them run as full CUDA graphs); the retrieval steps ran the layer hooks
+    assert 0 < worker["view_steps"] < worker["steps"], worker
     assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
     assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]
@@ -320,8 +326,11 @@ def test_cuda_esa_engine_decodes_sparsely_with_flash_attention_and_cuda_graphs(r
     requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 48}, {"name": "short_1", "ids": SHORT_1,
                                                                        "max_tokens": 48}]
     dense = run_engine(root, connector=True, requests=requests, **CUDA)
-    sparse = run_engine(root, connector=True, esa=ESA_CUDA, requests=requests, **CUDA)
-    assert sparse["attn_backend"] == ["FlashAttentionImpl"] and "PIECEWISE" in sparse["cudagraph_mode"], sparse
+    sparse = run_engine(root, connector=True, esa=ESA_CUDA, full_graphs=True, requests=requests, **CUDA)
+    # full graphs for the steady steps (the view is in vLLM's metadata), piecewise for the retrieval steps
+    assert sparse["attn_backend"] == ["FlashAttentionImpl"], sparse
+    assert sparse["cudagraph_mode"].endswith("FULL_AND_PIECEWISE"), sparse["cudagraph_mode"]
+    assert 0 < sparse["worker"]["view_steps"] < sparse["worker"]["steps"], sparse["worker"]
     assert sparse["budget"]["shrinks"] == 1 and sparse["share"]["long_a"] <= 0.30, sparse["share"]
     worker = sparse["worker"]
     assert worker["last_step_layers"] == [2, 2] and worker["blocks_loaded"] > 0 and worker["load_failures"] == 0
@@ -336,13 +345,14 @@ def test_cuda_esa_ratio_one_gives_the_dense_connector_tokens(root: Engines) -> N
     _needs_cuda()
     requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 40}, {"name": "long_b", "ids": LONG_B,
                                                                        "max_tokens": 40}]
-    # The dense reference runs what a sparse engine runs apart from the selection: vLLM's V1 model runner (the
-    # bindings pin it; 0.26's CUDA default is Model Runner V2) and piecewise CUDA graphs (the connector asks for
-    # them with a sparse method; a dense engine's default, full graphs for decode, caps FA3's split count, which
-    # rounds bf16 attention differently)
+    # Both run what a sparse engine runs apart from the selection: vLLM's V1 model runner (the bindings pin it;
+    # 0.26's CUDA default is Model Runner V2), with piecewise CUDA graphs for every step (a sparse engine's
+    # default; with ucm_sparse_full_graphs its steady steps run as full graphs, which cap FA3's split count and
+    # round bf16 attention differently from the piecewise steps)
     dense = run_engine(root, connector=True, requests=requests, env={"VLLM_USE_V2_MODEL_RUNNER": "0"},
                        cudagraph_mode="PIECEWISE", **CUDA)
-    sparse = run_engine(root, connector=True, esa=dict(ESA_CUDA, sparse_ratio=1.0), requests=requests, **CUDA)
+    sparse = run_engine(root, connector=True, esa=dict(ESA_CUDA, sparse_ratio=1.0), requests=requests,
+                        cudagraph_mode="PIECEWISE", **CUDA)
     first = {n: next((i for i, (a, b) in enumerate(zip(t, dense["tokens"][n], strict=False)) if a != b), None)
              for n, t in sparse["tokens"].items()}
     print("first differing token per request:", first)

@@ -21,7 +21,10 @@ Worker process (role WORKER), around each model step::
     register_kv_caches(kv_caches, key_views)     # once, after the KV cache is allocated
     every step:
         execute_begin(batch)                     # before the forward: requests of this step, in batch order
-        for each attention layer, in model order:
+        view = step_view(block_table, seq_lens)  # a step whose layers all attend one view, with no per-layer
+                                                 # work: the integration puts it in the engine's own metadata
+                                                 # (one CUDA graph for the step) and skips the layer hooks
+        otherwise, for each attention layer, in model order:
             view = attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
             # the integration runs the engine's attention with view.block_table / view.seq_lens when not None
             attention_finished(layer_name, query, key, value, attn_output, kv_cache)
@@ -158,7 +161,8 @@ class SparseAttentionView:
     ``block_table`` int32 [num_reqs, width] and ``seq_lens`` int32 [num_reqs] on the cache's device, rows in
     batch order; rows of dense/prefill requests are the engine's own. ``max_seq_len`` is max(seq_lens).
     The integration passes them to the attention implementation for this layer only (the engine's own
-    metadata stays unchanged for other layers and steps).
+    metadata stays unchanged for other layers and steps), or, for a `UcmSparseBase.step_view`, writes them into
+    the engine's metadata for the whole step.
     """
 
     block_table: torch.Tensor
@@ -236,6 +240,16 @@ class UcmSparseBase:
 
     def execute_begin(self, batch: SparseBatch) -> None:
         """Worker: before the forward of a step; ``batch`` lists its requests in batch order."""
+
+    def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
+        """Worker, after `execute_begin`: the view every layer of this step attends, when the step needs no
+        per-layer work (no query to read, no load to wait for, no layer with its own table); None otherwise.
+
+        ``block_table``/``seq_lens`` are the engine's for this step (the same `attention_begin` would get). When
+        a view is returned, `attention_begin`/`attention_finished` are not called this step (the engine may run
+        the whole step as one captured graph), so the view must also count the step's stats for every layer.
+        Default: None (per-layer hooks every step)."""
+        return None
 
     def attention_begin(
         self,

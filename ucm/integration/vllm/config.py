@@ -18,6 +18,9 @@ Fields (all under ``kv_connector_extra_config``)::
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
     ucm_device_backend      ucm device backend name (default: automatic / $UCM_DEVICE_BACKEND)    optional
+    ucm_sparse_full_graphs  with a sparse method on CUDA: run steps without per-layer sparse work as full
+                            CUDA graphs, the others piecewise (default false: piecewise for every step;
+                            the full-graph path is not yet measured on a GPU)                   optional
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ KNOWN_FIELDS = (
     "ucm_save_blocks",
     "ucm_load_failure_policy",
     "ucm_device_backend",
+    "ucm_sparse_full_graphs",
 )
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 #: Stores whose content lives in one process's memory: the scheduler cannot open them and keeps an index of the
@@ -70,6 +74,7 @@ class ConnectorConfig:
     load_failure_policy: str
     device_backend: str | None
     block: ModelBlockShape
+    sparse_full_graphs: bool = False
 
     @property
     def store_is_process_local(self) -> bool:
@@ -157,6 +162,7 @@ def check(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         "save_blocks": _flag(extra, "ucm_save_blocks"),
         "load_failure_policy": policy,
         "device_backend": backend,
+        "sparse_full_graphs": _flag(extra, "ucm_sparse_full_graphs", False),
     }
 
 

@@ -5,10 +5,11 @@ release-independent. Who calls what:
 
 - the connector, each step before the forward: `on_step_meta` with the scheduler's `SparseStepMeta` (block
   positions the budget changed, new and resumed requests) and the requests that finished;
-- the release bindings' model-runner hook, inside vLLM's forward context: `begin_step` with the step's
-  `BatchRow`s, then `end_step` after the forward;
+- the release bindings' model-runner hooks: `begin_step` with the step's `BatchRow`s, then (where the release
+  can put a view into the engine's own metadata) `step_view` before vLLM builds the step's attention metadata,
+  and `end_step` after the forward;
 - the release bindings' attention hook, per layer while `in_step`: `attention_begin` (may return the layer's
-  sparse view) and `attention_finished`.
+  sparse view) and `attention_finished`; not called into the algorithm in a step whose `step_view` was taken.
 
 The algorithm never sees vLLM types: it gets a `SparseBatch` (each request's block row with the freed positions
 as the null block) and the engine's block table and lengths as tensors.
@@ -39,6 +40,7 @@ class StepCounters:
 
     layers_seen: int = 0
     layers_sparse: int = 0
+    step_view: bool = False  # the step attended one view written into the engine's metadata
 
 
 @dataclass
@@ -47,6 +49,7 @@ class RuntimeTotals:
     algorithm's hooks (what a step costs the CPU beyond vLLM's own work; device work they queue is not in it)."""
 
     steps: int = 0
+    view_steps: int = 0  # steps that attended one view written into the engine's metadata (no layer hooks)
     stats: SparseStepStats = field(default_factory=SparseStepStats)
     begin_s: float = 0.0  # execute_begin (batch rows, initial loads)
     attention_s: float = 0.0  # attention_begin + attention_finished over all layers (views, retrieval, loads)
@@ -75,6 +78,7 @@ class SparseWorkerRuntime:
         self._resumed: set[str] = set()
         self._shrunk_rows: frozenset[int] = frozenset()
         self.in_step = False
+        self._view_in_metadata = False
         self.last_step = StepCounters()
         self.totals = RuntimeTotals()
         self._step_host_s = 0.0
@@ -101,14 +105,35 @@ class SparseWorkerRuntime:
         started = time.perf_counter()
         batch, self._shrunk_rows = self._batch(rows)
         self.last_step = StepCounters()
+        self._view_in_metadata = False
         self.sparse.execute_begin(batch)
         self.in_step = True
         self._step_host_s = elapsed = time.perf_counter() - started
         self.totals.begin_s += elapsed
 
+    def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
+        """The view the whole step attends (`UcmSparseBase.step_view`), for the bindings to write into the engine's
+        metadata; from then on the layer hooks of this step only count layers. None: per-layer hooks."""
+        started = time.perf_counter()
+        view = self.sparse.step_view(block_table, seq_lens) if self.in_step else None
+        self._view_in_metadata = view is not None
+        self.last_step.step_view = self._view_in_metadata
+        self.totals.view_steps += self._view_in_metadata
+        elapsed = time.perf_counter() - started
+        self.totals.begin_s += elapsed
+        self._step_host_s += elapsed
+        return view
+
+    @property
+    def needs_layer_hooks(self) -> bool:
+        """Whether this step's layers must run the attention hooks (False once the step's view is in the
+        engine's metadata: the step may then run as one captured graph)."""
+        return self.in_step and not self._view_in_metadata
+
     def end_step(self) -> None:
         started = time.perf_counter()
         self.in_step = False
+        self._view_in_metadata = False
         stats = self.sparse.execute_finished()
         elapsed = time.perf_counter() - started
         self.totals.end_s += elapsed
@@ -174,8 +199,11 @@ class SparseWorkerRuntime:
         block_table: torch.Tensor, seq_lens: torch.Tensor,
     ) -> SparseAttentionView | None:
         """The view this layer must attend through, or None to attend densely."""
-        started = time.perf_counter()
         self.last_step.layers_seen += 1
+        if self._view_in_metadata:
+            self.last_step.layers_sparse += 1  # the engine's metadata already holds the step's view
+            return None
+        started = time.perf_counter()
         view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
         elapsed = time.perf_counter() - started
         self.totals.attention_s += elapsed
@@ -193,6 +221,8 @@ class SparseWorkerRuntime:
         self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: Any,
         kv_cache: Any,
     ) -> None:
+        if self._view_in_metadata:
+            return
         started = time.perf_counter()
         self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
         elapsed = time.perf_counter() - started

@@ -57,6 +57,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._worker = None
         self.sparse_budget: SparseBudget | None = None  # scheduler role, sparse engines
         self.sparse_runtime: SparseWorkerRuntime | None = None  # worker role, sparse engines (register_kv_caches)
+        self._sparse_meta_taken: KVConnectorMetadata | None = None  # the step metadata the runtime last took
         if role == KVConnectorRole.SCHEDULER:
             from ucm.integration.vllm.scheduler_side import ConnectorScheduler
 
@@ -85,8 +86,17 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        # Loads and dumps run outside the graph (start_load_kv / wait_for_save); the sparse hooks run per layer.
-        return bool((extra_config or {}).get("ucm_sparse_method"))
+        # Loads and dumps run outside the graph (start_load_kv / wait_for_save). The sparse hooks run per layer
+        # in the steps that need them; with ucm_sparse_full_graphs, releases whose bindings put the other steps'
+        # view into vLLM's metadata keep full graphs (those steps) and piecewise graphs (the others).
+        extra_config = extra_config or {}
+        if not extra_config.get("ucm_sparse_method"):
+            return False
+        if extra_config.get("ucm_sparse_full_graphs") is not True:
+            return True
+        from ucm.integration.vllm.compat import bindings
+
+        return not bindings().full_graph_steps
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
@@ -151,8 +161,17 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if self._worker is not None and isinstance(connector_metadata, UcmConnectorMetadata):
             self._worker.bind(connector_metadata)
-            if self.sparse_runtime is not None:
-                self.sparse_runtime.on_step_meta(connector_metadata.sparse, connector_metadata.finished_req_ids)
+            self.prepare_sparse_step(connector_metadata)
+
+    def prepare_sparse_step(self, connector_metadata: KVConnectorMetadata | None) -> None:
+        """Worker: hand the step's sparse metadata to the sparse runtime, once per step. The release bindings call
+        it before the step's attention metadata is built, earlier than vLLM binds the metadata."""
+        if self.sparse_runtime is None or not isinstance(connector_metadata, UcmConnectorMetadata):
+            return
+        if connector_metadata is self._sparse_meta_taken:
+            return
+        self._sparse_meta_taken = connector_metadata
+        self.sparse_runtime.on_step_meta(connector_metadata.sparse, connector_metadata.finished_req_ids)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata

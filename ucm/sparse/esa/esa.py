@@ -269,8 +269,6 @@ class Esa(UcmSparseBase):
             return view
         index = self._layer(layer_name)
         counted: list[tuple[str, int, int]] = []  # (req_id, blocks attended, blocks dense would read)
-        if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
-            query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
         rows: list[int] = []
         tables: list[torch.Tensor] = []
         lengths: list[int] = []
@@ -306,6 +304,8 @@ class Esa(UcmSparseBase):
             counted.append((step.req_id, table.numel(), -(-step.seq_len // self.block_size)))
         self._count_blocks(counted)
         if submits:
+            if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
+                query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
             self._submit(query, submits)
         if not rows:
             return None
@@ -319,6 +319,20 @@ class Esa(UcmSparseBase):
             self._view_cache = (key, view)
         if self._steady:
             self._steady_view = (view, counted)
+        return view
+
+    def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
+        """In a steady step (see `execute_begin`) every layer attends the first layer's view and nothing else
+        happens per layer: that view, with the step's stats counted for every layer."""
+        if not self._steady or self._batch is None or not self._requests or not self._caches:
+            return None
+        first = next(iter(self._layer_index))
+        view = self.attention_begin(first, None, None, None, self._caches[0], block_table, seq_lens)
+        if view is None or self._steady_view is None:
+            return None
+        _, counted = self._steady_view
+        for _ in range(len(self._caches) - 1):
+            self._count_blocks(counted)
         return view
 
     def _count_blocks(self, counted: list[tuple[str, int, int]]) -> None:

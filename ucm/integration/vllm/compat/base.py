@@ -83,6 +83,9 @@ class VllmBindings(abc.ABC):
 
     #: (major, minor) of the release line.
     release: tuple[int, int]
+    #: True when a sparse step without per-layer work is written into the runner's own metadata (its steps may
+    #: then run as full CUDA graphs, the others piecewise); False: the layer hooks run every step (piecewise).
+    full_graph_steps: bool = False
 
     @abc.abstractmethod
     def install(self) -> None:

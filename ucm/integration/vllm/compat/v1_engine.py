@@ -6,9 +6,14 @@ changed. What is bound, each wrapper calling the original straight away unless t
 - ``Scheduler.__init__``: a scheduler whose KV connector owns a sparse budget binds it to its KV cache manager
   (`V1SchedulerBlocks`) and routes that manager's ``allocate_slots`` through ``budget.before_allocate`` first
   (an instance-level wrapper: other schedulers in the process are untouched).
-- ``GPUModelRunner._model_forward`` (the V1 runner; the CPU and NPU runners derive from it): inside vLLM's
-  forward context, with the step's metadata built, the worker's sparse runtime begins a step with the batch rows
-  (`batch_rows`) and ends it after the forward.
+- ``GPUModelRunner.execute_model`` / ``_determine_batch_execution_and_padding`` / ``_model_forward`` (the V1
+  runner; the CPU and NPU runners derive from it): once the step's inputs are prepared (block table and slot
+  mapping committed, before vLLM picks the CUDA-graph mode and builds the attention metadata), the worker's sparse
+  runtime begins the step with the batch rows (`batch_rows`). When the step has one view for every layer
+  (`SparseWorkerRuntime.step_view`), it is written into the runner's own block-table and sequence-length buffers,
+  so the attention metadata vLLM builds (and a full CUDA graph replays) reads it; otherwise full graphs are ruled
+  out for the step (``CudagraphDispatcher.dispatch``) and the layer hooks run between the piecewise graphs. The
+  step ends after the forward. The runner's buffers are rewritten from its host copies at the next step.
 - ``Attention.__init__``: each layer's ``impl.forward`` goes through `SparseAttentionForward` (vLLM's attention
   custom ops are registered at import time and call ``layer.impl.forward``, so the instance method is the stable
   point); during a sparse step the layer's metadata is rebuilt for the runtime's sparse view.
@@ -284,10 +289,14 @@ class V1EngineBindings(VllmBindings):
     their release changed (see the module docstring for what is bound)."""
 
     release: tuple[int, int] = (0, 0)
+    full_graph_steps = True
 
     def __init__(self) -> None:
         self._installed = False
         self._last_adapted: tuple | None = None  # (metadata, view, kernel shape, adapted metadata)
+        self._stepping: tuple[Any, Any] | None = None  # (runner, scheduler output) of the step being prepared
+        self._begun_early = False  # the step was begun before the forward (`_determine_batch...`)
+        self._no_full_graph = False  # set while vLLM picks the graph mode of a step that needs the layer hooks
         self._adapters: dict[str, MetadataAdapter] = {
             "CPUAttentionMetadata": CpuMetadataAdapter(self.cpu_schedule_kwargs, self.cpu_isa),
             "FlashAttentionMetadata": PagedMetadataAdapter(),
@@ -326,10 +335,12 @@ class V1EngineBindings(VllmBindings):
             return
         from vllm.model_executor.layers.attention.attention import Attention
         from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         run_after_init(Scheduler, self._bind_scheduler)
         self.hook_runner_class(GPUModelRunner)
+        wrap_method(CudagraphDispatcher, "dispatch", self._dispatch_without_full)
         run_after_init(Attention, self._wrap_layer)
         self._pin_v1_runner_for_sparse()
         from vllm.platforms import current_platform
@@ -437,18 +448,56 @@ class V1EngineBindings(VllmBindings):
         ]
 
     def hook_runner_class(self, cls: type) -> None:
-        """Wrap ``cls._model_forward`` so a sparse worker's steps run between the runtime's begin and end."""
+        """Wrap ``cls``'s step methods so a sparse worker's steps run between the runtime's begin and end (see the
+        module docstring). A runner that overrides the early ones (vllm-ascend's) still gets the per-layer path:
+        ``_model_forward`` begins any step not begun yet."""
 
-        def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def _model_forward(runner: Any, *args: Any, **kwargs: Any) -> Any:
+        def make_execute(original: Callable[..., Any]) -> Callable[..., Any]:
+            def execute_model(runner: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
                 runtime = self.worker_runtime()
+                if runtime is None:
+                    return original(runner, scheduler_output, *args, **kwargs)
+                self._stepping = (runner, scheduler_output)
+                try:
+                    return original(runner, scheduler_output, *args, **kwargs)
+                finally:
+                    self._stepping = None
+                    if self._begun_early:  # begun, but the forward never ran (an error, an empty step)
+                        self._begun_early = False
+                        runtime.end_step()
+
+            return execute_model
+
+        def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
+            def _determine_batch_execution_and_padding(runner: Any, *args: Any, **kwargs: Any) -> Any:
+                stepping, self._stepping = self._stepping, None  # the step's first call (not a dummy run's)
+                runtime = self.worker_runtime() if stepping is not None and stepping[0] is runner else None
                 if runtime is None or runtime.in_step or runner.input_batch.num_reqs == 0:
                     return original(runner, *args, **kwargs)
-                from vllm.forward_context import get_forward_context
+                self._begin_early(runner, stepping[1], runtime)
+                self._no_full_graph = runtime.needs_layer_hooks
+                try:
+                    return original(runner, *args, **kwargs)
+                finally:
+                    self._no_full_graph = False
 
-                if get_forward_context().attn_metadata is None:
-                    return original(runner, *args, **kwargs)  # dummy / profiling run
-                runtime.begin_step(self.batch_rows(runner))
+            return _determine_batch_execution_and_padding
+
+        def make_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+            def _model_forward(runner: Any, *args: Any, **kwargs: Any) -> Any:
+                runtime = self.worker_runtime()
+                if runtime is None or runner.input_batch.num_reqs == 0:
+                    return original(runner, *args, **kwargs)
+                if self._begun_early:
+                    self._begun_early = False
+                elif runtime.in_step:
+                    return original(runner, *args, **kwargs)  # a nested forward of the same step
+                else:
+                    from vllm.forward_context import get_forward_context
+
+                    if get_forward_context().attn_metadata is None:
+                        return original(runner, *args, **kwargs)  # dummy / profiling run
+                    runtime.begin_step(self.batch_rows(runner))
                 try:
                     return original(runner, *args, **kwargs)
                 finally:
@@ -456,7 +505,37 @@ class V1EngineBindings(VllmBindings):
 
             return _model_forward
 
-        wrap_method(cls, "_model_forward", make)
+        wrap_method(cls, "execute_model", make_execute)
+        wrap_method(cls, "_determine_batch_execution_and_padding", make_determine)
+        wrap_method(cls, "_model_forward", make_forward)
+
+    def _begin_early(self, runner: Any, scheduler_output: Any, runtime: Any) -> None:
+        """Begin the step before vLLM builds its attention metadata, and write the step's view (if any) into the
+        runner's block table and lengths; the scheduler's sparse metadata of the step is taken first (vLLM binds
+        it to the connector only later, when the forward starts)."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        get_kv_transfer_group().prepare_sparse_step(getattr(scheduler_output, "kv_connector_metadata", None))
+        runtime.begin_step(self.batch_rows(runner))
+        self._begun_early = True
+        num_reqs = runner.input_batch.num_reqs
+        block_table = runner.input_batch.block_table[0].get_device_tensor(num_reqs)
+        seq_lens = runner.seq_lens[:num_reqs]
+        view = runtime.step_view(block_table, seq_lens)
+        if view is not None:
+            block_table.copy_(view.block_table)
+            seq_lens.copy_(view.seq_lens)
+
+    def _dispatch_without_full(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def dispatch(dispatcher: Any, *args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
+            if self._no_full_graph:
+                from vllm.config import CUDAGraphMode
+
+                # the layer hooks run in this step: only piecewise graphs (or eager) leave them between the pieces
+                invalid_modes = {CUDAGraphMode.FULL, *(invalid_modes or ())}
+            return original(dispatcher, *args, invalid_modes=invalid_modes, **kwargs)
+
+        return dispatch
 
     def _bind_scheduler(self, scheduler: Any) -> None:
         budget = getattr(getattr(scheduler, "connector", None), "sparse_budget", None)
