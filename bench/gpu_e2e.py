@@ -28,7 +28,7 @@ decode window anyway). ``LLMEngine.step()`` is driven by hand and every step tha
   finishes (all requests decode in every step of the window); ``decode_tok_s`` = tokens in the window / its
   time, ``tpot_ms_median`` / ``tpot_ms_p90`` = step intervals in the window;
 - ``resident_share``: mean over the requests of ``kv_transfer_params["ucm"]["sparse"]["resident_share"]`` (the
-  connector's own summary; engine-wide while the request ran), None without a sparse method.
+  connector's own summary, the request's own decode steps), None without a sparse method.
 
 With batch > 1, prefill is chunked over several steps; the output length is ``--max-tokens`` plus the number of
 steps the prefill needs (about batch x context / max_num_batched_tokens), so that the window is
@@ -229,13 +229,14 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
     if sparse:
         longest = max(sparse, key=lambda c: c.get("steps", 0))
         res["sparse"] = longest
-        steps_n = longest.get("steps") or 0
+        engine = longest.get("engine", {})  # the engine's counters while that request ran
+        steps_n = engine.get("steps") or 0
         if steps_n:
             res["split"] = {
-                "host_ms_per_step": round(longest.get("host_ms", 0) / steps_n, 3),
-                "load_wait_ms_per_step": round(longest.get("load_wait_ms", 0) / steps_n, 3),
-                "layer_blocks_loaded_per_step": round(longest.get("blocks_loaded", 0) / steps_n, 1),
-                "retrievals_per_step": round(longest.get("retrievals", 0) / steps_n, 2),
+                "host_ms_per_step": round(engine.get("host_ms", 0) / steps_n, 3),
+                "load_wait_ms_per_step": round(engine.get("load_wait_ms", 0) / steps_n, 3),
+                "layer_blocks_loaded_per_step": round(engine.get("blocks_loaded", 0) / steps_n, 1),
+                "retrievals_per_step": round(engine.get("retrievals", 0) / steps_n, 2),
             }
     if not steps or None in first or None in finished:
         return dict(res, decode_tok_s=None, tpot_ms_median=None, tpot_ms_p90=None, ttft_s=None, steady_steps=0,

@@ -107,8 +107,8 @@ def main() -> None:
         sparse = stats.get("sparse")
         if sparse:
             print(f"ESA: decode attended {sparse['resident_share']:.0%} of the KV blocks dense attention reads "
-                  f"({sparse['resident_blocks']} of {sparse['full_blocks']} over {sparse['steps']} decode steps, "
-                  f"{sparse['blocks_loaded']} block loads from the store)")
+                  f"({sparse['resident_blocks']} of {sparse['full_blocks']} blocks per step over {sparse['steps']} "
+                  f"decode steps, {sparse['engine'].get('blocks_loaded', 0)} block loads from the store)")
         runs.append((seconds, ttft, stats))
         # vLLM logs its interval stats (the connector's "KV Transfer metrics" line among them) every
         # VLLM_LOG_STATS_INTERVAL seconds while requests run; log this run's now

@@ -56,7 +56,8 @@ def summary(name: str, reply: dict[str, Any], seconds: float) -> str:
     sparse = ucm.get("sparse")
     if sparse:
         line += (f"; ESA attended {sparse['resident_share']:.0%} of the dense KV blocks "
-                 f"({sparse['resident_blocks']} of {sparse['full_blocks']} over {sparse['steps']} decode steps)")
+                 f"({sparse['resident_blocks']} of {sparse['full_blocks']} blocks per step over {sparse['steps']} "
+                 "decode steps)")
     if not ucm:
         line += " (no kv_transfer_params['ucm'] in the response: is the connector configured?)"
     return line

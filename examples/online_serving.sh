@@ -66,3 +66,5 @@ done
 
 "$PYTHON" examples/online_requests.py --url "http://127.0.0.1:$PORT" --model "$MODEL" \
   --prompt-chars "$PROMPT_CHARS" --max-tokens "$MAX_TOKENS"
+# the connector's Prometheus series (docs/connector.md, "Statistics"), on stderr: stdout is the report
+curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^ucm:' >&2 || true

@@ -37,7 +37,7 @@ def test_cli_full_vs_esa_on_needle_subset(smollm2_path, tmp_path):
     # Full attention retrieves the needle from real essay text.
     assert full["accuracy"] >= 2 / 3, full
     # Every prompt (16 blocks of 128) is sparse in decode, and attends to about init 1 + 2 of 13 + local 2 blocks.
-    assert esa["sparse_requests"] >= 3 * 30
+    assert esa["sparse_requests"] == esa["cases"] and esa["sparse_steps"] >= 3 * 30
     assert 0.2 <= esa["resident_share"] <= 0.35, esa["resident_share"]
     assert full.get("resident_share") is None  # no connector, no sparse counters
     # Needles inside the always-resident windows (first block at depth 0, last blocks at depth 1) are never lost.

@@ -129,7 +129,7 @@ def _row(setting, case, tokens, correct, connector=None):
 def test_summary_metrics_and_report_files(tokenizer, tmp_path):
     cases = build_cases(tokenizer, ["passkey"], [1024], [0.0, 0.5, 1.0], gen_tokens=4)
     a, b, c = cases
-    sparse_stats = {"resident_blocks": 3, "full_blocks": 10, "sparse_requests": 4}
+    sparse_stats = {"resident_block_steps": 3.0, "full_block_steps": 10.0, "sparse_requests": 1, "sparse_steps": 4}
     rows = [
         _row("full", a, [1, 2, 3, 4], True),
         _row("full", b, [1, 2, 3, 4], True),
@@ -145,7 +145,7 @@ def test_summary_metrics_and_report_files(tokenizer, tmp_path):
     assert esa["token_agreement_prefix"] == round((1 + 0.5 + 1) / 3, 4)
     assert esa["token_agreement_positional"] == round((1 + 0.75 + 1) / 3, 4)
     assert esa["identical_outputs"] == round(2 / 3, 4)
-    assert esa["resident_share"] == 0.3 and esa["sparse_requests"] == 12
+    assert esa["resident_share"] == 0.3 and (esa["sparse_requests"], esa["sparse_steps"]) == (3, 12)
     assert [m["case_id"] for m in esa["missed_vs_full"]] == [b.case_id]
     assert esa["gained_vs_full"] == [c.case_id]
     assert esa["grid"]["passkey"]["1024"] == {"0.0000": 1.0, "0.5000": 0.0, "1.0000": 1.0}

@@ -196,11 +196,25 @@ def test_layout_rejects_wrong_shapes_and_strided_pages() -> None:
 
 def test_stats_sum_and_reduce() -> None:
     a, b = UcmConnectorStats(), UcmConnectorStats()
-    a.add(lookup_blocks=4, hit_blocks=3, loaded_bytes=10)
-    b.add(lookup_blocks=4, hit_blocks=1, resident_blocks=3, full_blocks=12)
-    total = a.aggregate(b)
+    a.add(lookup_blocks=4, hit_blocks=3, loaded_blocks=3, loaded_bytes=10)
+    b.add(lookup_blocks=4, hit_blocks=1, load_failed_blocks=1, recomputed_blocks=1)
+    # two sparse (request, decode step) pairs: 3 and 5 blocks attended of 12 and 12 (averaged over layers)
+    b.add(sparse_requests=1, sparse_steps=2, resident_block_steps=8.0, full_block_steps=24.0)
+    a.sample("load_durations", 0.5)
+    b.sample("load_durations", 0.25)
+    a.set_gauge("store_blocks", 0, 7)
+    b.set_gauge("store_blocks", 1, 5)
+    later = UcmConnectorStats()
+    later.set_gauge("store_blocks", 0, 9)  # a later step of rank 0
+    total = a.aggregate(b).aggregate(later)
     reduced = total.reduce()
-    assert reduced["hit_blocks"] == 4 and reduced["hit_rate"] == 0.5 and reduced["resident_share"] == 0.25
+    # a hit whose load failed is no hit: 3 of 8 looked-up blocks came from the store
+    assert reduced["hit_blocks"] == 4 and reduced["hit_rate"] == 0.375 and reduced["recomputed_blocks"] == 1
+    # block counts per sparse step, not sums over layers and steps
+    assert (reduced["sparse_requests"], reduced["sparse_steps"]) == (1, 2)
+    assert (reduced["resident_blocks"], reduced["full_blocks"], reduced["resident_share"]) == (4.0, 12.0, 0.3333)
+    assert "resident_block_steps" not in reduced and "load_durations" not in reduced
+    assert reduced["store_blocks"] == 9 + 5 and total.data["load_durations"] == [0.5, 0.25]
     assert "saved_blocks" not in reduced  # zero counters are left out of the log line
     assert UcmConnectorStats().is_empty() and not total.is_empty()
     rebuilt = UcmConnectorStats(data=dict(total.data))  # what vLLM's build_kv_connector_stats does
@@ -208,19 +222,22 @@ def test_stats_sum_and_reduce() -> None:
 
 
 def test_worker_metadata_counts_a_block_loaded_only_if_every_worker_loaded_it() -> None:
-    a = UcmWorkerMetadata(load_results={"r": [4, 0]}, stored_ids={0: ["aa"]})
-    b = UcmWorkerMetadata(load_results={"r": [3, 1]}, stored_ids={1: ["bb"]}, missing_ids={1: ["cc"]})
+    a = UcmWorkerMetadata(load_results={"r": [4, 0, 0]}, stored_ids={0: ["aa"]})
+    b = UcmWorkerMetadata(load_results={"r": [3, 1, 1]}, stored_ids={1: ["bb"]}, missing_ids={1: ["cc"]})
     merged = a.aggregate(b)
-    assert merged.load_results == {"r": [3, 1]}
+    assert merged.load_results == {"r": [3, 1, 1]}
     assert merged.stored_ids == {0: ["aa"], 1: ["bb"]} and merged.missing_ids == {1: ["cc"]}
 
 
 def test_worker_metadata_takes_one_workers_sparse_counters() -> None:
     # tensor-parallel workers attend the same blocks: counts are one worker's, times the slowest worker's
-    a = UcmWorkerMetadata(sparse={"steps": 1, "resident_blocks": 40, "host_ms": 2.5})
-    b = UcmWorkerMetadata(sparse={"steps": 1, "resident_blocks": 40, "host_ms": 3.0, "blocks_loaded": 6})
+    a = UcmWorkerMetadata(sparse={"steps": 1, "retrievals": 40, "host_ms": 2.5},
+                          sparse_requests={"r": [1, 4.0, 20.0]})
+    b = UcmWorkerMetadata(sparse={"steps": 1, "retrievals": 40, "host_ms": 3.0, "blocks_loaded": 6},
+                          sparse_requests={"r": [1, 4.0, 20.0], "q": [1, 2.0, 9.0]})
     merged = a.aggregate(b)
-    assert merged.sparse == {"steps": 1, "resident_blocks": 40, "host_ms": 3.0, "blocks_loaded": 6}
+    assert merged.sparse == {"steps": 1, "retrievals": 40, "host_ms": 3.0, "blocks_loaded": 6}
+    assert merged.sparse_requests == {"r": [1, 4.0, 20.0], "q": [1, 2.0, 9.0]}
     assert not merged.is_empty() and UcmWorkerMetadata(sparse={"steps": 0}).is_empty()
 
 

@@ -82,6 +82,9 @@ def test_pipeline_order(stride):
         tail = len(req.block_ids) - 48
         for rec in records:  # no slot is ever left out: all k work blocks are attended every step
             assert len(rec.positions) == 1 + 11 + tail
+        # per request, summed over the step's layers (steady steps too, which reuse the first layer's view)
+        assert st.request_blocks == {"a": [2 * (1 + 11 + tail), 2 * len(req.block_ids), 2]}, d
+        assert len(st.retrieval_s) == (1 if schedule.is_submit(d) else 0) * 2, d  # one batched selection a layer
         attended.append([set(rec.positions[1:12]) for rec in records])
     changed = [d for d in range(1, steps) if attended[d] != attended[d - 1]]
     assert changed, "random queries must change the selection"

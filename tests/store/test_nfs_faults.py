@@ -44,7 +44,9 @@ def corrupt_and_load(backend, root, damage, match):
         assert page_bytes(dst, 4) == page_bytes(src, 1) and page_bytes(dst, 6) == page_bytes(src, 3)
         assert page_bytes(dst, 5) == ZERO  # never handed out
         assert store.lookup(ids) == [True, False, True]  # the bad file was removed: it can be dumped again
+        assert (store.stats().stored_blocks, store.stats().used_bytes) == (2, 2 * (HEADER_SIZE + WIDTH))
         store.dump(ids[1:2], BlockPages(src, torch.tensor([2]))).wait()
+        assert (store.stats().stored_blocks, store.stats().used_bytes) == (3, 3 * (HEADER_SIZE + WIDTH))
         store.load(ids[1:2], BlockPages(dst, torch.tensor([5]))).wait()
         assert page_bytes(dst, 5) == page_bytes(src, 2)
 

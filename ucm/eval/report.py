@@ -74,10 +74,12 @@ def summarize(
             },
             "engine_start_s": round(engine_start.get(name, 0.0), 2),
         }
-        resident = sum(r["connector"].get("resident_blocks", 0) for r in rs)
-        full_blocks = sum(r["connector"].get("full_blocks", 0) for r in rs)
+        # the connector's interval counters (docs/connector.md): blocks per sparse decode step, averaged over layers
+        resident = sum(r["connector"].get("resident_block_steps", 0) for r in rs)
+        full_blocks = sum(r["connector"].get("full_block_steps", 0) for r in rs)
         summary["resident_share"] = round(resident / full_blocks, 4) if full_blocks else None
         summary["sparse_requests"] = sum(r["connector"].get("sparse_requests", 0) for r in rs)
+        summary["sparse_steps"] = sum(r["connector"].get("sparse_steps", 0) for r in rs)
         paired = [(r, full[r["case_id"]]) for r in rs if r["case_id"] in full]
         if paired and name != "full":
             prefix = [common_prefix(r["output_token_ids"], f["output_token_ids"]) / gen_tokens for r, f in paired]

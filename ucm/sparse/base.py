@@ -184,6 +184,9 @@ class SparseStepStats:
     failed_block_hashes: list[str] = field(default_factory=list)
     host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)
     load_wait_s: float = 0.0  # of which waiting for store loads to complete
+    #: req_id -> [blocks attended, blocks dense would read, layers] summed over this step's layers (sparse requests)
+    request_blocks: dict[str, list[int]] = field(default_factory=dict)
+    retrieval_s: list[float] = field(default_factory=list)  # host seconds of each batched retrieval (one layer)
 
 
 class UcmSparseBase:

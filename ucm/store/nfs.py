@@ -528,6 +528,9 @@ class NfsStore(KVStoreBase):
                 os.unlink(name, dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
+            with self._lock:  # no longer content (a dump of the block counts it again): what publishing it added
+                self._stats.used_bytes = max(0, self._stats.used_bytes - blockfile.HEADER_SIZE - self.kv_block_size)
+                self._stats.stored_blocks = max(0, self._stats.stored_blocks - 1)
         except FileNotFoundError:
             return "file already removed"
         except OSError as exc:

@@ -54,24 +54,28 @@ class UcmConnectorMetadata(KVConnectorMetadata):
     sparse: SparseStepMeta | None = None  # sparse engines only
 
 
-#: What the sparse hooks report per step (worker -> scheduler, summed into each request's summary):
-#: decode steps with a sparse request, (request, step) pairs, blocks attended / that dense would read (summed over
-#: layers), (request, layer) retrievals and blocks loaded from the store, loads that failed, host milliseconds in
-#: the hooks and, of those, waiting for loads.
-SPARSE_COUNTERS = ("steps", "sparse_requests", "resident_blocks", "full_blocks", "retrievals", "blocks_loaded",
-                   "load_failures", "host_ms", "load_wait_ms")
+#: What the sparse hooks report per step for the whole engine (worker -> scheduler; each request's summary gets
+#: their change while it ran, under ``sparse["engine"]``): decode steps with a sparse request, (request, decode
+#: step) pairs attended sparsely, (request, layer) retrievals, blocks loaded from the store into work slots (summed
+#: over layers), those loads that failed, host milliseconds in the hooks and, of those, waiting for loads.
+SPARSE_COUNTERS = ("steps", "sparse_steps", "retrievals", "blocks_loaded", "load_failures", "host_ms",
+                   "load_wait_ms")
 
 
 @dataclasses.dataclass
 class UcmWorkerMetadata(KVConnectorWorkerMetadata):
-    #: req_id -> [blocks loaded, blocks whose load failed] in this step
+    #: req_id -> [blocks loaded and used (before the first failed one), blocks whose load failed, blocks vLLM
+    #: recomputes instead (the failed one and all after it)] in this step
     load_results: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     #: tp_rank -> ids published by finished dumps (only for process-local stores: the scheduler's index)
     stored_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index)
     missing_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
-    #: sparse hooks' counters of this step, named by `SPARSE_COUNTERS` (block counts summed over layers)
+    #: sparse hooks' counters of this step, named by `SPARSE_COUNTERS`
     sparse: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: req_id -> [sparse decode steps, blocks attended, blocks dense would read] (blocks: per step, averaged over
+    #: layers, summed over the steps)
+    sparse_requests: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, UcmWorkerMetadata)
@@ -82,11 +86,15 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
             # tensor-parallel workers attend the same blocks (one block table): take one worker's counts (times:
             # the slowest worker's)
             {k: max(self.sparse.get(k, 0), other.sparse.get(k, 0)) for k in {*self.sparse, *other.sparse}},
+            {k: list(v) for k, v in self.sparse_requests.items()},
         )
-        for req_id, (ok, failed) in other.load_results.items():
+        for req_id, row in other.sparse_requests.items():
+            mine = merged.sparse_requests.setdefault(req_id, list(row))
+            merged.sparse_requests[req_id] = [max(a, b) for a, b in zip(mine, row, strict=True)]
+        for req_id, (ok, failed, recomputed) in other.load_results.items():
             # a block counts as loaded only when every worker loaded its shard of it
-            mine = merged.load_results.setdefault(req_id, [ok, failed])
-            mine[0], mine[1] = min(mine[0], ok), max(mine[1], failed)
+            mine = merged.load_results.setdefault(req_id, [ok, failed, recomputed])
+            mine[0], mine[1], mine[2] = min(mine[0], ok), max(mine[1], failed), max(mine[2], recomputed)
         for rank, ids in other.stored_ids.items():
             merged.stored_ids.setdefault(rank, []).extend(ids)
         for rank, ids in other.missing_ids.items():
@@ -94,7 +102,8 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
         return merged
 
     def is_empty(self) -> bool:
-        return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse.values()))
+        return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse.values())
+                    or self.sparse_requests)
 
 
 @dataclasses.dataclass

@@ -43,7 +43,11 @@ class _Request:
     hit_blocks: int = 0
     loaded_blocks: int = 0
     load_failed_blocks: int = 0
+    recomputed_blocks: int = 0  # hit, but recomputed (a failed block and every block after it)
     dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
+    #: its own sparse decode: [steps, blocks attended, blocks dense would read] (per step averaged over layers,
+    #: summed over steps)
+    sparse: list[float] = dataclasses.field(default_factory=lambda: [0, 0.0, 0.0])
     #: engine-wide sparse counters (`SPARSE_COUNTERS`) when it began
     sparse_at_start: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the request's physical block ids in position order, as the scheduler output announced them to the workers
@@ -69,6 +73,8 @@ class ConnectorScheduler:
         self._pending_loads: list[BlockTransfer] = []
         self.stats = UcmConnectorStats()
         self._sparse_totals = dict.fromkeys(SPARSE_COUNTERS, 0.0)  # engine-wide, from the workers' sparse hooks
+        #: requests that finished in the step being processed: (state, the summary dict handed to vLLM)
+        self._finishing: dict[str, tuple[_Request, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ start-up
     def set_handshakes(self, metadata: dict[int, Any]) -> None:
@@ -156,6 +162,7 @@ class ConnectorScheduler:
     def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        self._finishing = {}  # their outputs have left
         steps: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             steps.append((new.req_id, new.num_computed_tokens))
@@ -209,11 +216,21 @@ class ConnectorScheduler:
             return
         for name, value in worker_meta.sparse.items():
             self._sparse_totals[name] = self._sparse_totals.get(name, 0.0) + value
-        for req_id, (ok, failed) in worker_meta.load_results.items():
-            state = self._requests.get(req_id)
+        for req_id, (ok, failed, recomputed) in worker_meta.load_results.items():
+            state = self._state_of(req_id)
             if state is not None:
                 state.loaded_blocks += ok
                 state.load_failed_blocks += failed
+                state.recomputed_blocks += recomputed
+        for req_id, row in worker_meta.sparse_requests.items():
+            state = self._state_of(req_id)
+            if state is not None:
+                state.sparse = [a + b for a, b in zip(state.sparse, row, strict=True)]
+        # vLLM finishes requests (request_finished) before it hands the connector the same step's worker output,
+        # and sends their outputs after both: the summaries it holds get that last step's counts here
+        for state, summary in self._finishing.values():
+            summary.clear()
+            summary.update(self._summary(state))
         if self.store is None:
             for rank, ids in worker_meta.stored_ids.items():
                 index = self._index.setdefault(rank, collections.OrderedDict())
@@ -236,20 +253,38 @@ class ConnectorScheduler:
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, {"ucm": {"hit_blocks": 0}}
-        summary = {
+        summary = self._summary(state)
+        self._finishing[request.request_id] = (state, summary)
+        return False, {"ucm": summary}
+
+    def _state_of(self, req_id: str) -> _Request | None:
+        state = self._requests.get(req_id)
+        if state is None and req_id in self._finishing:
+            state = self._finishing[req_id][0]
+        return state
+
+    def _summary(self, state: _Request) -> dict[str, Any]:
+        """The request's ``kv_transfer_params["ucm"]`` (docs/connector.md, "Per request")."""
+        summary: dict[str, Any] = {
             "hit_blocks": state.hit_blocks,
             "loaded_blocks": state.loaded_blocks,
             "load_failed_blocks": state.load_failed_blocks,
+            "recomputed_blocks": state.recomputed_blocks,
             "saved_blocks_planned": state.dumped_positions,
             "block_size": self.block_size,
         }
-        delta = {k: v - state.sparse_at_start.get(k, 0.0) for k, v in self._sparse_totals.items()}
-        if delta["full_blocks"]:
-            # engine-wide while the request ran (the request's own numbers when it ran alone)
-            sparse = {k: (round(v, 3) if k.endswith("_ms") else int(v)) for k, v in delta.items()}
-            sparse["resident_share"] = delta["resident_blocks"] / delta["full_blocks"]
-            summary["sparse"] = sparse
-        return False, {"ucm": summary}
+        steps, resident, full = state.sparse
+        if steps and full:
+            delta = {k: v - state.sparse_at_start.get(k, 0.0) for k, v in self._sparse_totals.items()}
+            summary["sparse"] = {
+                "steps": int(steps),  # this request's decode steps attended sparsely
+                "resident_blocks": round(resident / steps, 2),  # per step, averaged over layers
+                "full_blocks": round(full / steps, 2),
+                "resident_share": resident / full,
+                # the whole engine's while the request ran (the request's own when it ran alone)
+                "engine": {k: (round(v, 3) if k.endswith("_ms") else int(v)) for k, v in delta.items()},
+            }
+        return summary
 
     def take_stats(self) -> UcmConnectorStats | None:
         if self.stats.is_empty():

@@ -102,6 +102,20 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return UcmConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
+        """The ``ucm:*`` series on ``/metrics`` (`prom_metrics.UcmPromMetrics`); None, leaving the engine without
+        them, on a vLLM whose metrics module lacks the connector metrics API (the log line still works)."""
+        try:
+            from ucm.integration.vllm.prom_metrics import UcmPromMetrics
+        except ImportError as exc:
+            logger.warning("UCM connector: no Prometheus series on this vLLM (%s)", exc)
+            return None
+        return UcmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped dump is a later miss, never a lost hand-off

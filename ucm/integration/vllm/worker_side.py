@@ -48,6 +48,9 @@ class ConnectorWorker:
         self._failed_this_step = False
         self._meta = UcmWorkerMetadata()
         self.stats = UcmConnectorStats()
+        self._dump_started: dict[int, float] = {}  # id(dump task) -> when it was submitted (save latency)
+        self._sparse_seen: set[str] = set()  # requests whose sparse decoding was counted (sparse_requests)
+        self._store_sent: tuple[int, int, int | None, int] | None = None  # the store gauges last reported
 
     # ------------------------------------------------------------------ start-up
     def start(self, layout: KvLayout, namespace: str) -> None:
@@ -119,11 +122,17 @@ class ConnectorWorker:
                     transfer.req_id, len(bad), len(transfer.block_ids), self.config.store_name,
                     "; ".join(list(reasons.values())[:2]) or "request unknown to this worker",
                 )
-            ok = len(transfer.block_ids) - len(bad)
-            self._meta.load_results[transfer.req_id] = [ok, len(bad)]
+            # vLLM recomputes from the first failed block on (the longest valid prefix is kept): only the blocks
+            # before it are used, the others were read for nothing
+            bad_set = set(bad)
+            used = next((i for i, b in enumerate(transfer.block_ids) if b in bad_set), len(transfer.block_ids))
+            recomputed = len(transfer.block_ids) - used
+            self._meta.load_results[transfer.req_id] = [used, len(bad), recomputed]
             self.stats.add(
-                loaded_blocks=ok, loaded_bytes=ok * self.layout.bytes_per_block, load_failed_blocks=len(bad)
+                loaded_blocks=used, loaded_bytes=used * self.layout.bytes_per_block, load_failed_blocks=len(bad),
+                recomputed_blocks=recomputed,
             )
+            self.stats.sample("load_durations", time.perf_counter() - started)  # what this request waited
         self.stats.add(load_seconds=time.perf_counter() - started)
 
     def save(self, meta: UcmConnectorMetadata) -> None:
@@ -145,7 +154,10 @@ class ConnectorWorker:
                 ids = [ids[i] for i in keep]
                 source = BlockPages(source.cache, source.slots[torch.tensor(keep, dtype=torch.int64)])
             try:
-                self._dumps.setdefault(transfer.req_id, []).append(self.store.dump(ids, source))
+                submitted = time.perf_counter()
+                task = self.store.dump(ids, source)
+                self._dump_started[id(task)] = submitted
+                self._dumps.setdefault(transfer.req_id, []).append(task)
             except StoreError as exc:
                 logger.warning("UCM connector: dump of %d blocks failed to start: %s", len(ids), exc)
                 self.stats.add(save_failed_blocks=len(ids))
@@ -174,6 +186,10 @@ class ConnectorWorker:
                 del self._dumps[req_id]
 
     def _account_dump(self, task: StoreTask) -> None:
+        started = self._dump_started.pop(id(task), None)
+        if started is not None:
+            # submission to the step that saw it finished (dumps are polled once per step)
+            self.stats.sample("save_durations", time.perf_counter() - started)
         failed = set(task.failed_ids)
         ok = [b for b in task.block_ids if b not in failed]
         self.stats.add(
@@ -188,12 +204,29 @@ class ConnectorWorker:
             self._meta.stored_ids.setdefault(self.tp_rank, []).extend(ok)
 
     def record_sparse_step(self, stats: Any) -> None:
-        """Counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse runtime."""
-        self.stats.add(sparse_requests=stats.sparse_requests, resident_blocks=stats.resident_blocks,
-                       full_blocks=stats.full_blocks)
+        """Counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse runtime.
+
+        Block counts become per (request, decode step), averaged over the layers that attended sparsely."""
+        per_request = self._meta.sparse_requests
+        resident_steps = full_steps = 0.0
+        for req_id, (resident, full, layers) in stats.request_blocks.items():
+            if not layers:
+                continue
+            row = per_request.setdefault(req_id, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += resident / layers
+            row[2] += full / layers
+            resident_steps += resident / layers
+            full_steps += full / layers
+        new = [r for r in stats.request_blocks if r not in self._sparse_seen]
+        self._sparse_seen.update(new)
+        self.stats.add(sparse_requests=len(new), sparse_steps=len(stats.request_blocks),
+                       resident_block_steps=resident_steps, full_block_steps=full_steps,
+                       retrievals=stats.retrievals)
+        for seconds in stats.retrieval_s:
+            self.stats.sample("retrieval_durations", seconds)
         step = {
-            "steps": 1 if stats.sparse_requests else 0, "sparse_requests": stats.sparse_requests,
-            "resident_blocks": stats.resident_blocks, "full_blocks": stats.full_blocks,
+            "steps": 1 if stats.sparse_requests else 0, "sparse_steps": len(stats.request_blocks),
             "retrievals": stats.retrievals, "blocks_loaded": stats.blocks_loaded, "load_failures": stats.load_failures,
             "host_ms": 1e3 * stats.host_s, "load_wait_ms": 1e3 * stats.load_wait_s,
         }
@@ -215,6 +248,7 @@ class ConnectorWorker:
             self._reap(meta.finished_req_ids + meta.preempted_req_ids, block=True)
         for req_id in meta.finished_req_ids:
             self._block_ids.pop(req_id, None)
+            self._sparse_seen.discard(req_id)
 
     def poll(self) -> None:
         """Account the dumps that have ended (non-blocking; called once per step)."""
@@ -225,10 +259,27 @@ class ConnectorWorker:
         return errors
 
     def take_stats(self) -> UcmConnectorStats | None:
+        self._store_gauges()
         if self.stats.is_empty():
             return None
         stats, self.stats = self.stats, UcmConnectorStats()
         return stats
+
+    def _store_gauges(self) -> None:
+        """The store's occupancy (when it changed since last reported) and the evictions since then."""
+        if self.store is None:
+            return
+        s = self.store.stats()
+        now = (s.used_bytes, s.stored_blocks, s.capacity_bytes, s.evictions)
+        if now == self._store_sent:
+            return
+        evicted = s.evictions - (self._store_sent[3] if self._store_sent is not None else 0)
+        self._store_sent = now
+        self.stats.add(store_evictions=evicted)
+        self.stats.set_gauge("store_used_bytes", self.tp_rank, s.used_bytes)
+        self.stats.set_gauge("store_blocks", self.tp_rank, s.stored_blocks)
+        if s.capacity_bytes is not None:
+            self.stats.set_gauge("store_capacity_bytes", self.tp_rank, s.capacity_bytes)
 
     def take_worker_meta(self) -> UcmWorkerMetadata | None:
         if self._meta.is_empty():

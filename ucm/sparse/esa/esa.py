@@ -128,7 +128,8 @@ class Esa(UcmSparseBase):
         self._view_cache: tuple[tuple, SparseAttentionView] | None = None  # the last view of this step
         self._phase = -1  # decode steps of this worker so far (the retrieval pipeline's clock, see schedule)
         self._steady = False
-        self._steady_view: tuple[SparseAttentionView, int, int] | None = None
+        #: the view every layer of a steady step attends and each request's (resident, full) blocks per layer
+        self._steady_view: tuple[SparseAttentionView, list[tuple[str, int, int]]] | None = None
         self._stats = SparseStepStats()
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -263,12 +264,11 @@ class Esa(UcmSparseBase):
         if batch is None or not self._requests:
             return None
         if self._steady_view is not None:
-            view, resident, full = self._steady_view
-            self._stats.resident_blocks += resident
-            self._stats.full_blocks += full
+            view, counted = self._steady_view
+            self._count_blocks(counted)
             return view
         index = self._layer(layer_name)
-        resident_before, full_before = self._stats.resident_blocks, self._stats.full_blocks
+        counted: list[tuple[str, int, int]] = []  # (req_id, blocks attended, blocks dense would read)
         rows: list[int] = []
         tables: list[torch.Tensor] = []
         lengths: list[int] = []
@@ -301,8 +301,8 @@ class Esa(UcmSparseBase):
             rows.append(row)
             tables.append(table)
             lengths.append(length)
-            self._stats.resident_blocks += table.numel()
-            self._stats.full_blocks += -(-step.seq_len // self.block_size)
+            counted.append((step.req_id, table.numel(), -(-step.seq_len // self.block_size)))
+        self._count_blocks(counted)
         if submits:
             if query.dim() == 2:  # [num_tokens, num_q_heads * head_dim]
                 query = query.view(query.shape[0], -1, self._key_views[index].shape[-1])
@@ -318,8 +318,7 @@ class Esa(UcmSparseBase):
             view = self._view(block_table, seq_lens, rows, tables, lengths, max(max(lengths), dense_max))
             self._view_cache = (key, view)
         if self._steady:
-            self._steady_view = (view, self._stats.resident_blocks - resident_before,
-                                 self._stats.full_blocks - full_before)
+            self._steady_view = (view, counted)
         return view
 
     def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
@@ -331,11 +330,20 @@ class Esa(UcmSparseBase):
         view = self.attention_begin(first, None, None, None, self._caches[0], block_table, seq_lens)
         if view is None or self._steady_view is None:
             return None
-        _, resident, full = self._steady_view
-        others = len(self._caches) - 1
-        self._stats.resident_blocks += resident * others
-        self._stats.full_blocks += full * others
+        _, counted = self._steady_view
+        for _ in range(len(self._caches) - 1):
+            self._count_blocks(counted)
         return view
+
+    def _count_blocks(self, counted: list[tuple[str, int, int]]) -> None:
+        """One layer's blocks attended / dense, per request."""
+        for req_id, resident, full in counted:
+            self._stats.resident_blocks += resident
+            self._stats.full_blocks += full
+            row = self._stats.request_blocks.setdefault(req_id, [0, 0, 0])
+            row[0] += resident
+            row[1] += full
+            row[2] += 1
 
     def _submit(self, query: torch.Tensor, submits: list[tuple[_LayerState, _RequestState, int]]) -> None:
         """One batched retrieval for every request of this layer that submits at this step."""
@@ -343,9 +351,11 @@ class Esa(UcmSparseBase):
         host.copy_(torch.tensor([q for _, _, q in submits], dtype=torch.int64))
         index = host.to(query.device, non_blocking=True)
         queries = query.index_select(0, index)  # a copy: outlives the layer's activations
+        started = time.perf_counter()
         batch = self.retriever.submit_batch(
             queries, [ls.reps for ls, _, _ in submits], [st.layout.num_work for _, st, _ in submits], self.parts
         )
+        self._stats.retrieval_s.append(time.perf_counter() - started)
         for r, (layer_state, _, _) in enumerate(submits):
             layer_state.pending = Pick(batch, r)
         self._stats.retrievals += len(submits)
@@ -388,9 +398,11 @@ class Esa(UcmSparseBase):
             self._consume(index, due)
         if prefill:
             queries = torch.stack([ls.prefill_query for ls, _ in prefill])
+            started = time.perf_counter()
             batch_retrieval = self.retriever.submit_batch(
                 queries, [ls.reps for ls, _ in prefill], [st.layout.num_work for _, st in prefill], self.parts
             )
+            self._stats.retrieval_s.append(time.perf_counter() - started)
             for r, (layer_state, _) in enumerate(prefill):
                 layer_state.pending = Pick(batch_retrieval, r)
                 layer_state.prefill_query = None
