@@ -86,7 +86,7 @@ def _generate(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
 
 def _block_namespaces(llm) -> dict[str, str]:
     """tp rank -> namespace, from the connector in this process's scheduler (in-process engine core)."""
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     connector = getattr(getattr(core, "scheduler", None), "connector", None)
     return {str(rank): ns for rank, ns in getattr(connector, "block_namespaces", {}).items()}
 
