@@ -6,7 +6,11 @@ interpreter), and prints one line ``UCM_JOB_RESULT <json>`` with, per engine, th
 connector's per-request summary (``kv_transfer_params["ucm"]``). A job engine is::
 
     {"name": "A", "extra_config": {...} | null (no connector), "repeat_after_reset": false,
-     "kv_cache_memory_bytes": 33554432, "max_model_len": 2048}
+     "kv_cache_memory_bytes": 33554432, "max_model_len": 2048, "llm_args": {...}}
+
+``llm_args`` (per job, overridden per engine) are further ``vllm.LLM`` arguments, e.g. ``tensor_parallel_size``;
+with tensor parallelism each engine's workers are processes of their own (vLLM's multiprocessing executor), and
+the result also carries the block namespaces the scheduler received from them (tp rank -> namespace).
 
 ``repeat_after_reset`` runs the prompts a second time after clearing vLLM's own prefix cache, so hits can only
 come from the store (used for the process-local UcmDram store).
@@ -34,12 +38,14 @@ def prompts_for_tests() -> list[list[int]]:
     ]
 
 
-def run_job(job: dict, tmp_dir: Path, timeout: float = 420, python: str = sys.executable) -> dict:
-    """Run `job` in a fresh ``python`` process (the interpreter picks the vLLM release line); returns the parsed
-    result (raises with the log tail on failure)."""
+def run_job(
+    job: dict, tmp_dir: Path, timeout: float = 420, python: str = sys.executable, env: dict | None = None
+) -> dict:
+    """Run `job` in a fresh ``python`` process (the interpreter picks the vLLM release line; ``env`` adds
+    variables); returns the parsed result (raises with the log tail on failure)."""
     path = tmp_dir / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", **(env or {}))
     proc = subprocess.run(
         [python, __file__, str(path)], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -51,7 +57,7 @@ def run_job(job: dict, tmp_dir: Path, timeout: float = 420, python: str = sys.ex
     raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-def _engine(model: str, extra_config: dict | None, kv_bytes: int, max_model_len: int = 2048):
+def _engine(model: str, extra_config: dict | None, kv_bytes: int, max_model_len: int = 2048, **llm_args):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -63,7 +69,7 @@ def _engine(model: str, extra_config: dict | None, kv_bytes: int, max_model_len:
         )
     return LLM(
         model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, max_model_len=max_model_len,
-        enforce_eager=True, compilation_config={"mode": 0}, seed=0, **kwargs,
+        enforce_eager=True, compilation_config={"mode": 0}, seed=0, **kwargs, **llm_args,
     )
 
 
@@ -78,6 +84,13 @@ def _generate(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
     ]
 
 
+def _block_namespaces(llm) -> dict[str, str]:
+    """tp rank -> namespace, from the connector in this process's scheduler (in-process engine core)."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    connector = getattr(getattr(core, "scheduler", None), "connector", None)
+    return {str(rank): ns for rank, ns in getattr(connector, "block_namespaces", {}).items()}
+
+
 def main(job_path: str) -> None:
     import gc
 
@@ -87,16 +100,19 @@ def main(job_path: str) -> None:
     for spec in job["engines"]:
         started = time.perf_counter()
         kv_bytes = spec.get("kv_cache_memory_bytes", job.get("kv_cache_memory_bytes", 32 << 20))
-        llm = _engine(job["model"], spec.get("extra_config"), kv_bytes, spec.get("max_model_len", 2048))
+        llm_args = {**job.get("llm_args", {}), **spec.get("llm_args", {})}
+        llm = _engine(job["model"], spec.get("extra_config"), kv_bytes, spec.get("max_model_len", 2048), **llm_args)
         max_tokens = job.get("max_tokens", 8)
         runs = [_generate(llm, prompts, max_tokens)]
         if spec.get("repeat_after_reset"):
             llm.reset_prefix_cache()
             runs.append(_generate(llm, prompts, max_tokens))
+        namespaces = _block_namespaces(llm)
         getattr(llm.llm_engine, "engine_core", None) and llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-        results[spec["name"]] = {"runs": runs, "seconds": round(time.perf_counter() - started, 2)}
+        seconds = round(time.perf_counter() - started, 2)
+        results[spec["name"]] = {"runs": runs, "namespaces": namespaces, "seconds": seconds}
     print(RESULT_TAG + json.dumps(results), flush=True)
 
 

@@ -217,6 +217,11 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 part.close()
 
     # ============================================================== scheduler side
+    @property
+    def block_namespaces(self) -> dict[int, str]:
+        """tp rank -> the namespace its blocks are named under (scheduler role; from the workers' handshakes)."""
+        return dict(self._scheduler.namespaces) if self._scheduler is not None else {}
+
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
         if self._scheduler is not None:
             self._scheduler.set_handshakes(metadata)
