@@ -110,12 +110,21 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     held_max: dict[str, int] = {}
     preemptions: dict[str, int] = {}
     max_running = 0
+    table_rows_changed = 0  # runner block-table rows left differing from the requests' block lists after a step
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens[ids[out.request_id]] = list(out.outputs[0].token_ids)
                 summaries[ids[out.request_id]] = (out.kv_transfer_params or {}).get("ucm")
         max_running = max(max_running, len(scheduler.running))
+        # the step's sparse view may be written into the runner's block table for the step; on vLLM-CPU that table
+        # is the runner's persistent host copy, from which the next step's slot mapping is computed
+        table = runner.input_batch.block_table[0].get_cpu_tensor()
+        for row, req_id in enumerate(runner.input_batch.req_ids[: runner.input_batch.num_reqs]):
+            state = runner.requests.get(req_id)
+            if state is not None:
+                block_ids = state.block_ids[0]
+                table_rows_changed += table[row, : len(block_ids)].tolist() != list(block_ids)
         for req in scheduler.running:
             name = ids.get(req.request_id, req.request_id)
             preemptions[name] = max(preemptions.get(name, 0), req.num_preemptions)
@@ -139,6 +148,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         "held_max": held_max,
         "preemptions": preemptions,
         "max_running": max_running,
+        "table_rows_changed": table_rows_changed,
         "free_blocks_end": pool.get_num_free_blocks(),
         "usable_blocks": pool.num_gpu_blocks - 1,
         "budget": vars(budget.stats) if budget is not None else None,
@@ -267,6 +277,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     # steady steps (no retrieval stage, no load in flight) attended one view written into vLLM's own metadata
     # (what lets them run as full CUDA graphs); the retrieval steps ran the layer hooks
     assert 0 < worker["view_steps"] < worker["steps"], worker
+    assert sparse["table_rows_changed"] == 0
     assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
     assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]

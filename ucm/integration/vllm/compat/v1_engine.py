@@ -13,7 +13,9 @@ changed. What is bound, each wrapper calling the original straight away unless t
   (`SparseWorkerRuntime.step_view`), it is written into the runner's own block-table and sequence-length buffers,
   so the attention metadata vLLM builds (and a full CUDA graph replays) reads it; otherwise full graphs are ruled
   out for the step (``CudagraphDispatcher.dispatch``) and the layer hooks run between the piecewise graphs. The
-  step ends after the forward. The runner's buffers are rewritten from its host copies at the next step.
+  step ends after the forward, and the overwritten block-table rows are put back: vLLM's CPU runner aliases the
+  device block table to its persistent host copy (the next step's slot mapping is computed from it), and on a GPU
+  the next step rewrites them from the host copy anyway.
 - ``Attention.__init__``: each layer's ``impl.forward`` goes through `SparseAttentionForward` (vLLM's attention
   custom ops are registered at import time and call ``layer.impl.forward``, so the instance method is the stable
   point); during a sparse step the layer's metadata is rebuilt for the runtime's sparse view.
@@ -296,6 +298,7 @@ class V1EngineBindings(VllmBindings):
         self._last_adapted: tuple | None = None  # (metadata, view, kernel shape, adapted metadata)
         self._stepping: tuple[Any, Any] | None = None  # (runner, scheduler output) of the step being prepared
         self._begun_early = False  # the step was begun before the forward (`_determine_batch...`)
+        self._overwritten: tuple[torch.Tensor, torch.Tensor] | None = None  # (runner's block table rows, originals)
         self._no_full_graph = False  # set while vLLM picks the graph mode of a step that needs the layer hooks
         self._adapters: dict[str, MetadataAdapter] = {
             "CPUAttentionMetadata": CpuMetadataAdapter(self.cpu_schedule_kwargs, self.cpu_isa),
@@ -464,7 +467,7 @@ class V1EngineBindings(VllmBindings):
                     self._stepping = None
                     if self._begun_early:  # begun, but the forward never ran (an error, an empty step)
                         self._begun_early = False
-                        runtime.end_step()
+                        self._end_step(runtime)
 
             return execute_model
 
@@ -501,7 +504,7 @@ class V1EngineBindings(VllmBindings):
                 try:
                     return original(runner, *args, **kwargs)
                 finally:
-                    runtime.end_step()
+                    self._end_step(runtime)
 
             return _model_forward
 
@@ -523,8 +526,17 @@ class V1EngineBindings(VllmBindings):
         seq_lens = runner.seq_lens[:num_reqs]
         view = runtime.step_view(block_table, seq_lens)
         if view is not None:
+            self._overwritten = (block_table, block_table.clone())
             block_table.copy_(view.block_table)
-            seq_lens.copy_(view.seq_lens)
+            seq_lens.copy_(view.seq_lens)  # recomputed by vLLM every step
+
+    def _end_step(self, runtime: Any) -> None:
+        try:
+            runtime.end_step()
+        finally:
+            overwritten, self._overwritten = self._overwritten, None
+            if overwritten is not None:
+                overwritten[0].copy_(overwritten[1])
 
     def _dispatch_without_full(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def dispatch(dispatcher: Any, *args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
