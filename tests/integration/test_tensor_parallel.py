@@ -128,9 +128,10 @@ def test_esa_decodes_sparsely_on_each_rank(work: dict) -> None:
     e = work["result"]["E"]
     assert all(len(t) == MAX_TOKENS for t in tokens(e))
     sparse = summaries(e)[0]["sparse"]
-    assert sparse["steps"] >= MAX_TOKENS - 2 and sparse["retrievals"] > 0
+    engine = sparse["engine"]  # the hooks' engine-wide counters while the request ran (it ran alone)
+    assert sparse["steps"] >= MAX_TOKENS - 2 and engine["retrievals"] > 0
     assert sparse["resident_share"] <= 0.5, sparse
-    assert sparse["load_failures"] == 0
+    assert engine["load_failures"] == 0
     assert_rank_blocks_stored(e, work["stores"]["esa"])
 
 
