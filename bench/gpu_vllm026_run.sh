@@ -47,7 +47,7 @@ case $stage in
     ;;
   bench)
     python3 -P bench/esa_step.py --out "$OUT/esa_step_h200.json" "$@" 2>&1 | tail -40
-    python3 -P bench/score_topk.py --out "$OUT/score_topk_h200.json" 2>&1 | tail -40
+    python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" 2>&1 | tail -40
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
