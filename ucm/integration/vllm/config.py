@@ -12,8 +12,10 @@ Fields (all under ``kv_connector_extra_config``)::
     ucm_connector_config    that store's fields (see ``docs/stores.md``); ``kv_block_size`` may be
                             omitted (derived from the model), if given it must equal the model's
                             bytes per block (all layers of one worker)                          required
-    ucm_sparse_method       "ESA" (or a registered method); absent/null: dense attention          optional
-    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry (needs the method) optional
+    ucm_sparse_method       "ESA" (or a registered method, case-sensitive); absent/null: dense
+                            attention ("", false and 0 are errors)                              optional
+    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry, keyed by the
+                            method's exact name (needs the method; {} alone is ignored)         optional
     ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
