@@ -11,6 +11,7 @@ from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape, check
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmWorkerMetadata
 from ucm.integration.vllm.stats import UcmConnectorStats
+from ucm.store.config import physical_memory_bytes
 
 BLOCK = ModelBlockShape(block_size=128, num_layers=2, page_bytes=65536, dtype="bfloat16")
 
@@ -120,6 +121,7 @@ def test_sparse_method_is_a_known_name_or_absent(method) -> None:
     # "", False and 0 used to run dense without a word
     err = error({**DRAM, "ucm_sparse_method": method, "ucm_sparse_config": {"ESA": {}}})
     assert err.field == "ucm_sparse_method" and "'ESA'" in str(err) and "dense attention" in str(err)
+    assert ("names are case-sensitive: 'ESA', not 'esa'" in str(err)) == (method == "esa")
 
 
 def test_sparse_config_without_a_method_is_refused() -> None:
@@ -133,6 +135,8 @@ def test_sparse_config_entries_are_named_after_the_method(sparse_config) -> None
     # {"esa": ...} used to run ESA with its defaults
     err = error({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": sparse_config})
     assert err.field in ("ucm_sparse_config.esa", "ucm_sparse_config.Quest") and "method names: 'ESA'" in str(err)
+    assert "only the key 'ESA'" in str(err)  # the key to write instead
+    assert ("names are case-sensitive: 'ESA', not 'esa'" in str(err)) == (err.field == "ucm_sparse_config.esa")
 
 
 def test_esa_fields_are_checked_with_the_connector_config() -> None:
@@ -158,6 +162,34 @@ def test_store_values_are_checked_without_the_model(tmp_path, store, field) -> N
         check(nfs(tmp_path, **store))
     assert info.value.field == f"ucm_connector_config.{field}"
     assert check(nfs(tmp_path))["store_config"] == {"storage_backends": str(tmp_path)}
+
+
+def test_max_cache_size_is_bounded_by_physical_memory_before_anything_is_allocated() -> None:
+    # 2**60 used to pass every check and fail in the pinned allocator, in the worker, after the model loaded
+    from ucm.device import get_backend
+    from ucm.store import create_store
+
+    physical = physical_memory_bytes()
+    assert physical is not None and physical > 0
+    assert check({**DRAM, "ucm_connector_config": {"max_cache_size": physical}})["store_name"] == "UcmDram"
+    for size in (physical + 1, 2**60):
+        with pytest.raises(UcmConfigError) as info:
+            check({**DRAM, "ucm_connector_config": {"max_cache_size": size}})
+        assert info.value.field == "ucm_connector_config.max_cache_size" and info.value.value == size
+        assert f"an int in [1, {physical}] (pinned host memory: at most this machine's physical memory" in str(
+            info.value)
+    # the store itself refuses it before allocating (not "allocating it failed")
+    with pytest.raises(UcmConfigError, match=r"at most this machine's physical memory") as info:
+        create_store("UcmDram", {"max_cache_size": 2**60, "kv_block_size": 4096}, get_backend("cpu"))
+    assert "allocating" not in str(info.value)
+
+
+@pytest.mark.parametrize("size", ["5GB", "5368709120", 5e9])
+def test_sizes_are_plain_ints_and_the_error_shows_the_accepted_form(size) -> None:
+    # JSON has no 5 << 30: the message shows a literal byte count
+    err = error({**DRAM, "ucm_connector_config": {"max_cache_size": size}})
+    assert err.field == "ucm_connector_config.max_cache_size" and err.value == size
+    assert "a plain integer (bytes, e.g. 5368709120 for 5 GiB, not '5GB'" in str(err)
 
 
 def test_kv_block_size_is_named_when_too_large(tmp_path) -> None:

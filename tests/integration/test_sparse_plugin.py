@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,9 @@ def test_installed_release_is_detected_not_guessed() -> None:
 
 def _python(python: str, *parts: str, **env: str) -> str:
     code = "\n".join(textwrap.dedent(part) for part in parts)
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True,
+    # cwd outside the repository: with "-c" it is sys.path[0], and the repository's kernels/ folder would shadow
+    # the kernels package vLLM 0.23/0.26 import
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
                           timeout=300, env=dict(os.environ, **env))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -91,13 +94,21 @@ HOOKED = """
 
 def test_the_plugin_installs_every_hook_point(vllm_line) -> None:
     out = _python(vllm_line.python, """
+        import inspect
         from vllm.plugins import load_general_plugins
         load_general_plugins()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.core_client import EngineCoreClient
         from ucm.integration.vllm.compat import bindings
     """, HOOKED, """
-        print(hooked, bindings().installed())
+        # the configuration checks (compat.config_check); the client factories stay static methods
+        checks = [getattr(f, "_ucm_sparse_hook", False) for f in (EngineArgs.create_engine_config,
+                  EngineCoreClient.make_client, EngineCoreClient.make_async_mp_client)]
+        static = [isinstance(inspect.getattr_static(EngineCoreClient, name), staticmethod)
+                  for name in ("make_client", "make_async_mp_client")]
+        print(hooked, bindings().installed(), checks, static)
     """)
-    assert out == "[True, True, True, True] True"
+    assert out == "[True, True, True, True] True [True, True, True] [True, True]"
 
 
 def test_without_the_plugin_a_sparse_config_is_refused(vllm_line) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,15 +32,25 @@ def config_error(field: str, value: Any, allowed: Any) -> UcmConfigError:
 
 
 def get_int(
-    config: Mapping[str, Any], field: str, default: Any = _MISSING, minimum: int = 1, maximum: int | None = None
+    config: Mapping[str, Any],
+    field: str,
+    default: Any = _MISSING,
+    minimum: int = 1,
+    maximum: int | None = None,
+    why: str = "",
 ) -> int | None:
-    """An int in [`minimum`, `maximum`]; `default` when absent (None allowed as a default).
+    """An int in [`minimum`, `maximum`]; `default` when absent (None allowed as a default); `why` explains the
+    bound in the error.
 
     Only integers count (Python or numpy ints): a bool, a float (even 5e9) or a string such as ``"5GB"`` is one
     and the same error, so a size is never rounded or parsed into something the user did not write."""
     value = config.get(field, default)
     bound = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-    expected = f"{bound} (a plain integer, e.g. bytes as 5 << 30; not a bool, float or string)"
+    if why:
+        bound += f" ({why})"
+    # sizes (fields named *_size / *_bytes) are bytes; JSON has no 5 << 30, so the example is a literal
+    unit = "bytes, e.g. 5368709120 for 5 GiB, not '5GB'; " if field.endswith(("_size", "_bytes")) else ""
+    expected = f"{bound}: a plain integer ({unit}not a bool, float or string)"
     if value is _MISSING:
         raise config_error(field, "<missing>", f"{expected} (required)")
     if value is None and default is None:
@@ -52,6 +63,27 @@ def get_int(
     ):
         raise config_error(field, value, expected)
     return int(value)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX, or the name is unknown here
+        return None
+
+
+def get_pinned_size(config: Mapping[str, Any], field: str) -> int:
+    """A required size in bytes of host memory pinned at start, at most this machine's physical memory.
+
+    Checked before anything is allocated: a larger request can only fail in the allocator (or get the process
+    killed), after the model loaded. Below the bound, a size the machine still cannot pin fails at allocation."""
+    limit = physical_memory_bytes()
+    why = "" if limit is None else (
+        f"pinned host memory: at most this machine's physical memory, {limit / 2**30:.1f} GiB")
+    size = get_int(config, field, maximum=limit, why=why)
+    assert size is not None  # required: a missing field raised
+    return size
 
 
 def get_bool(config: Mapping[str, Any], field: str, default: bool) -> bool:

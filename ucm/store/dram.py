@@ -26,7 +26,7 @@ import torch
 
 from ucm.device import Backend, CopyHandle
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_choice, get_int
+from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_choice, get_int, get_pinned_size
 from ucm.store.errors import StoreClosedError, StoreDumpError, error_line
 from ucm.store.naming import check_block_id
 from ucm.store.task import CopyTask
@@ -133,7 +133,7 @@ class DramStore(KVStoreBase):
     @classmethod
     def check_values(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         block = get_int(config, "kv_block_size", None, maximum=MAX_KV_BLOCK_SIZE)
-        size = get_int(config, "max_cache_size")
+        size = get_pinned_size(config, "max_cache_size")
         if block is not None and size < block:
             raise config_error("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
         return {"max_cache_size": size, "transfer": get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])}

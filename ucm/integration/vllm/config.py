@@ -12,8 +12,10 @@ Fields (all under ``kv_connector_extra_config``)::
     ucm_connector_config    that store's fields (see ``docs/stores.md``); ``kv_block_size`` may be
                             omitted (derived from the model), if given it must equal the model's
                             bytes per block (all layers of one worker)                          required
-    ucm_sparse_method       "ESA" (or a registered method); absent/null: dense attention          optional
-    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry (needs the method) optional
+    ucm_sparse_method       "ESA" (or a registered method, case-sensitive); absent/null: dense
+                            attention ("", false and 0 are errors)                              optional
+    ucm_sparse_config       {"ESA": {...}}: fields of the ucm_sparse_method's entry, keyed by the
+                            method's exact name (needs the method; {} alone is ignored)         optional
     ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
@@ -181,12 +183,14 @@ def _check_sparse(extra: Mapping[str, Any]) -> tuple[str | None, Mapping[str, An
     sparse_config = extra.get("ucm_sparse_config")
     names = ", ".join(repr(m) for m in known_methods())
     known = f"one of {names}"
-    if method is None:
-        if sparse_config is not None and sparse_config != {}:
+    if method is None:  # only absent/null means dense: "", False or 0 is a mistake, never a silent off switch
+        if sparse_config is not None and sparse_config != {}:  # {} configures nothing
             raise UcmConfigError("ucm_sparse_method", "<missing>", f"{known} when ucm_sparse_config is given")
         return None, None
     if not isinstance(method, str) or method not in known_methods():
-        raise UcmConfigError("ucm_sparse_method", method, f"{known}, or leave it out for dense attention")
+        hint = _case_hint(method, known_methods())
+        raise UcmConfigError("ucm_sparse_method", method,
+                             f"{known}{f' ({hint})' if hint else ''}, or leave it out for dense attention")
     cls = sparse_class(method)
     if sparse_config is None:
         sparse_config = {}
@@ -194,11 +198,22 @@ def _check_sparse(extra: Mapping[str, Any]) -> tuple[str | None, Mapping[str, An
         raise UcmConfigError("ucm_sparse_config", sparse_config, f"a mapping {{method name: {{field: value}}}}, e.g. "
                              f"{{{method!r}: {{...}}}}")
     for key in sparse_config:
-        if key != method:
+        if key != method:  # e.g. {"esa": ...} would otherwise run ESA with its defaults
+            hint = _case_hint(key, [method])
             raise UcmConfigError(f"ucm_sparse_config.{key}", sparse_config[key],
-                                 f"the entry of ucm_sparse_method {method!r} (method names: {names})")
+                                 f"only the key {method!r}, the entry of ucm_sparse_method {method!r}"
+                                 f"{f' ({hint})' if hint else ''}; method names: {names}")
     cls.config_class.from_mapping(sparse_config.get(method))  # bad field -> UcmConfigError naming it
     return method, sparse_config
+
+
+def _case_hint(given: Any, names: list[str] | tuple[str, ...]) -> str:
+    """"names are case-sensitive: 'ESA', not 'esa'" when `given` differs from one of `names` only in case."""
+    if isinstance(given, str):
+        for name in names:
+            if given.lower() == name.lower() and given != name:
+                return f"names are case-sensitive: {name!r}, not {given!r}"
+    return ""
 
 
 def _flag(extra: Mapping[str, Any], field: str, default: bool = True) -> bool:

@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from ucm.integration.vllm.compat import set_load_failure_policy
+from ucm.integration.vllm.compat.config_check import reporting_config_errors
 from ucm.integration.vllm.config import ConnectorConfig, model_block_shape
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmHandshake
@@ -48,6 +49,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        with reporting_config_errors(vllm_config):  # the checks that need the model: raised in the user's process
+            self._init(vllm_config, role, kv_cache_config)
+
+    def _init(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.block_size = int(vllm_config.cache_config.block_size)
         self.config = ConnectorConfig.parse(extra, model_block_shape(kv_cache_config, self.block_size))
@@ -122,6 +127,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
 
     # ============================================================== worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        with reporting_config_errors(self._vllm_config):  # layout and store checks: raised in the user's process
+            self._register_kv_caches(kv_caches)
+
+    def _register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         group = self._kv_cache_config.kv_cache_groups[0]
         layout = detect_layout(

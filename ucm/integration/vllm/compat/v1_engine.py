@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -69,13 +70,15 @@ def sparse_cpu_isa(isa: str) -> str:
 
 
 def wrap_method(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    """Replace ``cls.name`` by ``make(original)`` once (idempotent through a marker on the wrapper)."""
+    """Replace ``cls.name`` by ``make(original)`` once (idempotent through a marker on the wrapper); a static
+    method stays one."""
     original = getattr(cls, name)
     if getattr(original, _MARK, False):
         return
     wrapper = functools.wraps(original)(make(original))
     setattr(wrapper, _MARK, True)
-    setattr(cls, name, wrapper)
+    static = isinstance(inspect.getattr_static(cls, name), staticmethod)
+    setattr(cls, name, staticmethod(wrapper) if static else wrapper)
 
 
 def run_after_init(cls: type, after: Callable[[Any], None]) -> None:
