@@ -35,6 +35,8 @@ class _TaskBase(StoreTask):
     def failed_ids(self) -> list[str]:
         with self._lock:
             failed = self._failed
+            if not failed:  # every wait asks: no pass over the task's ids when nothing failed
+                return []
             seen: set[str] = set()
             return [b for b in self.block_ids if b in failed and not (b in seen or seen.add(b))]
 

@@ -447,10 +447,19 @@ class Esa(UcmSparseBase):
                 self._wait_loads(layer_state)
             selected = pick.array() + layout.sink_end
             current = layer_state.slots
-            needed = selected[~np.isin(selected, current)]
+            if not selected.size:
+                continue
+            # membership through position masks (index -1, an empty slot, lands on the spare last entry): a few
+            # vector ops, several times cheaper than np.isin on these small arrays
+            size = int(max(selected.max(), current.max(initial=-1))) + 2
+            held = np.zeros(size, dtype=bool)
+            held[current] = True
+            needed = selected[~held[selected]]
             if not needed.size:
                 continue
-            free = np.flatnonzero(~np.isin(current, selected))  # |free| >= |needed|
+            wanted = np.zeros(size, dtype=bool)
+            wanted[selected] = True
+            free = np.flatnonzero(~wanted[current])  # |free| >= |needed|
             count = min(free.size, needed.size)
             free, needed = free[:count], needed[:count]
             hashes = step.block_hashes or ()
