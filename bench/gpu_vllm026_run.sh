@@ -10,6 +10,10 @@
 #   correctness  bench/gpu_correctness.py (connector / prefix reuse / corruption / ESA checks) -> JSON
 #   e2e ARGS     bench/gpu_e2e.py ARGS (decode speed ESA vs dense) -> JSON/MD/PNG
 #   bench        bench/esa_step.py and bench/score_topk.py (kernel-level) -> JSON/MD
+# What comes back from the device is at most 8 files, 2 folders down: point OUT at a scratch folder and tar it into
+# the real $OUT on exit (trap), and give each e2e part its own --out (several parts with --merge share one JSON).
+# Measured on the H200 (2026-12-04): the first engine on a fresh machine takes ~80 s to start (compilation), later
+# ones ~45-65 s; a 32K x 8 case with 2 repetitions ~40 s; budget an e2e part as starts + cases, not less.
 set -u
 stage=${1:-hooks}; shift || true
 OUT=${OUT:-/tmp/ucm-gpu-out}
@@ -43,7 +47,7 @@ case $stage in
       | tail -80 | tee "$OUT/gpu_correctness.log"
     ;;
   e2e)
-    python3 -P bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tail -120 | tee "$OUT/gpu_e2e.log"
+    python3 -P bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tail -120 | tee -a "$OUT/gpu_e2e.log"
     ;;
   bench)
     python3 -P bench/esa_step.py --out "$OUT/esa_step_h200.json" "$@" 2>&1 | tail -40
