@@ -193,15 +193,26 @@ class NfsStore(KVStoreBase):
     # ------------------------------------------------------------------ transfers
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        source.check(len(block_ids), self.kv_block_size, whole_row=True)
+        source.check(len(block_ids), self.kv_block_size, whole_row=True, block_ids=block_ids)
         # A block another task is writing right now is written again (both publish a whole file): waiting for
         # the other task from an I/O thread could deadlock the pool, and skipping would end this task early.
         return self._submit("dump", block_ids, source, self._dump_chunk, self._pending)
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        destination.check(len(block_ids), self.kv_block_size, whole_row=False)
+        destination.check(len(block_ids), self.kv_block_size, whole_row=False, block_ids=block_ids)
         return self._submit("load", block_ids, destination, self._load_chunk, self._reading)
+
+    def report_failed_loads(self, block_ids: Sequence[str]) -> StoreTask:
+        """Verify these blocks' files again on an I/O thread, as a load would (see `KVStoreBase`): a corrupt one is
+        deleted or, when it cannot be, remembered like one this engine cannot verify, and no longer reported by
+        `lookup`. For the scheduler side's lookup-only instance, which shares no memory with the worker's."""
+        block_ids = [check_block_id(b) for b in block_ids]
+        task = ThreadTask("load", block_ids, 1)
+        with self._lock:
+            self._check_open()
+            self._pool.submit(self._recheck, task, block_ids)
+        return task
 
     def _submit(self, op: str, block_ids: list[str], pages: BlockPages, job: Any, in_flight: Counter[str]) -> StoreTask:
         """Split the ids into one job per I/O thread (at most a staging buffer each) and queue them; raises
@@ -254,6 +265,22 @@ class NfsStore(KVStoreBase):
             with self._lock:
                 self._pending.subtract(ids)
                 self._pending += Counter()  # drop ids whose count reached 0
+            task.part_done()
+
+    def _recheck(self, task: ThreadTask, ids: list[str]) -> None:
+        """The job of `report_failed_loads`: read and verify each file, the bytes go nowhere (plain memory: a
+        lookup-only instance pins none). Not counted as loads."""
+        try:
+            payload = memoryview(np.empty(self.kv_block_size, dtype=np.uint8))
+            for block_id in ids:
+                fd, st, reason = self._open_for_read(block_id, payload)
+                if fd is not None:
+                    reason = self._read_block(block_id, fd, st, payload)
+                if reason is not None:
+                    task.fail([block_id], reason)
+        except Exception as exc:
+            task.fail(ids, f"check failed: {type(exc).__name__}: {exc}")
+        finally:
             task.part_done()
 
     @staticmethod
@@ -609,7 +636,7 @@ class NfsStore(KVStoreBase):
                 for shard in _scandir(root):
                     if not _SHARD_RE.fullmatch(shard.name):
                         continue
-                    if not shard.is_dir(follow_symlinks=False):  # a symlink (could lead anywhere) or a file
+                    if not _is_dir_entry(shard):  # a symlink (could lead anywhere), a file, or unreadable
                         bad_shards.add(shard.path)
                         skipped += 1
                         continue
@@ -625,8 +652,11 @@ class NfsStore(KVStoreBase):
                                 continue  # not the store's (e.g. an NFS client's .nfs* file): left alone
                             try:
                                 st = entry.stat(follow_symlinks=False)
-                            except OSError:
+                            except FileNotFoundError:
                                 continue  # vanished since the listing
+                            except OSError:  # e.g. a shard dir we may list but not search (EACCES)
+                                skipped += 1
+                                continue
                             if not stat.S_ISREG(st.st_mode):
                                 skipped += 1
                             elif is_block:
@@ -767,6 +797,14 @@ def _unlink_in(shard: str, name: str) -> bool | None:
         return _unlink_at(dir_fd, name)
     finally:
         os.close(dir_fd)
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    """Whether a listed entry is a real directory (not a link to one); False when it cannot be told."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_real_dir(path: str) -> bool:
