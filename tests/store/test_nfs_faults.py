@@ -20,7 +20,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import make_cache, page_bytes, remount_read_only, row_bytes, tmpfs
+from conftest import NUM_PAGES, make_cache, page_bytes, remount_read_only, row_bytes, tmpfs
 from test_nfs import FILE, block_files, ids_for, nfs, temp_files
 
 from ucm.errors import UcmConfigError
@@ -372,7 +372,7 @@ def test_symlink_to_a_block_file_is_never_read(backend, tmp_path):
 def test_corrupt_file_that_cannot_be_removed(backend, tmp_path):
     src = make_cache(40)
     ids = ids_for(40, 2)
-    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, ro) as store:
+    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, ro) as store, nfs(backend, ro) as scheduler:
         store.dump(ids, BlockPages(src, torch.tensor([1, 2]))).wait()
         path = block_files(ro)[ids[0]]
         flip(path, HEADER_SIZE + 5)
@@ -382,9 +382,57 @@ def test_corrupt_file_that_cannot_be_removed(backend, tmp_path):
         reason = info.value.reasons[ids[0]]
         assert "file removed" not in reason and "could not be removed" in reason and os.path.exists(path)
         assert store.lookup(ids) == [False, True] and store.lookup_prefix(ids) == 0
+        # the scheduler's lookup-only instance learns it from the worker's report, not from its own memory
+        assert scheduler.lookup(ids) == [True, True]
+        with pytest.raises(StoreLoadError, match="could not be removed"):
+            scheduler.report_failed_loads(ids[:1]).wait(timeout=20)
+        assert scheduler.lookup(ids) == [False, True] and os.path.exists(path)
 
 
-# ---------------------------------------------------------------------------- close racing transfers
+def test_reported_failed_loads_are_checked_again(backend, tmp_path):
+    """`report_failed_loads` (what the scheduler side passes on from its workers): a corrupt file is deleted, one
+    this engine cannot verify is hidden and kept, one that failed for a passing reason stays offered."""
+    src = make_cache(45)
+    ids = ids_for(45, 4)
+    with nfs(backend, tmp_path) as worker, nfs(backend, tmp_path) as scheduler:
+        worker.dump(ids[:3], BlockPages(src, torch.tensor([1, 2, 3]))).wait()
+        files = block_files(tmp_path)
+        flip(files[ids[0]], HEADER_SIZE + 9)
+        with open(files[ids[2]], "r+b") as f:  # another engine's newer format
+            header = bytearray(f.read(HEADER_SIZE))
+            struct.pack_into("<I", header, 8, FORMAT_VERSION + 1)
+            f.seek(0)
+            f.write(header)
+        assert scheduler.lookup(ids) == [True, True, True, False]
+        with pytest.raises(StoreLoadError) as info:
+            scheduler.report_failed_loads(ids).wait(timeout=20)
+        assert info.value.failed_ids == [ids[0], ids[2], ids[3]]
+        assert "file removed" in info.value.reasons[ids[0]] and "file kept" in info.value.reasons[ids[2]]
+        assert scheduler.lookup(ids) == [False, True, False, False]
+        assert sorted(block_files(tmp_path)) == sorted(ids[1:3])
+        assert scheduler.stats().blocks_loaded == 0  # a check is not a load
+        scheduler.close()
+        with pytest.raises(StoreClosedError):
+            scheduler.report_failed_loads(ids)
+
+
+# ---------------------------------------------------------------------------- bad slots, close racing transfers
+@pytest.mark.parametrize("slot", [-1, NUM_PAGES])
+def test_slot_outside_the_pages_is_refused(backend, tmp_path, slot):
+    """Host caches are written from and read into pages by index: slot -1 used to store the last page under the id
+    (and load into it)."""
+    src, dst = make_cache(46), make_cache()
+    ids = ids_for(46, 2)
+    with nfs(backend, tmp_path) as store:
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*slot {slot} of {ids[1]}"):
+            store.dump(ids, BlockPages(src, torch.tensor([0, slot])))
+        assert store.lookup(ids) == [False, False] and not block_files(tmp_path)
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait()
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*slot {slot} of {ids[0]}"):
+            store.load(ids, BlockPages(dst, torch.tensor([slot, 2])))
+        assert all(page_bytes(dst, i) == ZERO for i in range(NUM_PAGES))
+
+
 def test_close_racing_transfers_raises_store_closed(backend, tmp_path):
     src = make_cache(41)
     ids = ids_for(41, 4)
