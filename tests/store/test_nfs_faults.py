@@ -25,7 +25,7 @@ from test_nfs import FILE, block_files, ids_for, nfs, temp_files
 
 from ucm.errors import UcmConfigError
 from ucm.store import BlockPages, StoreClosedError, StoreDumpError, StoreLoadError, create_store
-from ucm.store.blockfile import FORMAT_VERSION, HEADER_SIZE
+from ucm.store.blockfile import _FIELDS, FORMAT_VERSION, HEADER_SIZE
 
 WIDTH = row_bytes(make_cache())
 ZERO = page_bytes(make_cache(), 0)
@@ -502,3 +502,80 @@ def test_configured_modes_for_a_service_group(backend, tmp_path):
 def test_bad_modes_name_the_field(backend, tmp_path, field, value):
     with pytest.raises(UcmConfigError, match=f"{field}.*octal"):
         nfs(backend, tmp_path, **{field: value})
+
+
+# ---------------------------------------------------------------------------- keyed checksum
+def key_file(path, key: bytes = b"0123456789abcdef0123456789abcdef") -> str:
+    path.write_bytes(key + b"\n")  # e.g. `openssl rand -hex 16 > key`: the newline is not part of the key
+    path.chmod(0o600)
+    return str(path)
+
+
+def _resign_header(path: str, edit) -> None:
+    """Edit a block file's header and recompute its (unkeyed) header crc, as anyone with write access can."""
+    with open(path, "r+b") as f:
+        header = bytearray(f.read(HEADER_SIZE))
+        edit(header)
+        struct.pack_into("<I", header, _FIELDS.size, zlib.crc32(header[: _FIELDS.size]))
+        f.seek(0)
+        f.write(header)
+
+
+def test_keyed_checksum_refuses_blocks_written_without_the_key(backend, tmp_path):
+    """checksum 'hmac_sha256': a writer without the key cannot make a block this engine loads: not by writing its
+    own (unkeyed, kept for the engines that read it), not by editing a signed one's payload, not by relabelling a
+    signed block as another id (deleted as damaged). Engines with another key or none keep the signed blocks."""
+    root = tmp_path / "kv"
+    root.mkdir()
+    src = make_cache(47)
+    ids = ids_for(47, 4)
+    with nfs(backend, root, checksum_key_file=key_file(tmp_path / "key")) as store:
+        assert store.checksum == "hmac_sha256"
+        store.dump(ids[:2], BlockPages(src, torch.tensor([1, 2]))).wait()
+        files = block_files(root)
+        dst = make_cache()
+        store.load(ids[:2], BlockPages(dst, torch.tensor([3, 4]))).wait()
+        assert page_bytes(dst, 3) == page_bytes(src, 1) and page_bytes(dst, 4) == page_bytes(src, 2)
+        with nfs(backend, root, checksum="crc32") as forger:  # write access, no key
+            forger.dump(ids[2:3], BlockPages(make_cache(99), torch.tensor([5]))).wait()
+        files = block_files(root)
+        relabelled = root / ids[3][:2] / f"{ids[3]}.kv"
+        relabelled.parent.mkdir(exist_ok=True)
+        shutil.copyfile(files[ids[0]], relabelled)
+        _resign_header(str(relabelled), lambda h: struct.pack_into("128s", h, _FIELDS.size - 128, ids[3].encode()))
+        flip(files[ids[1]], HEADER_SIZE + 11)
+        dst = make_cache()
+        with pytest.raises(StoreLoadError) as info:
+            store.load(ids, BlockPages(dst, torch.arange(4))).wait()
+        reasons = info.value.reasons
+        assert info.value.failed_ids == ids[1:]
+        assert "keyed checksum mismatch" in reasons[ids[1]] and "file removed" in reasons[ids[1]]
+        assert "not signed with a key" in reasons[ids[2]] and "file kept" in reasons[ids[2]]
+        assert "keyed checksum mismatch" in reasons[ids[3]]
+        assert all(page_bytes(dst, i) == ZERO for i in (1, 2, 3)) and page_bytes(dst, 0) == page_bytes(src, 1)
+        assert store.lookup(ids) == [True, False, False, False]
+        assert sorted(block_files(root)) == sorted([ids[0], ids[2]])
+    other_key = key_file(tmp_path / "other", b"another key of 16+ bytes")
+    for extra, why in [({"checksum_key_file": other_key}, "signed with another key"), ({}, "no checksum key")]:
+        with nfs(backend, root, **extra) as other:
+            with pytest.raises(StoreLoadError, match=f"{why}.*file kept"):
+                other.load(ids[:1], BlockPages(make_cache(), torch.tensor([0]))).wait()
+    assert sorted(block_files(root)) == sorted([ids[0], ids[2]])
+
+
+def test_keyed_checksum_config(backend, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # must not block the start
+    (tmp_path / "short").write_bytes(b"too short\n")
+    good = key_file(tmp_path / "key")
+    cases = [
+        ({"checksum": "hmac_sha256"}, "checksum_key_file", "<missing>"),
+        ({"checksum_key_file": str(tmp_path / "short")}, "checksum_key_file", "holds 9 bytes"),
+        ({"checksum_key_file": str(fifo)}, "checksum_key_file", "not a regular file"),
+        ({"checksum_key_file": str(tmp_path / "none")}, "checksum_key_file", "No such file"),
+        ({"checksum_key_file": good, "checksum": "crc32"}, "checksum", "'hmac_sha256' \\(or left out\\)"),
+    ]
+    for extra, field, match in cases:
+        with pytest.raises(UcmConfigError, match=match) as info:
+            nfs(backend, tmp_path, **extra)
+        assert info.value.field == f"ucm_connector_config.{field}" and "0123456789" not in str(info.value)

@@ -50,7 +50,16 @@ import torch
 from ucm.device import Backend, PinnedBufferPool
 from ucm.store import blockfile
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_bool, get_choice, get_float, get_int, get_mode
+from ucm.store.config import (
+    MAX_KV_BLOCK_SIZE,
+    config_error,
+    get_bool,
+    get_choice,
+    get_float,
+    get_int,
+    get_mode,
+    get_secret_file,
+)
 from ucm.store.errors import StoreClosedError
 from ucm.store.naming import check_block_id, is_block_id
 from ucm.store.task import ThreadTask
@@ -92,7 +101,9 @@ class NfsStore(KVStoreBase):
         "o_direct": "bool, bypass the page cache (default false; needs kv_block_size % 4096 == 0)",
         "fsync": "bool, fsync each block file before publishing it (default true)",
         "checksum": f"payload checksum, one of {blockfile.available_checksums()} (default "
-        f"{blockfile.default_checksum()!r})",
+        f"{blockfile.default_checksum()!r}, or {blockfile.KEYED!r} when checksum_key_file is set)",
+        "checksum_key_file": f"path of a file holding the secret key of checksum {blockfile.KEYED!r} "
+        f"({blockfile.MIN_KEY_BYTES} to 4096 bytes; readable only by the engines)",
         "stale_temp_seconds": "seconds >= 60, age after which a temporary file is a crashed writer's leftover "
         "(default 600)",
         "file_mode": "permission bits of block files, an octal string: '0640' (default) or e.g. '0660' for a "
@@ -107,6 +118,7 @@ class NfsStore(KVStoreBase):
         self._roots, self.max_storage_size = checked["storage_backends"], checked["max_storage_size"]
         self.io_threads, self.o_direct, self.fsync = checked["io_threads"], checked["o_direct"], checked["fsync"]
         self.checksum, self.stale_temp_seconds = checked["checksum"], checked["stale_temp_seconds"]
+        self._checksum_key: bytes | None = checked["checksum_key"]
         self.file_mode, self.dir_mode = checked["file_mode"], checked["dir_mode"]
         super().__init__(config, backend)
 
@@ -149,6 +161,14 @@ class NfsStore(KVStoreBase):
         else:  # the default holds one block of any size
             staging = max(DEFAULT_STAGING_BYTES, block or 0)
         o_direct = get_bool(config, "o_direct", False)
+        key = get_secret_file(config, "checksum_key_file", blockfile.MIN_KEY_BYTES)
+        checksum = get_choice(config, "checksum", blockfile.KEYED if key is not None else blockfile.default_checksum(),
+                              blockfile.available_checksums())
+        if checksum == blockfile.KEYED and key is None:
+            raise config_error("checksum_key_file", "<missing>", f"a key file path (checksum {blockfile.KEYED!r} "
+                               "signs blocks with its key)")
+        if key is not None and checksum != blockfile.KEYED:
+            raise config_error("checksum", checksum, f"{blockfile.KEYED!r} (or left out) when checksum_key_file is set")
         if o_direct and (not hasattr(os, "O_DIRECT") or (block is not None and block % blockfile.ALIGN)):
             raise config_error("o_direct", True, f"false unless on Linux with kv_block_size % {blockfile.ALIGN} == 0")
         return {
@@ -159,7 +179,8 @@ class NfsStore(KVStoreBase):
             "staging_bytes": staging,
             "o_direct": o_direct,
             "fsync": get_bool(config, "fsync", True),
-            "checksum": get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums()),
+            "checksum": checksum,
+            "checksum_key": key,
             "stale_temp_seconds": get_float(
                 config, "stale_temp_seconds", 600.0, minimum=MIN_STALE_TEMP_SECONDS,
                 why="seconds; a younger temporary file may still be written by another engine sharing the directory",
@@ -403,7 +424,7 @@ class NfsStore(KVStoreBase):
         root, shard, final = self._path(block_id)
         tmp = f"{TEMP_PREFIX}{block_id}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
         header = blockfile.header_buffer()
-        blockfile.fill_header(header, block_id, payload, self.checksum)
+        blockfile.fill_header(header, block_id, payload, self.checksum, self._checksum_key)
         dir_fd = self._open_shard(shard, create=True)
         try:
             fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload, dir_fd, self.file_mode)
@@ -526,7 +547,7 @@ class NfsStore(KVStoreBase):
         try:
             header = blockfile.header_buffer()
             blockfile.read_all(fd, [header, payload])
-            blockfile.check_block(header, payload, block_id, st.st_size)
+            blockfile.check_block(header, payload, block_id, st.st_size, self._checksum_key)
             if time.time() - st.st_atime > _ATIME_REFRESH_S:  # GC evicts by access time; keep it fresh cheaply
                 with contextlib.suppress(OSError):
                     os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
