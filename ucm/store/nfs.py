@@ -133,7 +133,8 @@ class NfsStore(KVStoreBase):
         self._reading: Counter[str] = Counter()  # loads in flight in this process: GC keeps these files
         self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
         self._stats = StoreStats(capacity_bytes=self.max_storage_size)
-        self._published_count = 0  # blocks this process published (tells a GC pass whether its scan is current)
+        # blocks this process published or deleted as corrupt (tells a GC pass whether its scan is still current)
+        self._content_changes = 0
         self._umask = _process_umask()
         # Block files found unusable, by path: (file identity, corrupt). Kept only when the file stays: a corrupt
         # file that could not be removed (a dump replaces it), or one this engine cannot read (never replaced).
@@ -326,7 +327,7 @@ class NfsStore(KVStoreBase):
             self._stats.bytes_dumped += self.kv_block_size
             self._stats.used_bytes += nbytes
             self._stats.stored_blocks += 1 if nbytes else 0
-            self._published_count += 1
+            self._content_changes += 1
             over = self.max_storage_size is not None and self._stats.used_bytes > self.max_storage_size
         if over:
             self._schedule_gc()
@@ -578,6 +579,7 @@ class NfsStore(KVStoreBase):
                 os.close(dir_fd)
             with self._lock:  # no longer content (a dump of the block counts it again): what publishing it added
                 self._stats.used_bytes = max(0, self._stats.used_bytes - blockfile.HEADER_SIZE - self.kv_block_size)
+                self._content_changes += 1
                 self._stats.stored_blocks = max(0, self._stats.stored_blocks - 1)
         except FileNotFoundError:
             return "file already removed"
@@ -648,7 +650,7 @@ class NfsStore(KVStoreBase):
         time (passes are serialized)."""
         with self._gc_lock:
             with self._lock:
-                published_before = self._published_count
+                changes_before = self._content_changes
             now = time.time()
             temps_removed = skipped = 0
             bad_shards: set[str] = set()
@@ -709,10 +711,10 @@ class NfsStore(KVStoreBase):
                 self._stats.evictions += evicted
                 self._stats.gc_skipped += skipped
                 self._bad_shards = bad_shards
-                if self._published_count == published_before:  # the scan is a consistent picture: take it
+                if self._content_changes == changes_before:  # the scan is a consistent picture: take it
                     self._stats.used_bytes = used
                     self._stats.stored_blocks = len(blocks) - evicted
-                else:  # blocks were published during the scan: keep the running counts, minus what was deleted
+                else:  # blocks were published or removed during the scan: keep the running counts, minus evictions
                     self._stats.used_bytes = max(0, self._stats.used_bytes - (scanned_used - used))
                     self._stats.stored_blocks = max(0, self._stats.stored_blocks - evicted)
             return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used,
