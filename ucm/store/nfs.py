@@ -16,9 +16,11 @@ readers see no file or a whole one. Reads: one ``preadv`` into staging, verify h
 Faults never give wrong bytes and never delete a valid block; the block fails (vLLM recomputes it) and the store
 keeps serving. A corrupt file is deleted (or, when it cannot be, no longer reported by `lookup` and replaced by
 the next dump); a file this engine cannot verify (a newer format, a checksum algorithm not installed here,
-another ``kv_block_size``) is kept for the engines that can. Shard dirs and block files are never opened through
-a symlink, and a FIFO or other non-regular entry at a block's name is refused without blocking (a dump replaces
-it). New files get ``file_mode`` (default 0640), new shard dirs ``dir_mode`` (0750), whatever the umask.
+another ``kv_block_size``) is kept for the engines that can. The scheduler side's lookup-only instance learns of
+such files through `report_failed_loads` (it checks them again). Shard dirs and block files are never opened
+through a symlink, and a FIFO or other non-regular entry at a block's name is refused without blocking (a dump
+replaces it). New files get ``file_mode`` (default 0640), new shard dirs ``dir_mode`` (0750), whatever the umask.
+Checksums detect corruption; only the keyed one (``checksum_key_file``) also refuses blocks written without its key.
 
 Capacity: with ``max_storage_size`` set, a garbage collection pass deletes the least recently accessed blocks
 (loads refresh a file's atime explicitly, so ``noatime``/``relatime`` mounts work) down to 90% of the bound; the
