@@ -10,6 +10,8 @@ instance on the same storage just to `lookup`):
 - worker side, on a prefix hit or when the sparse algorithm needs blocks back: ``load(ids, BlockPages(...))``
   -> `StoreTask`; ``task.wait()`` before the forward that reads those pages. A load may cover a sub-range of
   the stored row (e.g. one layer) via ``BlockPages.row_offset``.
+- scheduler side, when the workers report blocks they failed to load: ``report_failed_loads(ids)`` (a store on
+  shared storage checks them again, so that its lookup stops offering a block that can never load).
 - anyone: ``stats()`` for metrics, ``close()`` at shutdown.
 
 A *stored block* is one vLLM block for all layers of one worker: the bytes of one row of a `ucm.device` block
