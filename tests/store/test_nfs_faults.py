@@ -314,25 +314,39 @@ def test_fifo_at_a_block_path_fails_that_block_without_hanging(backend, tmp_path
         store.load(ids[:1], BlockPages(dst, torch.tensor([3]))).wait(timeout=20)
         assert page_bytes(dst, 3) == page_bytes(src, 1)
     finally:
-        with contextlib.suppress(OSError):  # release a reader blocked in open (the bug), so close() returns
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        _close_with_fifo_open(store, fifo)
+
+
+def _close_with_fifo_open(store, fifo) -> None:
+    """close() while holding the FIFO open for writing too: an I/O thread blocked opening it for reading (the bug)
+    gets through, so close() returns and the test fails instead of hanging."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
         store.close()
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def test_fifo_does_not_turn_off_o_direct(backend, tmp_path):
     pages = torch.randint(0, 255, (4, 4096), dtype=torch.uint8)
     ids = ids_for(44, 2)
     config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "o_direct": True}
-    with create_store("UcmNfsStore", config, backend) as store:
+    store = create_store("UcmNfsStore", config, backend)
+    fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+    try:
         store.dump(ids[1:], BlockPages(pages, torch.tensor([1]))).wait()
         if not store._direct_ok[str(tmp_path)]:
             pytest.skip("this file system refuses O_DIRECT")
-        fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
         fifo.parent.mkdir(exist_ok=True)
         os.mkfifo(fifo)
         with pytest.raises(StoreLoadError, match="FIFO"):
             store.load(ids, BlockPages(torch.zeros_like(pages), torch.tensor([2, 3]))).wait(timeout=20)
         assert store._direct_ok[str(tmp_path)]  # the FIFO refused O_DIRECT, not the file system
+    finally:
+        _close_with_fifo_open(store, fifo)
 
 
 def test_dangling_symlink_at_a_block_path_is_replaced(backend, tmp_path):
