@@ -1,5 +1,6 @@
-"""Shared fixtures of the store tests: a small multi-layer paged KV cache on the CPU backend, and helpers to
-mount size-limited / read-only tmpfs directories (skipped with the reason when mounting is not possible)."""
+"""Shared fixtures of the store tests: a small multi-layer paged KV cache on the CPU backend, helpers to mount
+size-limited / read-only tmpfs directories, and to run an engine process bound by file ownership and modes as a
+non-root one is (each skipped with the reason when this machine does not allow it)."""
 
 from __future__ import annotations
 
