@@ -498,14 +498,16 @@ def test_copy_that_faults_in_flight_fails_its_blocks_and_frees_their_rows():
         assert store.lookup(ids) == [False, False]
 
 
-def test_dumps_that_really_fail_race_good_dumps_of_the_same_blocks(backend):
+@pytest.mark.parametrize("transfer", ["kernel", "dma"])
+def test_dumps_that_really_fail_race_good_dumps_of_the_same_blocks(backend, transfer):
     """No injected backend: half the dumps give slots on the meta device, whose gather really raises (the host slot
     check cannot read them). 4 threads dump and load the same 8 blocks through 4 rows (evictions keep the dumps
     racing): every task ends within its timeout, a load gives the exact bytes or names the block failed, and
     close returns. A failed dump used to drop its claim without a handle: a racing dump of its blocks hung."""
     src = make_cache(19)
     ids = ids_for(19, 8)
-    store = dram(backend, 4)
+    store = create_store("UcmDram", {"max_cache_size": 4 * WIDTH, "kv_block_size": WIDTH, "transfer": transfer},
+                         backend)
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
