@@ -1,7 +1,7 @@
 """UcmNfsStore in a shared sticky directory where some block files belong to another user: this engine can
 neither evict them nor delete one that is corrupt. Garbage collection skips and counts them and still enforces
 the bound as far as the other blocks allow; a corrupt one fails its load with a reason that says it stayed, and
-neither the worker's instance nor the scheduler's lookup-only instance offers it again.
+neither the worker's instance nor the scheduler's lookup-only instance offers it again; nor one it may not read.
 
 The engine runs in a child process without the capabilities that let root ignore sticky bits and file modes
 (`conftest.run_without_file_owner_rights`); the test, as root, gives the files to another user."""
@@ -76,8 +76,9 @@ def test_blocks_of_another_user_in_a_sticky_dir(backend, tmp_path):
     for shard in {os.path.dirname(p) for p in files.values()}:
         os.chown(shard, OTHER_USER, OTHER_USER)
         os.chmod(shard, 0o1777)  # a shared, sticky directory (like /tmp)
-    corrupt = theirs[1]
+    corrupt, unreadable = theirs[1], theirs[2]
     flip(files[corrupt], HEADER_SIZE + 7)
+    os.chmod(files[unreadable], 0o600)  # theirs alone
 
     proc = run_without_file_owner_rights(ENGINE, str(tmp_path), str(WIDTH), str(3 * FILE), *ids)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,13 +88,14 @@ def test_blocks_of_another_user_in_a_sticky_dir(backend, tmp_path):
     assert out["gc"]["skipped"] == 4 and out["gc"]["blocks_removed"] == 4 and out["gc_skipped"] == 8
     assert out["after_gc"] == [True] * 4 + [False] * 4
     assert sorted(block_files(tmp_path)) == sorted(theirs)
-    # the corrupt one: its load fails, says the file stayed, and no instance offers it again
-    assert out["load_failed"] == [corrupt]
+    # the corrupt one and the unreadable one: their loads fail, say the files stayed, and no instance offers them
+    assert out["load_failed"] == [corrupt, unreadable]
     reason = out["reasons"][corrupt]
     assert "payload checksum mismatch" in reason and "could not be removed" in reason
     assert "file removed" not in reason and os.path.exists(files[corrupt])
-    expected = [b != corrupt for b in theirs]
+    assert "permission denied" in out["reasons"][unreadable] and "file is kept" in out["reasons"][unreadable]
+    expected = [b not in (corrupt, unreadable) for b in theirs]
     assert out["worker_lookup"] == expected
     assert out["scheduler_before"] == [True] * 4  # the scheduler's own instance cannot know by itself
-    assert out["recheck_failed"] == [corrupt]
+    assert out["recheck_failed"] == [corrupt, unreadable]
     assert out["scheduler_after"] == expected and out["scheduler_prefix"] == 1

@@ -528,7 +528,10 @@ class NfsStore(KVStoreBase):
         except FileNotFoundError:
             return None, None, _MISSING
         except OSError as exc:
-            return None, None, self._describe(exc, root, path)
+            reason = self._describe(exc, root, path)
+            if exc.errno in (errno.EACCES, errno.EPERM) and self._remember_unreadable(dir_fd, path):
+                reason += "; the file is kept and no longer reported by lookup"
+            return None, None, reason
         finally:
             os.close(dir_fd)
         try:
@@ -589,6 +592,18 @@ class NfsStore(KVStoreBase):
             self._remember_bad(path, st, corrupt=True)
             return f"file could not be removed: {exc.strerror}; no longer reported by lookup"
         return "file removed"
+
+    def _remember_unreadable(self, dir_fd: int, path: str) -> bool:
+        """Remember a regular block file this engine may not open (e.g. another user's 0600 file): it would fail
+        every load; like a file it cannot verify, it is kept and never overwritten. False if it cannot be told."""
+        try:
+            st = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        self._remember_bad(path, st, corrupt=False)
+        return True
 
     def _remember_bad(self, path: str, st: os.stat_result, corrupt: bool) -> None:
         with self._lock:
