@@ -1,5 +1,6 @@
-"""Shared fixtures of the store tests: a small multi-layer paged KV cache on the CPU backend, and helpers to
-mount size-limited / read-only tmpfs directories (skipped with the reason when mounting is not possible)."""
+"""Shared fixtures of the store tests: a small multi-layer paged KV cache on the CPU backend, helpers to mount
+size-limited / read-only tmpfs directories, and to run an engine process bound by file ownership and modes as a
+non-root one is (each skipped with the reason when this machine does not allow it)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,21 @@ def start_writer(root: Path, seed: int, n: int, mode: str, signal_dir: Path) -> 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(HERE / "store_writer.py"), str(root), str(seed), str(n), mode, str(signal_dir)]
     return subprocess.Popen(cmd, env=env)
+
+
+def run_without_file_owner_rights(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` (python -c) as root without CAP_FOWNER, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: it is bound by
+    sticky directories and file modes as any unprivileged engine is (root ignores them; another user could not run
+    this checkout's interpreter). Skips the test when this process is not root or cannot drop capabilities."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to own test files as another user and drop capabilities (setpriv)")
+    drop = ["setpriv", "--bounding-set=-fowner,-dac_override,-dac_read_search"]
+    try:
+        probe = subprocess.run([*drop, "true"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot drop capabilities with setpriv: {exc}")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot drop capabilities with setpriv: {probe.stderr.strip()}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    return subprocess.run([*drop, sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=120)

@@ -4,6 +4,7 @@ dump settles a second dump of its blocks, close racing calls, slots outside the 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -501,3 +502,54 @@ def test_copy_that_faults_in_flight_fails_its_blocks_and_frees_their_rows():
         backend.fail = False
         store.dump(ids_for(18, 2), BlockPages(src, torch.tensor([2, 3]))).wait(timeout=5)  # load unpinned: evictable
         assert store.lookup(ids) == [False, False]
+
+
+@pytest.mark.parametrize("transfer", ["kernel", "dma"])
+def test_dumps_that_really_fail_race_good_dumps_of_the_same_blocks(backend, transfer):
+    """No injected backend: half the dumps give slots on the meta device, whose gather really raises (the host slot
+    check cannot read them). 4 threads dump and load the same 8 blocks through 4 rows (evictions keep the dumps
+    racing): every task ends within its timeout, a load gives the exact bytes or names the block failed, and
+    close returns. A failed dump used to drop its claim without a handle: a racing dump of its blocks hung."""
+    src = make_cache(19)
+    ids = ids_for(19, 8)
+    store = create_store("UcmDram", {"max_cache_size": 4 * WIDTH, "kv_block_size": WIDTH, "transfer": transfer},
+                         backend)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(k)
+            for i in range(60):
+                pick = torch.randperm(8, generator=gen)[:3]
+                slots = pick.to("meta") if (i + k) % 2 else pick
+                try:
+                    store.dump([ids[j] for j in pick], BlockPages(src, slots)).wait(timeout=10)
+                except StoreDumpError:
+                    pass
+                dst = make_cache()
+                task = store.load([ids[j] for j in pick], BlockPages(dst, torch.arange(3)))
+                try:
+                    task.wait(timeout=10)
+                except StoreLoadError:
+                    pass
+                for n, j in enumerate(pick.tolist()):
+                    failed = ids[j] in task.failed_ids
+                    assert page_bytes(dst, n) == (page_bytes(make_cache(), 0) if failed else page_bytes(src, j))
+        except BaseException as exc:  # surfaced below (a TimeoutError is the hang)
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so dumps land inside each other's claims
+    try:
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert not any(t.is_alive() for t in threads) and not errors, errors[:1]
+    assert store.stats().dump_failures > 0
+    closer, _ = _in_thread(store.close)
+    closer.join(10)
+    assert not closer.is_alive()

@@ -20,12 +20,12 @@ import zlib
 
 import pytest
 import torch
-from conftest import make_cache, page_bytes, remount_read_only, row_bytes, tmpfs
+from conftest import NUM_PAGES, make_cache, page_bytes, remount_read_only, row_bytes, tmpfs
 from test_nfs import FILE, block_files, ids_for, nfs, temp_files
 
 from ucm.errors import UcmConfigError
 from ucm.store import BlockPages, StoreClosedError, StoreDumpError, StoreLoadError, create_store
-from ucm.store.blockfile import FORMAT_VERSION, HEADER_SIZE
+from ucm.store.blockfile import _FIELDS, FORMAT_VERSION, HEADER_SIZE
 
 WIDTH = row_bytes(make_cache())
 ZERO = page_bytes(make_cache(), 0)
@@ -314,25 +314,39 @@ def test_fifo_at_a_block_path_fails_that_block_without_hanging(backend, tmp_path
         store.load(ids[:1], BlockPages(dst, torch.tensor([3]))).wait(timeout=20)
         assert page_bytes(dst, 3) == page_bytes(src, 1)
     finally:
-        with contextlib.suppress(OSError):  # release a reader blocked in open (the bug), so close() returns
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        _close_with_fifo_open(store, fifo)
+
+
+def _close_with_fifo_open(store, fifo) -> None:
+    """close() while holding the FIFO open for writing too: an I/O thread blocked opening it for reading (the bug)
+    gets through, so close() returns and the test fails instead of hanging."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
         store.close()
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def test_fifo_does_not_turn_off_o_direct(backend, tmp_path):
     pages = torch.randint(0, 255, (4, 4096), dtype=torch.uint8)
     ids = ids_for(44, 2)
     config = {"storage_backends": str(tmp_path), "kv_block_size": 4096, "o_direct": True}
-    with create_store("UcmNfsStore", config, backend) as store:
+    store = create_store("UcmNfsStore", config, backend)
+    fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
+    try:
         store.dump(ids[1:], BlockPages(pages, torch.tensor([1]))).wait()
         if not store._direct_ok[str(tmp_path)]:
             pytest.skip("this file system refuses O_DIRECT")
-        fifo = tmp_path / ids[0][:2] / f"{ids[0]}.kv"
         fifo.parent.mkdir(exist_ok=True)
         os.mkfifo(fifo)
         with pytest.raises(StoreLoadError, match="FIFO"):
             store.load(ids, BlockPages(torch.zeros_like(pages), torch.tensor([2, 3]))).wait(timeout=20)
         assert store._direct_ok[str(tmp_path)]  # the FIFO refused O_DIRECT, not the file system
+    finally:
+        _close_with_fifo_open(store, fifo)
 
 
 def test_dangling_symlink_at_a_block_path_is_replaced(backend, tmp_path):
@@ -372,7 +386,7 @@ def test_symlink_to_a_block_file_is_never_read(backend, tmp_path):
 def test_corrupt_file_that_cannot_be_removed(backend, tmp_path):
     src = make_cache(40)
     ids = ids_for(40, 2)
-    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, ro) as store:
+    with tmpfs(tmp_path / "ro", "1m") as ro, nfs(backend, ro) as store, nfs(backend, ro) as scheduler:
         store.dump(ids, BlockPages(src, torch.tensor([1, 2]))).wait()
         path = block_files(ro)[ids[0]]
         flip(path, HEADER_SIZE + 5)
@@ -382,9 +396,57 @@ def test_corrupt_file_that_cannot_be_removed(backend, tmp_path):
         reason = info.value.reasons[ids[0]]
         assert "file removed" not in reason and "could not be removed" in reason and os.path.exists(path)
         assert store.lookup(ids) == [False, True] and store.lookup_prefix(ids) == 0
+        # the scheduler's lookup-only instance learns it from the worker's report, not from its own memory
+        assert scheduler.lookup(ids) == [True, True]
+        with pytest.raises(StoreLoadError, match="could not be removed"):
+            scheduler.report_failed_loads(ids[:1]).wait(timeout=20)
+        assert scheduler.lookup(ids) == [False, True] and os.path.exists(path)
 
 
-# ---------------------------------------------------------------------------- close racing transfers
+def test_reported_failed_loads_are_checked_again(backend, tmp_path):
+    """`report_failed_loads` (what the scheduler side passes on from its workers): a corrupt file is deleted, one
+    this engine cannot verify is hidden and kept, one that failed for a passing reason stays offered."""
+    src = make_cache(45)
+    ids = ids_for(45, 4)
+    with nfs(backend, tmp_path) as worker, nfs(backend, tmp_path) as scheduler:
+        worker.dump(ids[:3], BlockPages(src, torch.tensor([1, 2, 3]))).wait()
+        files = block_files(tmp_path)
+        flip(files[ids[0]], HEADER_SIZE + 9)
+        with open(files[ids[2]], "r+b") as f:  # another engine's newer format
+            header = bytearray(f.read(HEADER_SIZE))
+            struct.pack_into("<I", header, 8, FORMAT_VERSION + 1)
+            f.seek(0)
+            f.write(header)
+        assert scheduler.lookup(ids) == [True, True, True, False]
+        with pytest.raises(StoreLoadError) as info:
+            scheduler.report_failed_loads(ids).wait(timeout=20)
+        assert info.value.failed_ids == [ids[0], ids[2], ids[3]]
+        assert "file removed" in info.value.reasons[ids[0]] and "file kept" in info.value.reasons[ids[2]]
+        assert scheduler.lookup(ids) == [False, True, False, False]
+        assert sorted(block_files(tmp_path)) == sorted(ids[1:3])
+        assert scheduler.stats().blocks_loaded == 0  # a check is not a load
+        scheduler.close()
+        with pytest.raises(StoreClosedError):
+            scheduler.report_failed_loads(ids)
+
+
+# ---------------------------------------------------------------------------- bad slots, close racing transfers
+@pytest.mark.parametrize("slot", [-1, NUM_PAGES])
+def test_slot_outside_the_pages_is_refused(backend, tmp_path, slot):
+    """Host caches are written from and read into pages by index: slot -1 used to store the last page under the id
+    (and load into it)."""
+    src, dst = make_cache(46), make_cache()
+    ids = ids_for(46, 2)
+    with nfs(backend, tmp_path) as store:
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*slot {slot} of {ids[1]}"):
+            store.dump(ids, BlockPages(src, torch.tensor([0, slot])))
+        assert store.lookup(ids) == [False, False] and not block_files(tmp_path)
+        store.dump(ids, BlockPages(src, torch.tensor([0, 1]))).wait()
+        with pytest.raises(UcmConfigError, match=f"BlockPages.slots.*slot {slot} of {ids[0]}"):
+            store.load(ids, BlockPages(dst, torch.tensor([slot, 2])))
+        assert all(page_bytes(dst, i) == ZERO for i in range(NUM_PAGES))
+
+
 def test_close_racing_transfers_raises_store_closed(backend, tmp_path):
     src = make_cache(41)
     ids = ids_for(41, 4)
@@ -454,3 +516,80 @@ def test_configured_modes_for_a_service_group(backend, tmp_path):
 def test_bad_modes_name_the_field(backend, tmp_path, field, value):
     with pytest.raises(UcmConfigError, match=f"{field}.*octal"):
         nfs(backend, tmp_path, **{field: value})
+
+
+# ---------------------------------------------------------------------------- keyed checksum
+def key_file(path, key: bytes = b"0123456789abcdef0123456789abcdef") -> str:
+    path.write_bytes(key + b"\n")  # e.g. `openssl rand -hex 16 > key`: the newline is not part of the key
+    path.chmod(0o600)
+    return str(path)
+
+
+def _resign_header(path: str, edit) -> None:
+    """Edit a block file's header and recompute its (unkeyed) header crc, as anyone with write access can."""
+    with open(path, "r+b") as f:
+        header = bytearray(f.read(HEADER_SIZE))
+        edit(header)
+        struct.pack_into("<I", header, _FIELDS.size, zlib.crc32(header[: _FIELDS.size]))
+        f.seek(0)
+        f.write(header)
+
+
+def test_keyed_checksum_refuses_blocks_written_without_the_key(backend, tmp_path):
+    """checksum 'hmac_sha256': a writer without the key cannot make a block this engine loads: not by writing its
+    own (unkeyed, kept for the engines that read it), not by editing a signed one's payload, not by relabelling a
+    signed block as another id (deleted as damaged). Engines with another key or none keep the signed blocks."""
+    root = tmp_path / "kv"
+    root.mkdir()
+    src = make_cache(47)
+    ids = ids_for(47, 4)
+    with nfs(backend, root, checksum_key_file=key_file(tmp_path / "key")) as store:
+        assert store.checksum == "hmac_sha256"
+        store.dump(ids[:2], BlockPages(src, torch.tensor([1, 2]))).wait()
+        files = block_files(root)
+        dst = make_cache()
+        store.load(ids[:2], BlockPages(dst, torch.tensor([3, 4]))).wait()
+        assert page_bytes(dst, 3) == page_bytes(src, 1) and page_bytes(dst, 4) == page_bytes(src, 2)
+        with nfs(backend, root, checksum="crc32") as forger:  # write access, no key
+            forger.dump(ids[2:3], BlockPages(make_cache(99), torch.tensor([5]))).wait()
+        files = block_files(root)
+        relabelled = root / ids[3][:2] / f"{ids[3]}.kv"
+        relabelled.parent.mkdir(exist_ok=True)
+        shutil.copyfile(files[ids[0]], relabelled)
+        _resign_header(str(relabelled), lambda h: struct.pack_into("128s", h, _FIELDS.size - 128, ids[3].encode()))
+        flip(files[ids[1]], HEADER_SIZE + 11)
+        dst = make_cache()
+        with pytest.raises(StoreLoadError) as info:
+            store.load(ids, BlockPages(dst, torch.arange(4))).wait()
+        reasons = info.value.reasons
+        assert info.value.failed_ids == ids[1:]
+        assert "keyed checksum mismatch" in reasons[ids[1]] and "file removed" in reasons[ids[1]]
+        assert "not signed with a key" in reasons[ids[2]] and "file kept" in reasons[ids[2]]
+        assert "keyed checksum mismatch" in reasons[ids[3]]
+        assert all(page_bytes(dst, i) == ZERO for i in (1, 2, 3)) and page_bytes(dst, 0) == page_bytes(src, 1)
+        assert store.lookup(ids) == [True, False, False, False]
+        assert sorted(block_files(root)) == sorted([ids[0], ids[2]])
+    other_key = key_file(tmp_path / "other", b"another key of 16+ bytes")
+    for extra, why in [({"checksum_key_file": other_key}, "signed with another key"), ({}, "no checksum key")]:
+        with nfs(backend, root, **extra) as other:
+            with pytest.raises(StoreLoadError, match=f"{why}.*file kept"):
+                other.load(ids[:1], BlockPages(make_cache(), torch.tensor([0]))).wait()
+    assert sorted(block_files(root)) == sorted([ids[0], ids[2]])
+
+
+def test_keyed_checksum_config(backend, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # must not block the start
+    (tmp_path / "short").write_bytes(b"too short\n")
+    good = key_file(tmp_path / "key")
+    cases = [
+        ({"checksum": "hmac_sha256"}, "checksum_key_file", "<missing>"),
+        ({"checksum_key_file": str(tmp_path / "short")}, "checksum_key_file", "holds 9 bytes"),
+        ({"checksum_key_file": str(fifo)}, "checksum_key_file", "not a regular file"),
+        ({"checksum_key_file": str(tmp_path / "none")}, "checksum_key_file", "No such file"),
+        ({"checksum_key_file": good, "checksum": "crc32"}, "checksum", "'hmac_sha256' \\(or left out\\)"),
+    ]
+    for extra, field, match in cases:
+        with pytest.raises(UcmConfigError, match=match) as info:
+            nfs(backend, tmp_path, **extra)
+        assert info.value.field == f"ucm_connector_config.{field}" and "0123456789" not in str(info.value)

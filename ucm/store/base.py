@@ -10,6 +10,8 @@ instance on the same storage just to `lookup`):
 - worker side, on a prefix hit or when the sparse algorithm needs blocks back: ``load(ids, BlockPages(...))``
   -> `StoreTask`; ``task.wait()`` before the forward that reads those pages. A load may cover a sub-range of
   the stored row (e.g. one layer) via ``BlockPages.row_offset``.
+- scheduler side, when the workers report blocks they failed to load: ``report_failed_loads(ids)`` (a store on
+  shared storage checks them again, so that its lookup stops offering a block that can never load).
 - anyone: ``stats()`` for metrics, ``close()`` at shutdown.
 
 A *stored block* is one vLLM block for all layers of one worker: the bytes of one row of a `ucm.device` block
@@ -217,6 +219,19 @@ class KVStoreBase(abc.ABC):
         pages (block_ids[i] -> slot i; slots distinct). Asynchronous; the task's `wait()` raises `StoreLoadError`
         naming blocks that were missing, evicted or failed verification; only those pages are left unwritten.
         A block being loaded is never evicted."""
+
+    # ------------------------------------------------------------------ failed loads (scheduler side, optional)
+    def report_failed_loads(self, block_ids: Sequence[str]) -> StoreTask | None:
+        """Ids a worker could not load from this storage: the connector's scheduler side passes on what its workers
+        report, so that a lookup-only instance stops offering a block that can never load (its `lookup` shares no
+        memory with the worker's instance).
+
+        A store on shared storage checks those blocks again, asynchronously, and hides from `lookup` the ones that
+        fail for good (a corrupt file that cannot be deleted, one this engine cannot verify); a block that failed
+        for a passing reason stays visible. Returns a task that ends once they were checked (its ``failed_ids``:
+        those that cannot be loaded now), or None: nothing to check (default; a process-local store is looked up
+        through the worker's own reports)."""
+        return None
 
     # ------------------------------------------------------------------ pinned loads (optional)
     def pin(self, block_ids: Sequence[str]) -> Any | None:

@@ -8,6 +8,7 @@ import contextlib
 import math
 import numbers
 import os
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,3 +130,27 @@ def get_mode(config: Mapping[str, Any], field: str, default: int, required: int,
         raise config_error(field, value, f"an octal mode such as {default:#o} or {f'{default:04o}'!r}, with at least "
                              f"{required:#o} set and no bits outside {allowed:#o}")
     return mode
+
+
+def get_secret_file(config: Mapping[str, Any], field: str, min_bytes: int, max_bytes: int = 4096) -> bytes | None:
+    """The secret held by the regular file whose path is `field` (surrounding whitespace removed, e.g. the newline
+    after a hex key), or None when the field is absent. Errors name the path and never show the content."""
+    path = config.get(field)
+    if path is None:
+        return None
+    expected = f"the path of a regular file holding a secret of {min_bytes} to {max_bytes} bytes"
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise config_error(field, path, expected)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the start
+    except OSError as exc:
+        raise config_error(field, path, f"{expected} ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise config_error(field, path, f"{expected} (not a regular file)")
+        secret = os.read(fd, 4 * max_bytes).strip()
+    finally:
+        os.close(fd)
+    if not min_bytes <= len(secret) <= max_bytes:
+        raise config_error(field, path, f"{expected} (it holds {len(secret)} bytes)")
+    return secret

@@ -16,9 +16,11 @@ readers see no file or a whole one. Reads: one ``preadv`` into staging, verify h
 Faults never give wrong bytes and never delete a valid block; the block fails (vLLM recomputes it) and the store
 keeps serving. A corrupt file is deleted (or, when it cannot be, no longer reported by `lookup` and replaced by
 the next dump); a file this engine cannot verify (a newer format, a checksum algorithm not installed here,
-another ``kv_block_size``) is kept for the engines that can. Shard dirs and block files are never opened through
-a symlink, and a FIFO or other non-regular entry at a block's name is refused without blocking (a dump replaces
-it). New files get ``file_mode`` (default 0640), new shard dirs ``dir_mode`` (0750), whatever the umask.
+another ``kv_block_size``) is kept for the engines that can. The scheduler side's lookup-only instance learns of
+such files through `report_failed_loads` (it checks them again). Shard dirs and block files are never opened
+through a symlink, and a FIFO or other non-regular entry at a block's name is refused without blocking (a dump
+replaces it). New files get ``file_mode`` (default 0640), new shard dirs ``dir_mode`` (0750), whatever the umask.
+Checksums detect corruption; only the keyed one (``checksum_key_file``) also refuses blocks written without its key.
 
 Capacity: with ``max_storage_size`` set, a garbage collection pass deletes the least recently accessed blocks
 (loads refresh a file's atime explicitly, so ``noatime``/``relatime`` mounts work) down to 90% of the bound; the
@@ -50,7 +52,16 @@ import torch
 from ucm.device import Backend, PinnedBufferPool
 from ucm.store import blockfile
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
-from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_bool, get_choice, get_float, get_int, get_mode
+from ucm.store.config import (
+    MAX_KV_BLOCK_SIZE,
+    config_error,
+    get_bool,
+    get_choice,
+    get_float,
+    get_int,
+    get_mode,
+    get_secret_file,
+)
 from ucm.store.errors import StoreClosedError
 from ucm.store.naming import check_block_id, is_block_id
 from ucm.store.task import ThreadTask
@@ -92,7 +103,9 @@ class NfsStore(KVStoreBase):
         "o_direct": "bool, bypass the page cache (default false; needs kv_block_size % 4096 == 0)",
         "fsync": "bool, fsync each block file before publishing it (default true)",
         "checksum": f"payload checksum, one of {blockfile.available_checksums()} (default "
-        f"{blockfile.default_checksum()!r})",
+        f"{blockfile.default_checksum()!r}, or {blockfile.KEYED!r} when checksum_key_file is set)",
+        "checksum_key_file": f"path of a file holding the secret key of checksum {blockfile.KEYED!r} "
+        f"({blockfile.MIN_KEY_BYTES} to 4096 bytes; readable only by the engines)",
         "stale_temp_seconds": "seconds >= 60, age after which a temporary file is a crashed writer's leftover "
         "(default 600)",
         "file_mode": "permission bits of block files, an octal string: '0640' (default) or e.g. '0660' for a "
@@ -107,6 +120,7 @@ class NfsStore(KVStoreBase):
         self._roots, self.max_storage_size = checked["storage_backends"], checked["max_storage_size"]
         self.io_threads, self.o_direct, self.fsync = checked["io_threads"], checked["o_direct"], checked["fsync"]
         self.checksum, self.stale_temp_seconds = checked["checksum"], checked["stale_temp_seconds"]
+        self._checksum_key: bytes | None = checked["checksum_key"]
         self.file_mode, self.dir_mode = checked["file_mode"], checked["dir_mode"]
         super().__init__(config, backend)
 
@@ -121,7 +135,8 @@ class NfsStore(KVStoreBase):
         self._reading: Counter[str] = Counter()  # loads in flight in this process: GC keeps these files
         self._direct_ok = dict.fromkeys(self._roots, self.o_direct)
         self._stats = StoreStats(capacity_bytes=self.max_storage_size)
-        self._published_count = 0  # blocks this process published (tells a GC pass whether its scan is current)
+        # blocks this process published or deleted as corrupt (tells a GC pass whether its scan is still current)
+        self._content_changes = 0
         self._umask = _process_umask()
         # Block files found unusable, by path: (file identity, corrupt). Kept only when the file stays: a corrupt
         # file that could not be removed (a dump replaces it), or one this engine cannot read (never replaced).
@@ -149,6 +164,14 @@ class NfsStore(KVStoreBase):
         else:  # the default holds one block of any size
             staging = max(DEFAULT_STAGING_BYTES, block or 0)
         o_direct = get_bool(config, "o_direct", False)
+        key = get_secret_file(config, "checksum_key_file", blockfile.MIN_KEY_BYTES)
+        checksum = get_choice(config, "checksum", blockfile.KEYED if key is not None else blockfile.default_checksum(),
+                              blockfile.available_checksums())
+        if checksum == blockfile.KEYED and key is None:
+            raise config_error("checksum_key_file", "<missing>", f"a key file path (checksum {blockfile.KEYED!r} "
+                               "signs blocks with its key)")
+        if key is not None and checksum != blockfile.KEYED:
+            raise config_error("checksum", checksum, f"{blockfile.KEYED!r} (or left out) when checksum_key_file is set")
         if o_direct and (not hasattr(os, "O_DIRECT") or (block is not None and block % blockfile.ALIGN)):
             raise config_error("o_direct", True, f"false unless on Linux with kv_block_size % {blockfile.ALIGN} == 0")
         return {
@@ -159,7 +182,8 @@ class NfsStore(KVStoreBase):
             "staging_bytes": staging,
             "o_direct": o_direct,
             "fsync": get_bool(config, "fsync", True),
-            "checksum": get_choice(config, "checksum", blockfile.default_checksum(), blockfile.available_checksums()),
+            "checksum": checksum,
+            "checksum_key": key,
             "stale_temp_seconds": get_float(
                 config, "stale_temp_seconds", 600.0, minimum=MIN_STALE_TEMP_SECONDS,
                 why="seconds; a younger temporary file may still be written by another engine sharing the directory",
@@ -193,15 +217,26 @@ class NfsStore(KVStoreBase):
     # ------------------------------------------------------------------ transfers
     def dump(self, block_ids: Sequence[str], source: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        source.check(len(block_ids), self.kv_block_size, whole_row=True)
+        source.check(len(block_ids), self.kv_block_size, whole_row=True, block_ids=block_ids)
         # A block another task is writing right now is written again (both publish a whole file): waiting for
         # the other task from an I/O thread could deadlock the pool, and skipping would end this task early.
         return self._submit("dump", block_ids, source, self._dump_chunk, self._pending)
 
     def load(self, block_ids: Sequence[str], destination: BlockPages) -> StoreTask:
         block_ids = [check_block_id(b) for b in block_ids]
-        destination.check(len(block_ids), self.kv_block_size, whole_row=False)
+        destination.check(len(block_ids), self.kv_block_size, whole_row=False, block_ids=block_ids)
         return self._submit("load", block_ids, destination, self._load_chunk, self._reading)
+
+    def report_failed_loads(self, block_ids: Sequence[str]) -> StoreTask:
+        """Verify these blocks' files again on an I/O thread, as a load would (see `KVStoreBase`): a corrupt one is
+        deleted or, when it cannot be, remembered like one this engine cannot verify, and no longer reported by
+        `lookup`. For the scheduler side's lookup-only instance, which shares no memory with the worker's."""
+        block_ids = [check_block_id(b) for b in block_ids]
+        task = ThreadTask("load", block_ids, 1)
+        with self._lock:
+            self._check_open()
+            self._pool.submit(self._recheck, task, block_ids)
+        return task
 
     def _submit(self, op: str, block_ids: list[str], pages: BlockPages, job: Any, in_flight: Counter[str]) -> StoreTask:
         """Split the ids into one job per I/O thread (at most a staging buffer each) and queue them; raises
@@ -256,6 +291,22 @@ class NfsStore(KVStoreBase):
                 self._pending += Counter()  # drop ids whose count reached 0
             task.part_done()
 
+    def _recheck(self, task: ThreadTask, ids: list[str]) -> None:
+        """The job of `report_failed_loads`: read and verify each file, the bytes go nowhere (plain memory: a
+        lookup-only instance pins none). Not counted as loads."""
+        try:
+            payload = memoryview(np.empty(self.kv_block_size, dtype=np.uint8))
+            for block_id in ids:
+                fd, st, reason = self._open_for_read(block_id, payload)
+                if fd is not None:
+                    reason = self._read_block(block_id, fd, st, payload)
+                if reason is not None:
+                    task.fail([block_id], reason)
+        except Exception as exc:
+            task.fail(ids, f"check failed: {type(exc).__name__}: {exc}")
+        finally:
+            task.part_done()
+
     @staticmethod
     def _writes_from_pages(pages: list[torch.Tensor]) -> bool:
         """Whether blocks go straight between the cache pages (host memory) and files/staging, without a
@@ -278,7 +329,7 @@ class NfsStore(KVStoreBase):
             self._stats.bytes_dumped += self.kv_block_size
             self._stats.used_bytes += nbytes
             self._stats.stored_blocks += 1 if nbytes else 0
-            self._published_count += 1
+            self._content_changes += 1
             over = self.max_storage_size is not None and self._stats.used_bytes > self.max_storage_size
         if over:
             self._schedule_gc()
@@ -376,7 +427,7 @@ class NfsStore(KVStoreBase):
         root, shard, final = self._path(block_id)
         tmp = f"{TEMP_PREFIX}{block_id}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
         header = blockfile.header_buffer()
-        blockfile.fill_header(header, block_id, payload, self.checksum)
+        blockfile.fill_header(header, block_id, payload, self.checksum, self._checksum_key)
         dir_fd = self._open_shard(shard, create=True)
         try:
             fd = self._open(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, payload, dir_fd, self.file_mode)
@@ -477,7 +528,10 @@ class NfsStore(KVStoreBase):
         except FileNotFoundError:
             return None, None, _MISSING
         except OSError as exc:
-            return None, None, self._describe(exc, root, path)
+            reason = self._describe(exc, root, path)
+            if exc.errno in (errno.EACCES, errno.EPERM) and self._remember_unreadable(dir_fd, path):
+                reason += "; the file is kept and no longer reported by lookup"
+            return None, None, reason
         finally:
             os.close(dir_fd)
         try:
@@ -499,7 +553,7 @@ class NfsStore(KVStoreBase):
         try:
             header = blockfile.header_buffer()
             blockfile.read_all(fd, [header, payload])
-            blockfile.check_block(header, payload, block_id, st.st_size)
+            blockfile.check_block(header, payload, block_id, st.st_size, self._checksum_key)
             if time.time() - st.st_atime > _ATIME_REFRESH_S:  # GC evicts by access time; keep it fresh cheaply
                 with contextlib.suppress(OSError):
                     os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
@@ -530,6 +584,7 @@ class NfsStore(KVStoreBase):
                 os.close(dir_fd)
             with self._lock:  # no longer content (a dump of the block counts it again): what publishing it added
                 self._stats.used_bytes = max(0, self._stats.used_bytes - blockfile.HEADER_SIZE - self.kv_block_size)
+                self._content_changes += 1
                 self._stats.stored_blocks = max(0, self._stats.stored_blocks - 1)
         except FileNotFoundError:
             return "file already removed"
@@ -537,6 +592,18 @@ class NfsStore(KVStoreBase):
             self._remember_bad(path, st, corrupt=True)
             return f"file could not be removed: {exc.strerror}; no longer reported by lookup"
         return "file removed"
+
+    def _remember_unreadable(self, dir_fd: int, path: str) -> bool:
+        """Remember a regular block file this engine may not open (e.g. another user's 0600 file): it would fail
+        every load; like a file it cannot verify, it is kept and never overwritten. False if it cannot be told."""
+        try:
+            st = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        self._remember_bad(path, st, corrupt=False)
+        return True
 
     def _remember_bad(self, path: str, st: os.stat_result, corrupt: bool) -> None:
         with self._lock:
@@ -600,7 +667,7 @@ class NfsStore(KVStoreBase):
         time (passes are serialized)."""
         with self._gc_lock:
             with self._lock:
-                published_before = self._published_count
+                changes_before = self._content_changes
             now = time.time()
             temps_removed = skipped = 0
             bad_shards: set[str] = set()
@@ -609,7 +676,7 @@ class NfsStore(KVStoreBase):
                 for shard in _scandir(root):
                     if not _SHARD_RE.fullmatch(shard.name):
                         continue
-                    if not shard.is_dir(follow_symlinks=False):  # a symlink (could lead anywhere) or a file
+                    if not _is_dir_entry(shard):  # a symlink (could lead anywhere), a file, or unreadable
                         bad_shards.add(shard.path)
                         skipped += 1
                         continue
@@ -625,8 +692,11 @@ class NfsStore(KVStoreBase):
                                 continue  # not the store's (e.g. an NFS client's .nfs* file): left alone
                             try:
                                 st = entry.stat(follow_symlinks=False)
-                            except OSError:
+                            except FileNotFoundError:
                                 continue  # vanished since the listing
+                            except OSError:  # e.g. a shard dir we may list but not search (EACCES)
+                                skipped += 1
+                                continue
                             if not stat.S_ISREG(st.st_mode):
                                 skipped += 1
                             elif is_block:
@@ -658,10 +728,10 @@ class NfsStore(KVStoreBase):
                 self._stats.evictions += evicted
                 self._stats.gc_skipped += skipped
                 self._bad_shards = bad_shards
-                if self._published_count == published_before:  # the scan is a consistent picture: take it
+                if self._content_changes == changes_before:  # the scan is a consistent picture: take it
                     self._stats.used_bytes = used
                     self._stats.stored_blocks = len(blocks) - evicted
-                else:  # blocks were published during the scan: keep the running counts, minus what was deleted
+                else:  # blocks were published or removed during the scan: keep the running counts, minus evictions
                     self._stats.used_bytes = max(0, self._stats.used_bytes - (scanned_used - used))
                     self._stats.stored_blocks = max(0, self._stats.stored_blocks - evicted)
             return {"temp_files_removed": temps_removed, "blocks_removed": evicted, "used_bytes": used,
@@ -767,6 +837,14 @@ def _unlink_in(shard: str, name: str) -> bool | None:
         return _unlink_at(dir_fd, name)
     finally:
         os.close(dir_fd)
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    """Whether a listed entry is a real directory (not a link to one); False when it cannot be told."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_real_dir(path: str) -> bool:

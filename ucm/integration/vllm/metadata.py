@@ -69,7 +69,8 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
     load_results: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     #: tp_rank -> ids published by finished dumps (only for process-local stores: the scheduler's index)
     stored_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
-    #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index)
+    #: tp_rank -> ids found missing or corrupt on load (dropped from the scheduler's index, or re-checked by its
+    #: lookup-only instance of a shared store)
     missing_ids: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     #: sparse hooks' counters of this step, named by `SPARSE_COUNTERS`
     sparse: dict[str, float] = dataclasses.field(default_factory=dict)

@@ -15,6 +15,7 @@ Finished requests free their blocks at once (see `request_finished`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -29,7 +30,7 @@ from ucm.integration.vllm.metadata import (
     UcmWorkerMetadata,
 )
 from ucm.integration.vllm.stats import UcmConnectorStats
-from ucm.store import block_ids_for_tokens
+from ucm.store import StoreClosedError, block_ids_for_tokens
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares vLLM's log handlers
 
@@ -243,6 +244,10 @@ class ConnectorScheduler:
                 index = self._index.get(rank, {})
                 for block_id in ids:
                     index.pop(block_id, None)
+        else:  # the lookup-only instance re-checks them, so a block that can never load is not offered again
+            for ids in worker_meta.missing_ids.values():
+                with contextlib.suppress(StoreClosedError):
+                    self.store.report_failed_loads(ids)
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any]]:
         """(False: the blocks are freed at once, per-request summary for the output's kv_transfer_params).
