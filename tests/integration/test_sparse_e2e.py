@@ -339,6 +339,7 @@ def test_long_generation_keeps_the_budget_and_stores_generated_blocks(root: Engi
     from ucm.sparse.config import EsaConfig
 
     store = root.tmp / "gen-store"
+    store.mkdir(exist_ok=True)
     first = run_engine(root, connector=True, esa=ESA_02, nfs=str(store), trace=True, requests=GEN)
     out = first["tokens"]["gen"]
     assert len(out) == 512
