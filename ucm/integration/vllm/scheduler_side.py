@@ -114,7 +114,8 @@ class ConnectorScheduler:
 
     def _name_blocks(self, state: _Request, blocks: int) -> int:
         """Extend the request's ids to its first ``blocks`` blocks where their tokens are known (prompt + output:
-        the chained naming of prompt blocks, continued); returns how many blocks are named on every rank."""
+        the chained naming of prompt blocks, continued); returns how many of those ``blocks`` are named on every
+        rank."""
         ids = self._ids(state)
         if not ids:
             return 0
@@ -127,7 +128,7 @@ class ConnectorScheduler:
                 parent = rank_ids[-1] if rank_ids else None
                 rank_ids.extend(block_ids_for_tokens(list(tokens[start * bs : known * bs]), bs,
                                                      self.namespaces[rank], parent_id=parent))
-        return min(len(rank_ids) for rank_ids in ids.values())
+        return min(blocks, *(len(rank_ids) for rank_ids in ids.values()))
 
     def stored_positions(self, req_id: str) -> set[int]:
         """Positions of the request whose store copy every worker confirmed (the sparse budget's ``stored``)."""
