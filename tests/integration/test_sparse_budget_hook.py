@@ -90,7 +90,28 @@ def test_first_decode_step_frees_candidates_beyond_the_work_slots(setup) -> None
     for _ in range(5):
         decode(manager, budget, request)
     assert held(manager, "a")[4:8] == [None] * 4 and budget.stats.shrinks == 1
-    assert budget.take_updates({"a": 1}) == {}
+    # the local window moved: prompt block 8 (stored at prefill) became a candidate and was freed
+    assert budget.take_updates({"a": 1}) == {"a": {8: 0}}
+
+
+def test_a_block_filled_in_decode_is_freed_only_once_its_store_copy_is_confirmed() -> None:
+    manager = make_manager()
+    confirmed: set[int] = set()
+    budget = SparseBudget(create_sparse("ESA", ESA, UcmSparseRole.SCHEDULER, block_size=BS),
+                          stored=lambda req_id: confirmed)
+    budget.bind(V1SchedulerBlocks(manager))
+    request = make_request("a", list(range(100, 140)))  # 10 blocks; block 10 fills with token 43
+    prefill(manager, request)
+    for _ in range(4 * 4):  # 56 tokens: blocks 10..13 filled in decode, the tail in 14; L = 14 - 1 - 2 = 11
+        decode(manager, budget, request)
+    after = held(manager, "a")
+    assert after[8:10] == [None, None] and after[10] is not None  # no confirmed copy of block 10: held
+    assert budget.stats.decode_blocks_held == 1 and budget.stats.decode_blocks_freed == 0
+    budget.take_updates({"a": 1})
+    confirmed.add(10)  # the workers' dump report arrived
+    decode(manager, budget, request)
+    assert held(manager, "a")[10] is None and budget.stats.decode_blocks_freed == 1
+    assert budget.take_updates({"a": 1}) == {"a": {10: 0}}
 
 
 def test_prefill_and_dense_requests_are_untouched(setup) -> None:

@@ -55,6 +55,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     kv = None
     if spec.get("connector"):
         extra: dict[str, Any] = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 256 << 20}}
+        if spec.get("nfs"):  # a store directory shared by engines run one after the other
+            extra = {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": spec["nfs"]}}
         if spec.get("esa") is not None:
             extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": spec["esa"]})
             if spec.get("full_graphs"):
@@ -108,6 +110,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     share: dict[str, float] = {}
     held_max: dict[str, int] = {}
+    held_steps: dict[str, list[list[int]]] = {}  # per decode step: [tokens computed, blocks held]
     preemptions: dict[str, int] = {}
     max_running = 0
     table_rows_changed = 0  # runner block-table rows left differing from the requests' block lists after a step
@@ -134,6 +137,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             held = sum(not b.is_null for b in blocks)
             share[name] = max(share.get(name, 0.0), held / len(blocks))
             held_max[name] = max(held_max.get(name, 0), held)
+            if spec.get("trace"):
+                held_steps.setdefault(name, []).append([req.num_computed_tokens, held])
 
     pool = scheduler.kv_cache_manager.block_pool
     # our connector's own sparse objects: the scheduler's budget and (in-process engine) the worker's runtime
@@ -146,6 +151,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         "text": {n: llm.get_tokenizer().decode(t) for n, t in tokens.items()} if text_model else {},
         "share": share,
         "held_max": held_max,
+        "held_steps": held_steps,
         "preemptions": preemptions,
         "max_running": max_running,
         "table_rows_changed": table_rows_changed,
@@ -317,6 +323,60 @@ def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Engines) 
     assert {n: len(t) for n, t in sparse["tokens"].items()} == {"short_1": 120, "long_a": 40, "long_b": 16}
     assert sparse["tokens"]["short_1"] == dense["tokens"]["short_1"]
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]
+
+
+# 12 full blocks of 32 + 16 tokens: sink 1, 10 candidates -> k = 2, local 2; 512 tokens generated (16 blocks)
+GEN_PROMPT = LONG_A[:400]
+GEN = [{"name": "gen", "ids": GEN_PROMPT, "max_tokens": 512}]
+
+
+def test_long_generation_keeps_the_budget_and_stores_generated_blocks(root: Engines) -> None:
+    # One release line (CI time): the budget and the dumps are release-independent, the bindings are covered on
+    # every line by the tests above.
+    if root.line != "0.32":
+        pytest.skip("run on vLLM 0.32 only (CI time); the code paths are release-independent")
+    from ucm.sparse.budget import plan_blocks
+    from ucm.sparse.config import EsaConfig
+
+    store = root.tmp / "gen-store"
+    store.mkdir(exist_ok=True)
+    first = run_engine(root, connector=True, esa=ESA_02, nfs=str(store), trace=True, requests=GEN)
+    out = first["tokens"]["gen"]
+    assert len(out) == 512
+    # every decode step the request held exactly the budget of its length (sink 1 + k 2 + local 2 + the tail;
+    # 5 while decode still fills the ragged last prompt block): generated blocks were freed as they left the
+    # local window, each once the workers confirmed its store copy
+    steps = first["held_steps"]["gen"]
+    assert len(steps) >= 500
+    config = EsaConfig(**ESA_02)
+    for computed, held in steps:
+        assert held == plan_blocks(400, computed - 1, computed, BLOCK, config).num_blocks, (computed, held)
+    assert {held for _, held in steps} == {5, 6}
+    budget, worker = first["budget"], first["worker"]
+    assert budget["decode_blocks_freed"] >= 13 and budget["decode_blocks_held"] == 0, budget
+    assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0
+    # the blocks filled in decode (positions 12..27: the KV of 400 + 511 tokens) were dumped once each
+    summary = first["summaries"]["gen"]
+    assert summary["saved_blocks_planned"] == 12 and summary["saved_decode_blocks_planned"] == 16, summary
+    assert len(list(store.rglob("*.kv"))) == 28
+    # a second engine on the same store: a prompt that repeats prompt + output finds every full block of it,
+    # the generated part included (the chained naming of prompt blocks, continued over the output)
+    repeat = [{"name": "repeat", "ids": GEN_PROMPT + out, "max_tokens": 4}]
+    second = run_engine(root, connector=True, esa=ESA_02, nfs=str(store), requests=repeat)
+    hit = second["summaries"]["repeat"]
+    assert hit["hit_blocks"] == hit["loaded_blocks"] == (400 + 512 - 1) // BLOCK == 28, hit
+    assert hit["load_failed_blocks"] == 0
+
+
+def test_long_generation_at_ratio_one_matches_dense(root: Engines) -> None:
+    # generated blocks leave the local window but, at sparse_ratio 1.0, none is freed: the tokens are vLLM's
+    if root.line != "0.32":
+        pytest.skip("run on vLLM 0.32 only (CI time); the code paths are release-independent")
+    requests = [dict(GEN[0], max_tokens=256)]
+    dense = run_engine(root, plugins="none", requests=requests)
+    sparse = run_engine(root, connector=True, esa=ESA_10, requests=requests)
+    assert sparse["worker"]["resident_blocks"] == sparse["worker"]["full_blocks"] > 0
+    assert sparse["tokens"] == dense["tokens"]
 
 
 # ============================================================================ CUDA (run on the H200)

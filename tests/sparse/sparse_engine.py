@@ -2,7 +2,9 @@
 
 It owns a block pool, per-layer (k, v) paged caches ([num_blocks, block_size, num_kv_heads, head_dim], block 0
 is the null block), applies the scheduler's `block_plan` (freed blocks are poisoned with NaN, as if another
-request had reused them), dumps the prompt blocks of every layer to a real store after prefill, and per step calls
+request had reused them; a block filled in decode only once its dump is stored, as the connector's budget does),
+dumps the prompt blocks of every layer to a real store after prefill and each block that fills in decode after
+its step (except the positions in ``skip_dump``: failed dumps), and per step calls
 execute_begin -> per layer attention_begin / KV write / attention / attention_finished -> execute_finished.
 The ground truth K/V of every token is a pure function of (request, layer, position), so every block an
 attention reads can be identified, and a recomputed (preempted) request writes the same values.
@@ -33,6 +35,8 @@ class Req:
     num_output: int = 0
     block_ids: list[int] = field(default_factory=list)
     resumed: bool = False
+    stored: set[int] = field(default_factory=set)  # positions whose dump is in the store
+    held: set[int] = field(default_factory=set)  # freed by the plan but kept: no stored copy
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +72,7 @@ class MiniEngine:
         head_dim: int = 16,
         needle_scale: float = 0.0,
         skip_dump: set[int] | None = None,
+        needle_blocks: list[int] | None = None,
     ):
         self.bs, self.hq, self.hkv, self.d = block_size, num_q_heads, num_kv_heads, head_dim
         self.num_layers = num_layers
@@ -77,6 +82,7 @@ class MiniEngine:
         self.store = store
         self.needle_scale = needle_scale
         self.skip_dump = skip_dump or set()
+        self.needle_blocks = needle_blocks
         self.scheduler = Esa(config, UcmSparseRole.SCHEDULER, block_size, offload=offload)
         self.worker = Esa(config, UcmSparseRole.WORKER, block_size, backend=get_backend("cpu"), store=store,
                           offload=offload)
@@ -85,6 +91,7 @@ class MiniEngine:
         self.reqs: dict[str, Req] = {}
         self._truth: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.history: list[dict[str, list[LayerRecord]]] = []
+        self.dumps: list[tuple[Req, list[int], object]] = []  # decode dumps in flight: (request, positions, task)
         self.stats: list[SparseStepStats] = []
 
     # ------------------------------------------------------------------ ground truth
@@ -94,7 +101,10 @@ class MiniEngine:
         return u / u.norm(dim=-1, keepdim=True)
 
     def needles(self, req: Req) -> list[int]:
-        """Logical blocks planted to match the request's query direction (middle of the candidate range)."""
+        """Logical blocks planted to match the request's query direction (middle of the candidate range, or
+        ``needle_blocks``: generated blocks may be needles too)."""
+        if self.needle_blocks is not None:
+            return list(self.needle_blocks)
         blocks = req.num_prompt_tokens // self.bs
         return [blocks // 3, blocks // 2 + 1]
 
@@ -117,7 +127,7 @@ class MiniEngine:
         k, v = torch.stack(keys), torch.stack(values)
         if self.needle_scale:
             for i, pos in enumerate(positions):
-                if pos // self.bs in self.needles(req) and pos < req.num_prompt_tokens:
+                if pos // self.bs in self.needles(req) and (self.needle_blocks or pos < req.num_prompt_tokens):
                     k[i] = 0.2 * k[i] + self.needle_scale * self.direction(req, layer)
         return k, v
 
@@ -128,8 +138,10 @@ class MiniEngine:
             q = 0.3 * q + 3.0 * self.direction(req, layer).repeat_interleave(self.hq // self.hkv, 0)
         return q
 
-    def hashes(self, req: Req) -> list[str]:
-        return [f"{req.seed:08x}{pos:024x}" for pos in range(req.num_prompt_tokens // self.bs)]
+    def hashes(self, req: Req, blocks: int | None = None) -> list[str]:
+        """Store ids of the first ``blocks`` blocks (default: the full prompt blocks)."""
+        count = req.num_prompt_tokens // self.bs if blocks is None else blocks
+        return [f"{req.seed:08x}{pos:024x}" for pos in range(count)]
 
     # ------------------------------------------------------------------ engine
     def add(self, req_id: str, prompt: int, max_tokens: int = 40, seed: int | None = None) -> Req:
@@ -160,19 +172,28 @@ class MiniEngine:
 
     def step(self, req_ids: list[str] | None = None) -> dict[str, list[LayerRecord]]:
         reqs = [self.reqs[r] for r in (req_ids or list(self.reqs))]
+        for req, positions, task in [d for d in self.dumps if d[2].done()]:  # confirmed dumps (the connector's)
+            self.dumps.remove((req, positions, task))
+            failed = set(task.failed_ids)
+            req.stored.update(p for p in positions if self.hashes(req, p + 1)[p] not in failed)
         steps, start = [], 0
         for req in reqs:  # scheduler: budget, then allocation of new blocks
             num_new = req.num_tokens - req.num_computed_tokens
             plan = self.scheduler.block_plan(req, num_new)
             while len(req.block_ids) < plan.num_total_blocks:
                 req.block_ids.append(self.free.pop())
+            req.held = set()
             for pos in plan.freed_positions:
+                if pos >= plan.decode_blocks_from and pos not in req.stored:
+                    req.held.add(pos)  # filled in decode, no stored copy: stays resident
+                    continue
                 self._release(req.block_ids[pos])
                 req.block_ids[pos] = 0
-            assert sum(1 for b in req.block_ids if b) == plan.num_blocks
+            assert sum(1 for b in req.block_ids if b) == plan.num_blocks + len(req.held)
+            named = max(req.num_prompt_tokens, req.num_computed_tokens) // self.bs
             steps.append(SparseRequestStep(req.request_id, req.num_prompt_tokens, req.num_computed_tokens, num_new,
                                            list(req.block_ids), start,
-                                           self.hashes(req) if self.store is not None else None, req.resumed))
+                                           self.hashes(req, named) if self.store is not None else None, req.resumed))
             start += num_new
         batch = SparseBatch(steps, self.bs)
         width = max(len(r.block_ids) for r in reqs)
@@ -208,13 +229,26 @@ class MiniEngine:
 
                 records[r.request_id].append(LayerRecord(positions, out[0], dense))
             self.worker.attention_finished(name, query, None, None, None, self.caches[layer])
-        for r, s in zip(reqs, steps, strict=True):  # the connector's dump of the prompt blocks (all layers)
-            if s.finishes_prefill and self.store is not None:
-                full = r.num_prompt_tokens // self.bs
-                keep = [p for p in range(full) if p not in self.skip_dump]
+        for r, s in zip(reqs, steps, strict=True):  # the connector's dumps (all layers): prompt, then decode blocks
+            if self.store is None:
+                continue
+            if s.finishes_prefill:
+                positions = range(r.num_prompt_tokens // self.bs)
+            elif s.is_decode:
+                positions = range(max(r.num_prompt_tokens // self.bs, s.num_computed_tokens // self.bs),
+                                  s.seq_len // self.bs)
+            else:
+                continue
+            keep = [p for p in positions if p not in self.skip_dump and p not in r.stored]
+            if keep:
                 slots = torch.tensor([r.block_ids[p] for p in keep], dtype=torch.int64)
-                ids = [self.hashes(r)[p] for p in keep]
-                self.store.dump(ids, BlockPages(list(self.caches), slots)).wait()
+                ids = self.hashes(r, s.seq_len // self.bs)
+                task = self.store.dump([ids[p] for p in keep], BlockPages(list(self.caches), slots))
+                if s.finishes_prefill:
+                    task.wait()
+                    r.stored.update(keep)
+                else:  # asynchronous: stored once confirmed (polled at a later step)
+                    self.dumps.append((r, keep, task))
         self.stats.append(self.worker.execute_finished())
         for r, s in zip(reqs, steps, strict=True):
             r.num_computed_tokens = s.seq_len

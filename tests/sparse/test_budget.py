@@ -31,11 +31,49 @@ def test_ragged_prompt_decode_fills_last_prompt_block_first():
     assert grown.freed_positions == plan.freed_positions
 
 
-def test_output_growth_adds_one_block_per_block_size_tokens():
-    counts = [plan_blocks(1024, 1024, n, 16, CFG).num_blocks for n in range(1025, 1025 + 16 * 5)]
-    assert counts[0] == 16 and counts[-1] == 20
-    assert all(b - a in (0, 1) for a, b in zip(counts, counts[1:], strict=False))
-    assert sum(b - a for a, b in zip(counts, counts[1:], strict=False)) == 4
+def test_long_generation_keeps_the_budget_constant():
+    # 64 prompt blocks of 16, 40 blocks generated: sink 1 + k 12 + local 2 + tail 1 at every step
+    for n in range(1025, 1025 + 16 * 40):
+        plan = plan_blocks(1024, n - 1, n, 16, CFG)
+        assert plan.num_blocks == 16, n
+        total = plan.num_total_blocks
+        assert plan.kept_positions == (0, *range(1, 13), total - 3, total - 2, total - 1)
+        assert sorted(plan.kept_positions + plan.freed_positions) == list(range(total))
+        assert plan.work_positions == tuple(range(1, 13))  # k is the prompt's, the slots never move
+        assert plan.candidate_positions == tuple(range(1, total - 3))
+        assert plan.decode_blocks_from == 64  # freed positions from 64 on were filled in decode
+
+
+def test_generated_block_becomes_a_candidate_local_blocks_after_it_fills():
+    layout = window_layout(1024, 16, CFG)
+    assert layout.local_start_at(1025) == 62  # first decode step: the prompt's own local window
+    # block 64 fills with token 1039; it is local while blocks 65 and 66 fill, a candidate once 67 opens
+    assert layout.local_start_at(16 * 67) == 64
+    assert layout.local_start_at(16 * 67 + 1) == 65
+    starts = [layout.local_start_at(n) for n in range(1025, 4000)]
+    assert starts == sorted(starts) and starts[0] == 62  # candidates only grow
+
+
+def test_ragged_prompt_budget_grows_by_the_tail_once_decode_leaves_the_last_prompt_block():
+    counts = {plan_blocks(1000, n - 1, n, 16, CFG).num_blocks for n in range(1001, 1009)}
+    assert counts == {15}  # sink 1 + k 12 + local 2 (the last prompt block is the partial tail)
+    counts = {plan_blocks(1000, n - 1, n, 16, CFG).num_blocks for n in range(1009, 1600)}
+    assert counts == {16}
+    assert plan_blocks(1000, 1500, 1501, 16, CFG).decode_blocks_from == 62  # the ragged block 62 fills in decode
+
+
+def test_ratio_one_keeps_every_generated_block():
+    config = EsaConfig(sparse_ratio=1.0)
+    for n in (1025, 1400, 2000):
+        plan = plan_blocks(1024, n - 1, n, 16, config)
+        assert plan.sparse and plan.freed_positions == () and plan.num_blocks == plan.num_total_blocks
+
+
+def test_resume_after_a_long_generation_shrinks_to_the_layout_of_its_length():
+    uninterrupted = plan_blocks(1024, 1899, 1900, 16, CFG)
+    assert not plan_blocks(1024, 0, 1899, 16, CFG).sparse  # re-prefill of prompt + 875 outputs: dense
+    # (later chunks of the re-prefill are left dense by the scheduler hook: vLLM's own prefill boundary)
+    assert plan_blocks(1024, 1899, 1900, 16, CFG) == uninterrupted
 
 
 def test_prefill_chunks_are_dense_and_short_prompts_stay_dense():

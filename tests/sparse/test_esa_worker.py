@@ -34,7 +34,7 @@ def test_ratio_one_offload_equals_dense():
     engine = MiniEngine(EsaConfig(sparse_ratio=1.0), offload=True, store=dram_store())
     engine.add("a", prompt=61)
     engine.step()  # prefill
-    for records in decode_steps(engine, "a", 6):
+    for records in decode_steps(engine, "a", 30):  # 7 generated blocks: they leave the local window
         for rec in records:
             assert sorted(rec.positions) == list(range(len(rec.positions)))
             torch.testing.assert_close(rec.output, rec.dense_output, atol=1e-5, rtol=1e-5)
@@ -48,16 +48,65 @@ def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     prefill_blocks = len(req.block_ids)
     needles = engine.needles(req)
     for d, records in enumerate(decode_steps(engine, "a", 12)):
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + (len(req.block_ids) - 40)  # the budget
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget: sink, k, local, tail
         for rec in records:  # MiniEngine already checked every attended block holds its true KV
             assert torch.isfinite(rec.output).all()
-            assert len(rec.positions) <= 1 + 7 + len(req.block_ids) - 38
+            assert len(rec.positions) <= 1 + 7 + 2 + 1
             if d == 0 or d >= 4:  # initial selection from the prefill query; later retrievals keep them
                 assert set(needles) <= set(rec.positions), (d, rec.positions)
             cos = torch.nn.functional.cosine_similarity(rec.output.flatten(), rec.dense_output.flatten(), dim=0)
             assert cos > 0.9
     assert prefill_blocks == 40
     assert engine.store.stats().blocks_loaded > 0
+
+
+def test_long_generation_offloads_generated_blocks_and_retrieves_them():
+    # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, local 2), 25 blocks generated; the needle at block
+    # 45 is a generated block: dumped when it fills, freed once it leaves the local window, loaded back when chosen
+    config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
+    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, needle_scale=6.0,
+                        needle_blocks=[13, 45])
+    req = engine.add("a", prompt=160, max_tokens=200)
+    engine.step()
+    attended_after_freed = 0
+    freed_for = 0  # steps since block 45 left the local window (freed: its dump is confirmed)
+    for _ in range(100):
+        records = engine.step()["a"]
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget, whatever the output length
+        freed_for += len(req.block_ids) > 45 and req.block_ids[45] == 0
+        for rec in records:  # MiniEngine checked every attended block holds its true KV
+            assert len(rec.positions) == 1 + 7 + 2 + 1
+            assert 13 in rec.positions
+            if freed_for > 4:  # a candidate since; the next retrieval (submit, consume, wait) loaded it back
+                assert 45 in rec.positions, freed_for
+                attended_after_freed += 1
+    assert attended_after_freed > 0
+    assert req.held == set()
+    generated = engine.hashes(req, req.num_computed_tokens // 4)[40:]
+    assert len(generated) == 25 and all(engine.store.lookup(generated))  # every generated block is stored
+    # preempted: re-prefills prompt + 100 outputs densely, then shrinks to the same budget and finds both needles
+    engine.preempt("a")
+    engine.step()
+    for _ in range(6):
+        for rec in engine.step()["a"]:
+            assert {13, 45} <= set(rec.positions) and len(rec.positions) == 11
+        assert sum(1 for b in req.block_ids if b) == 11
+
+
+def test_failed_decode_dump_keeps_the_block_resident():
+    config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
+    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, skip_dump={42})
+    req = engine.add("a", prompt=160, max_tokens=100)
+    engine.step()
+    for _ in range(40):  # 10 blocks generated: block 42 left the local window long ago
+        records = engine.step()["a"]
+        if req.num_computed_tokens > 46 * 4:
+            assert req.held == {42} and req.block_ids[42] != 0
+            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1
+            for rec in records:  # attended where it lies, never loaded (it has no stored copy)
+                assert 42 in rec.positions and torch.isfinite(rec.output).all()
+    assert not engine.store.lookup(engine.hashes(req, 43)[42:])[0]
+    assert sum(s.load_failures for s in engine.stats) == 0
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3, 10])
@@ -79,7 +128,7 @@ def test_pipeline_order(stride):
         assert st.retrievals_consumed == (2 if d == 0 or schedule.is_consume(d) else 0), d
         if not (d == 0 or schedule.is_consume(d)):
             assert st.blocks_loaded == 0, d
-        tail = len(req.block_ids) - 48
+        tail = min(len(req.block_ids) - 48, 3)  # local window + partial tail (generated blocks become candidates)
         for rec in records:  # no slot is ever left out: all k work blocks are attended every step
             assert len(rec.positions) == 1 + 11 + tail
         # per request, summed over the step's layers (steady steps too, which reuse the first layer's view)
@@ -147,7 +196,7 @@ def test_resident_mode_selects_without_freeing():
     for records in decode_steps(engine, "a", 5):
         assert 0 not in req.block_ids  # nothing freed
         for rec in records:
-            assert len(rec.positions) == 1 + 7 + (len(req.block_ids) - 38)
+            assert len(rec.positions) == 1 + 7 + min(len(req.block_ids) - 38, 3)
             assert set(engine.needles(req)) <= set(rec.positions)
 
 

@@ -89,6 +89,8 @@ class BlockPlan:
     positions, ascending. ``num_blocks`` = len(kept_positions) = blocks the request needs now;
     ``num_slots`` = num_blocks * block_size (KV token slots). ``work_positions`` (subset of kept) are the
     positions whose physical blocks the worker reuses as work slots (slot j = work_positions[j]).
+    ``decode_blocks_from``: freed positions at or after it hold blocks filled in decode, whose store copy is
+    written then: the integration frees such a block only once that copy is confirmed (else it stays resident).
     """
 
     sparse: bool
@@ -99,6 +101,7 @@ class BlockPlan:
     work_positions: tuple[int, ...] = ()
     sink_positions: tuple[int, ...] = ()
     candidate_positions: tuple[int, ...] = ()
+    decode_blocks_from: int = 0
 
     @property
     def num_blocks(self) -> int:

@@ -1,17 +1,37 @@
 """The budget controller: how many KV blocks a sparse request keeps, and which, at each scheduler step.
 
-Pure functions of (prompt length, tokens computed, tokens after this step, block size, config), so preemption and
-resume need no state: a resumed request is dense again during its re-prefill and shrinks again at its next decode
-step. Called by the scheduler side of a sparse algorithm (`UcmSparseBase.block_plan`); the ESA worker uses the
-same `window_layout` so both processes agree on which positions are sink, candidates, work slots and local.
+Pure functions of (prompt length, tokens after this step, block size, config), so preemption and resume need no
+state: a resumed request is dense again during its re-prefill (prompt + the tokens generated so far) and shrinks
+again at its next decode step to the layout of its current length. Called by the scheduler side of a sparse
+algorithm (`UcmSparseBase.block_plan`); the ESA worker uses the same `window_layout` /
+`WindowLayout.local_start_at` so both processes agree on which positions are sink, candidates, work slots and
+local at every step.
 
-Layout of a sparse request in decode (positions are logical block positions, P = prompt blocks)::
+Layout of a sparse request in decode, T blocks after this step (logical block positions, P = prompt blocks)::
 
-    [0, init)            sink window, resident
-    [init, P - local)    candidates; the first k = int(candidates * sparse_ratio) positions keep their physical
-                         blocks as work slots (the worker loads the selected blocks into them), the rest are freed
-    [P - local, P)       local window (the last prompt blocks, the last one may be partial), resident
-    [P, ...)             blocks of generated tokens, resident and growing
+    [0, init)                 sink window, resident
+    [init, L)                 candidates, L = local_start_at(T) = max(P - local, T - 1 - local): the prompt's
+                              candidates [init, P - local) and every block that left the local window since
+                              (prompt blocks of the prompt's local window, then generated blocks)
+      [init, init + k)        work slots: k = int(prompt candidates * sparse_ratio) physical blocks the worker
+                              loads the selected candidates into; the other candidates are freed
+    [L, T - 1)                local window: the last ``local`` full blocks, resident
+    T - 1                     the partial tail (the block decode writes), resident
+
+so a request keeps sink + k + local + 1 blocks (sink + k + local while decode still fills a ragged last prompt
+block) whatever its output length. A generated block is dumped to the store by the connector when it fills
+(named like prompt blocks: the chained hash of the prompt + output tokens); it leaves the local window ``local``
+blocks later and is freed then, but only once its store copy is confirmed (`BlockPlan.decode_blocks_from`: the
+scheduler's budget holds an unconfirmed block resident, so a failed dump never leaves a hole in the context).
+
+k is capped at the prompt's k, it does not grow with the candidates: the budget stays constant however long the
+generation (the point of offloading generated blocks), the work slots stay the same physical blocks for the whole
+decode (the scheduler never allocates, retains or makes exclusive a block after the first decode step, so no
+allocation can fail mid-decode and both processes derive the same slots from the prompt alone), and the retrieval
+k of the worker is one number per request. Growing k (int(ratio * candidates) as candidates grow) would keep the
+attended share constant but make the budget grow linearly with the output, as dense attention does, only slower.
+``sparse_ratio`` 1.0 keeps every candidate (k = all prompt candidates and no generated block is freed): the
+attention reads every block, as dense attention does.
 """
 
 from __future__ import annotations
@@ -35,10 +55,26 @@ class WindowLayout:
     local_start: int  # candidates = [sink_end, local_start), local = [local_start, prompt_blocks)
     num_work: int  # k: work slots = candidates [sink_end, sink_end + num_work)
     sparse: bool
+    block_size: int = 1
+    local: int = 0  # local window in blocks (config.local_window_sz)
+    #: first position whose store copy is written in decode (the ragged last prompt block, then generated blocks)
+    decode_blocks_from: int = 0
 
     @property
     def num_candidates(self) -> int:
+        """Candidates of the prompt (those of the first decode step of a fresh request)."""
         return self.local_start - self.sink_end
+
+    @property
+    def frees_candidates(self) -> bool:
+        """Whether candidates beyond the k work slots are freed (sparse_ratio < 1); else every block stays."""
+        return self.sparse and self.num_work < self.num_candidates
+
+    def local_start_at(self, num_tokens: int) -> int:
+        """L: the first local-window position once the request holds ``num_tokens`` tokens (candidates are
+        [sink_end, L)); the local window is the last ``local`` full blocks before the partial tail."""
+        total = -(-num_tokens // self.block_size)
+        return max(self.local_start, total - 1 - self.local)
 
 
 def num_work_blocks(num_candidates: int, sparse_ratio: float) -> int:
@@ -54,7 +90,8 @@ def window_layout(num_prompt_tokens: int, block_size: int, config: EsaConfig) ->
     num_candidates = local_start - sink_end
     sparse = prompt_blocks >= config.min_blocks and num_candidates > 0
     num_work = num_work_blocks(num_candidates, config.sparse_ratio) if sparse else num_candidates
-    return WindowLayout(prompt_blocks, sink_end, local_start, num_work, sparse)
+    return WindowLayout(prompt_blocks, sink_end, local_start, num_work, sparse, block_size, config.local_window_sz,
+                        num_prompt_tokens // block_size)
 
 
 def plan_blocks(
@@ -74,17 +111,21 @@ def plan_blocks(
         from ucm.errors import UcmConfigError
 
         raise UcmConfigError("block_size", block_size, "an integer >= 1")
-    total = -(-max(num_tokens, num_computed_tokens) // block_size)
+    tokens = max(num_tokens, num_computed_tokens)
+    total = -(-tokens // block_size)
     layout = window_layout(num_prompt_tokens, block_size, config)
     everything = tuple(range(total))
     in_decode = num_computed_tokens >= num_prompt_tokens
     if not (layout.sparse and in_decode):
         return BlockPlan(False, block_size, total, everything, ())
     sink = tuple(range(layout.sink_end))
-    candidates = tuple(range(layout.sink_end, layout.local_start))
+    local_start = min(layout.local_start_at(tokens), total)
+    candidates = tuple(range(layout.sink_end, local_start))
     work = candidates[: layout.num_work]
     if not offload:
         return BlockPlan(True, block_size, total, everything, (), work, sink, candidates)
+    if not layout.frees_candidates:  # ratio 1.0: every candidate stays (k covers the prompt's)
+        return BlockPlan(True, block_size, total, everything, (), work, sink, candidates)
     freed = candidates[layout.num_work :]
-    kept = sink + work + tuple(range(layout.local_start, total))
-    return BlockPlan(True, block_size, total, kept, freed, work, sink, candidates)
+    kept = sink + work + tuple(range(local_start, total))
+    return BlockPlan(True, block_size, total, kept, freed, work, sink, candidates, layout.decode_blocks_from)

@@ -46,6 +46,8 @@ class SparseStepMeta:
 class UcmConnectorMetadata(KVConnectorMetadata):
     #: store ids of the full prompt blocks of requests new to the workers: req_id -> tp_rank -> ids
     new_requests: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=dict)
+    #: sparse engines: ids of blocks filled in decode, appended to the request's ids: req_id -> tp_rank -> ids
+    appended_ids: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=dict)
     loads: list[BlockTransfer] = dataclasses.field(default_factory=list)  # before this step's forward
     dumps: list[BlockTransfer] = dataclasses.field(default_factory=list)  # computed by this step's forward
     #: requests whose blocks vLLM may reuse from this step on: their dumps must have read them first
@@ -77,6 +79,9 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
     #: req_id -> [sparse decode steps, blocks attended, blocks dense would read] (blocks: per step, averaged over
     #: layers, summed over the steps)
     sparse_requests: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    #: sparse engines: tp_rank -> req_id -> block positions whose store copy is confirmed (dumped, or already
+    #: stored); the sparse budget frees a block filled in decode only once every rank confirmed it
+    dumped: dict[int, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, UcmWorkerMetadata)
@@ -88,7 +93,11 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
             # the slowest worker's)
             {k: max(self.sparse.get(k, 0), other.sparse.get(k, 0)) for k in {*self.sparse, *other.sparse}},
             {k: list(v) for k, v in self.sparse_requests.items()},
+            {rank: {r: list(p) for r, p in per_req.items()} for rank, per_req in self.dumped.items()},
         )
+        for rank, per_req in other.dumped.items():
+            for req_id, positions in per_req.items():
+                merged.dumped.setdefault(rank, {}).setdefault(req_id, []).extend(positions)
         for req_id, row in other.sparse_requests.items():
             mine = merged.sparse_requests.setdefault(req_id, list(row))
             merged.sparse_requests[req_id] = [max(a, b) for a, b in zip(mine, row, strict=True)]
@@ -104,7 +113,7 @@ class UcmWorkerMetadata(KVConnectorWorkerMetadata):
 
     def is_empty(self) -> bool:
         return not (self.load_results or self.stored_ids or self.missing_ids or any(self.sparse.values())
-                    or self.sparse_requests)
+                    or self.sparse_requests or self.dumped)
 
 
 @dataclasses.dataclass

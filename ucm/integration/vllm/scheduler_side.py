@@ -9,6 +9,9 @@ Prefix reuse: the full blocks of a prompt beyond vLLM's own prefix-cache hit tha
 run, in every worker's namespace) are reported as external tokens and loaded synchronously before the forward.
 At least one prompt token is always left to compute. Dumps: the full prompt blocks computed in a step are dumped
 after it (planned from the step's computed range, so blocks recomputed after a failed load are dumped again).
+With a sparse method, every block that fills in decode is dumped too, named by the same chained hash over the
+prompt + output tokens (a later prompt that repeats prompt + output finds them); the workers report the positions
+whose copy is in the store (`stored_positions`, read by the sparse budget before it frees such a block).
 Finished requests free their blocks at once (see `request_finished`).
 """
 
@@ -45,7 +48,8 @@ class _Request:
     loaded_blocks: int = 0
     load_failed_blocks: int = 0
     recomputed_blocks: int = 0  # hit, but recomputed (a failed block and every block after it)
-    dumped_positions: int = 0  # blocks planned for dumping (sum over steps)
+    dumped_positions: int = 0  # prompt blocks planned for dumping (sum over steps)
+    decode_dumped_positions: int = 0  # blocks filled in decode planned for dumping (sparse engines)
     #: its own sparse decode: [steps, blocks attended, blocks dense would read] (per step averaged over layers,
     #: summed over steps)
     sparse: list[float] = dataclasses.field(default_factory=lambda: [0, 0.0, 0.0])
@@ -53,6 +57,11 @@ class _Request:
     sparse_at_start: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the request's physical block ids in position order, as the scheduler output announced them to the workers
     block_ids: list[int] = dataclasses.field(default_factory=list)
+    ids_sent: int = 0  # ids (of one rank) the workers have
+    dump_next: int = 0  # decode dumps: the first position not planned yet
+    #: positions whose store copy is confirmed on every rank; position -> ranks while some are missing
+    stored: set[int] = dataclasses.field(default_factory=set)
+    stored_ranks: dict[int, set[int]] = dataclasses.field(default_factory=dict)
 
 
 class ConnectorScheduler:
@@ -73,6 +82,7 @@ class ConnectorScheduler:
         self._requests: dict[str, _Request] = {}
         self._pending_loads: list[BlockTransfer] = []
         self.stats = UcmConnectorStats()
+        self.decode_dumps = config.sparse_method is not None  # generated blocks are dumped and become candidates
         self._sparse_totals = dict.fromkeys(SPARSE_COUNTERS, 0.0)  # engine-wide, from the workers' sparse hooks
         #: requests that finished in the step being processed: (state, the summary dict handed to vLLM)
         self._finishing: dict[str, tuple[_Request, dict[str, Any]]] = {}
@@ -102,6 +112,29 @@ class ConnectorScheduler:
                 rank: block_ids_for_tokens(list(prompt), self.block_size, ns) for rank, ns in self.namespaces.items()
             }
         return state.ids
+
+    def _name_blocks(self, state: _Request, blocks: int) -> int:
+        """Extend the request's ids to its first ``blocks`` blocks where their tokens are known (prompt + output:
+        the chained naming of prompt blocks, continued); returns how many of those ``blocks`` are named on every
+        rank."""
+        ids = self._ids(state)
+        if not ids:
+            return 0
+        bs = self.block_size
+        tokens = state.request.all_token_ids
+        known = min(blocks, len(tokens) // bs)
+        for rank, rank_ids in ids.items():
+            start = len(rank_ids)
+            if start < known:
+                parent = rank_ids[-1] if rank_ids else None
+                rank_ids.extend(block_ids_for_tokens(list(tokens[start * bs : known * bs]), bs,
+                                                     self.namespaces[rank], parent_id=parent))
+        return min(blocks, *(len(rank_ids) for rank_ids in ids.values()))
+
+    def stored_positions(self, req_id: str) -> set[int]:
+        """Positions of the request whose store copy every worker confirmed (the sparse budget's ``stored``)."""
+        state = self._requests.get(req_id)
+        return state.stored if state is not None else set()
 
     def _lookup_run(self, ids: dict[int, list[str]], start: int, stop: int) -> int:
         """Length of the run of positions start.. < stop stored for every worker."""
@@ -180,21 +213,36 @@ class ConnectorScheduler:
             if state is None:
                 continue
             ids = self._ids(state)
+            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            start = num_computed // self.block_size
+            if self.decode_dumps and ids:
+                # blocks filled by this step (or by an earlier one whose tokens were not known yet)
+                end = self._name_blocks(state, (num_computed + scheduled) // self.block_size)
+                if state.request.num_prompt_tokens // self.block_size <= state.dump_next < start:
+                    start = state.dump_next
+                state.dump_next = max(state.dump_next, end)
+            else:
+                end = min(num_computed + scheduled, state.request.num_prompt_tokens) // self.block_size
             if ids and not state.sent:
-                meta.new_requests[req_id] = ids
+                meta.new_requests[req_id] = {rank: list(rank_ids) for rank, rank_ids in ids.items()}
                 state.sent = True
+                state.ids_sent = min(len(rank_ids) for rank_ids in ids.values())
+            elif ids and state.ids_sent < min(len(rank_ids) for rank_ids in ids.values()):
+                meta.appended_ids[req_id] = {rank: rank_ids[state.ids_sent :] for rank, rank_ids in ids.items()}
+                state.ids_sent = min(len(rank_ids) for rank_ids in ids.values())
             if not (self.config.save_blocks and ids):
                 continue
-            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            end = min(num_computed + scheduled, state.request.num_prompt_tokens) // self.block_size
-            positions = list(range(num_computed // self.block_size, end))
+            positions = list(range(start, end))
             if not positions:
                 continue
             block_ids = state.block_ids
             if len(block_ids) < end:
                 continue
             meta.dumps.append(BlockTransfer(req_id, positions, [block_ids[p] for p in positions]))
-            state.dumped_positions += len(positions)
+            prompt_blocks = state.request.num_prompt_tokens // self.block_size
+            decode = sum(1 for p in positions if p >= prompt_blocks)
+            state.dumped_positions += len(positions) - decode
+            state.decode_dumped_positions += decode
         meta.finished_req_ids = sorted(scheduler_output.finished_req_ids or ())
         meta.preempted_req_ids = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return meta
@@ -223,6 +271,9 @@ class ConnectorScheduler:
                 state.loaded_blocks += ok
                 state.load_failed_blocks += failed
                 state.recomputed_blocks += recomputed
+        for rank, per_req in worker_meta.dumped.items():
+            for req_id, positions in per_req.items():
+                self._confirm_stored(req_id, rank, positions)
         for req_id, row in worker_meta.sparse_requests.items():
             state = self._state_of(req_id)
             if state is not None:
@@ -248,6 +299,20 @@ class ConnectorScheduler:
             for ids in worker_meta.missing_ids.values():
                 with contextlib.suppress(StoreClosedError):
                     self.store.report_failed_loads(ids)
+
+    def _confirm_stored(self, req_id: str, rank: int, positions: list[int]) -> None:
+        state = self._requests.get(req_id)
+        if state is None:
+            return
+        ranks = max(1, len(self.namespaces))
+        for p in positions:
+            if p in state.stored:
+                continue
+            seen = state.stored_ranks.setdefault(p, set())
+            seen.add(rank)
+            if len(seen) >= ranks:
+                state.stored.add(p)
+                del state.stored_ranks[p]
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any]]:
         """(False: the blocks are freed at once, per-request summary for the output's kv_transfer_params).
@@ -278,6 +343,8 @@ class ConnectorScheduler:
             "saved_blocks_planned": state.dumped_positions,
             "block_size": self.block_size,
         }
+        if self.decode_dumps:
+            summary["saved_decode_blocks_planned"] = state.decode_dumped_positions
         steps, resident, full = state.sparse
         if steps and full:
             delta = {k: v - state.sparse_at_start.get(k, 0.0) for k, v in self._sparse_totals.items()}

@@ -78,7 +78,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             # never run silently dense
             require_sparse_hooks().check_engine(vllm_config)
             if role == KVConnectorRole.SCHEDULER:
-                self.sparse_budget = SparseBudget(self._create_sparse(role))
+                # blocks filled in decode are freed once the workers confirmed their store copy
+                self.sparse_budget = SparseBudget(self._create_sparse(role), stored=self._scheduler.stored_positions)
 
     def _create_sparse(self, role: KVConnectorRole, **kwargs: Any) -> Any:
         from ucm.sparse.base import UcmSparseRole

@@ -14,6 +14,9 @@ Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's mo
   dumps of those requests (with a sparse method: for every dump in flight, since the sparse budget frees blocks
   of running requests and loads them back from the store). Blocks already in the store are not written again.
   Blocks computed in a step in which some load failed are not dumped (they may have been computed from bad KV).
+- With a sparse method the scheduler also plans dumps of the blocks filled in decode (their ids arrive in
+  ``appended_ids``), and this half reports the positions whose copy is in the store (dumped, or found there) in
+  `UcmWorkerMetadata.dumped`: the sparse budget frees such a block only then, a failed dump leaves it resident.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class ConnectorWorker:
         self._meta = UcmWorkerMetadata()
         self.stats = UcmConnectorStats()
         self._dump_started: dict[int, float] = {}  # id(dump task) -> when it was submitted (save latency)
+        #: sparse engines: id(dump task) -> (req_id, block id -> position), to confirm stored positions
+        self._dump_positions: dict[int, tuple[str, dict[str, int]]] = {}
+        self._report_dumps = config.sparse_method is not None
         self._sparse_seen: set[str] = set()  # requests whose sparse decoding was counted (sparse_requests)
         self._store_sent: tuple[int, int, int | None, int] | None = None  # the store gauges last reported
 
@@ -74,7 +80,11 @@ class ConnectorWorker:
         for req_id, per_rank in meta.new_requests.items():
             ids = per_rank.get(self.tp_rank)
             if ids is not None:
-                self._block_ids[req_id] = ids
+                self._block_ids[req_id] = list(ids)
+        for req_id, per_rank in meta.appended_ids.items():
+            ids = per_rank.get(self.tp_rank)
+            if ids is not None and req_id in self._block_ids:
+                self._block_ids[req_id].extend(ids)
 
     def _pages(self, transfer: BlockTransfer) -> tuple[list[str], BlockPages] | None:
         ids = self._block_ids.get(transfer.req_id)
@@ -148,6 +158,8 @@ class ConnectorWorker:
             stored = self.store.lookup(ids)
             keep = [i for i, hit in enumerate(stored) if not hit]
             self.stats.add(save_skipped_blocks=len(ids) - len(keep))
+            if self._report_dumps and len(keep) != len(ids):
+                self._confirm(transfer.req_id, [p for p, hit in zip(transfer.positions, stored, strict=True) if hit])
             if not keep:
                 continue
             if len(keep) != len(ids):
@@ -157,6 +169,9 @@ class ConnectorWorker:
                 submitted = time.perf_counter()
                 task = self.store.dump(ids, source)
                 self._dump_started[id(task)] = submitted
+                if self._report_dumps:
+                    positions = [transfer.positions[i] for i in keep]
+                    self._dump_positions[id(task)] = (transfer.req_id, dict(zip(ids, positions, strict=True)))
                 self._dumps.setdefault(transfer.req_id, []).append(task)
             except StoreError as exc:
                 logger.warning("UCM connector: dump of %d blocks failed to start: %s", len(ids), exc)
@@ -202,6 +217,15 @@ class ConnectorWorker:
             )
         if self.config.store_is_process_local and ok:
             self._meta.stored_ids.setdefault(self.tp_rank, []).extend(ok)
+        dumped = self._dump_positions.pop(id(task), None)
+        if dumped is not None:
+            req_id, position_of = dumped
+            self._confirm(req_id, [position_of[b] for b in ok])
+
+    def _confirm(self, req_id: str, positions: list[int]) -> None:
+        """Report positions of ``req_id`` whose store copy exists (sparse engines, see `UcmWorkerMetadata.dumped`)."""
+        if positions:
+            self._meta.dumped.setdefault(self.tp_rank, {}).setdefault(req_id, []).extend(positions)
 
     def record_sparse_step(self, stats: Any) -> None:
         """Counters of one sparse step (`ucm.sparse.SparseStepStats`), from the sparse runtime.

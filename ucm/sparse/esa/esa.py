@@ -1,19 +1,24 @@
 """ESA (block-mean retrieval sparse attention): the `UcmSparseBase` the engine integration drives for "ESA".
 
-Scheduler role: the budget (`ucm.sparse.budget`): prefill is dense; at the first decode step a sparse request
-keeps its sink window, k work slots, its local window and the blocks of generated tokens.
+Scheduler role: the budget (`ucm.sparse.budget`): prefill is dense; in decode a sparse request keeps its sink
+window, k work slots, its local window and the partial tail, whatever its output length: a block that leaves the
+local window (a prompt block, then generated blocks, dumped by the connector as they fill) becomes a candidate.
 
 Worker role, per request and per layer (each layer has its own KV tensor, so each layer has its own selection):
 - last prefill chunk (`attention_finished`): block representations (mean K per KV head over each
   ``repr_tokens`` slice of a block; a block scores as its best slice) of the
-  candidate blocks, kept on the device until the request ends, and an initial selection scored with the last
-  prompt token's query;
+  candidate blocks and of the full blocks of the local window, kept on the device until the request ends, and an
+  initial selection scored with the last prompt token's query; the blocks that fill in decode get theirs in the
+  step that fills them (still in the local window, so resident), and the candidates of a step are the
+  representations of [sink, L) (`WindowLayout.local_start_at`);
 - decode (`attention_begin`): the pipeline of `ucm.sparse.esa.schedule` — retrieval (scores + top-k through the
   device layer) on a side stream, delta loads of newly selected blocks from the store into the work slots
   (offload mode), waited just before the attention that reads them; returns the layer's sparse block table and
   sequence lengths. In resident mode (no offload) the selection only rewrites the block table.
 - a failed load never reaches the attention: the slot keeps the block it held (the store leaves failed pages
   unwritten) and the failure is reported in `SparseStepStats`.
+- a candidate that left the local window but still holds its block (its store copy is not confirmed yet, or
+  ``sparse_ratio`` 1.0) is attended where it lies, after the work slots, and never loaded.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class _LayerState:
     selected: list[int] = field(default_factory=list)  # resident: selected logical positions
     pending: Pick | None = None  # submitted, not consumed yet
     due: Pick | None = None  # to consume once this step's attention of the layer is queued
+    last_pick: Pick | None = None  # offload: the selection the work slots follow (consumed last)
     #: loads in flight: (slots, new positions, old positions, the request's store ids by position)
     loading: tuple[np.ndarray, np.ndarray, np.ndarray, Any] | None = None
     load_task: Any = None  # the store task of `loading`
@@ -92,6 +98,11 @@ class _RequestState:
     pinned: Any = None
     pin_tried: bool = False
     work_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the work slots)
+    pin_len: int = 0  # ids covered by `pinned` (blocks named later are loaded by id)
+    #: this step's candidates [sink_end, cand_end) and, among those after the prompt's, the positions that still
+    #: hold their block (offload mode; attended where they lie)
+    cand_end: int = 0
+    late_resident: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def decode_step(self, step: SparseRequestStep) -> int:
         return step.num_computed_tokens - (self.first_decode_computed or 0)
@@ -198,6 +209,7 @@ class Esa(UcmSparseBase):
         if any(step.is_decode for step in batch.requests):
             self._phase += 1
         initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
+        reloads: list[tuple[SparseRequestStep, _RequestState]] = []  # selected blocks freed since the last step
         for step in batch.requests:
             state = self._requests.get(step.req_id)
             if state is not None and (step.resumed or not step.is_decode):
@@ -222,6 +234,8 @@ class Esa(UcmSparseBase):
                 for layer_state in state.layers:
                     layer_state.slots = work.copy()
                     layer_state.selected = work.tolist()
+            if self._track_candidates(step, state, batch.null_block_id) and state.decode_step(step) > 0:
+                reloads.append((step, state))
             if state.decode_step(step) == 0:
                 initial.append((step, state))
         # loads in flight into requests not in this step (finished, preempted, waiting): their blocks may be handed
@@ -237,15 +251,49 @@ class Esa(UcmSparseBase):
                 pick, layer_state.pending = layer_state.pending, None
                 due.append((step, state, layer_state, pick))
             self._consume(index, due)
+        # a selected candidate attended where it lay until the scheduler freed it: load it into a work slot now
+        for index in range(len(self._caches)) if reloads else ():
+            self._consume(index, [(step, state, state.layers[index], state.layers[index].last_pick)
+                                  for step, state in reloads], reload=True)
         # A steady step (no pipeline stage, no request starting or ending its prefill or decode, every work slot
         # of every layer holding a block): all layers attend the same blocks, so the first layer's view serves
         # every layer and nothing else happens per layer
         self._steady_view = None
         self._steady = (
-            self.offload and not initial and not self._stage_at(self._phase)
+            self.offload and not initial and not reloads and not self._stage_at(self._phase)
             and not any(step.finishes_prefill for step in batch.requests if step.req_id in self._requests)
             and not any(ls.holes or ls.load_task is not None for st in self._requests.values() for ls in st.layers)
+            and not any(self._fills_block(step) for step in batch.requests)
         )
+
+    def _track_candidates(self, step: SparseRequestStep, state: _RequestState, null_block_id: int) -> bool:
+        """This step's candidate range and the candidates after the prompt's that still hold their block; True
+        when one of those the work slots' selection holds was freed since the last step (to load now)."""
+        layout = state.layout
+        before = state.late_resident
+        state.cand_end = layout.local_start_at(step.seq_len)
+        if not self.offload or state.cand_end <= layout.local_start:
+            state.late_resident = before[:0]
+            return False
+        late = np.asarray(step.block_ids[layout.local_start : state.cand_end], dtype=np.int64)
+        state.late_resident = np.flatnonzero(late != null_block_id) + layout.local_start
+        freed = before[~np.isin(before, state.late_resident)] if before.size else before
+        return bool(freed.size) and any(
+            ls.last_pick is not None and np.isin(freed, ls.last_pick.array() + layout.sink_end).any()
+            for ls in state.layers
+        )
+
+    def _fills_block(self, step: SparseRequestStep) -> bool:
+        """Whether a decode step of a sparse request completes blocks that need representations (per-layer work)."""
+        state = self._requests.get(step.req_id)
+        if state is None or not step.is_decode or not state.layers or state.layers[0].reps is None:
+            return False
+        return step.seq_len // self.block_size > self._reps_end(state, state.layers[0])
+
+    def _reps_end(self, state: _RequestState, layer_state: _LayerState) -> int:
+        """First position without a representation (they cover [sink_end, reps_end))."""
+        reps = layer_state.reps
+        return state.layout.sink_end + (0 if reps is None else reps.shape[0] // self.parts)
 
     def _stage_at(self, phase: int) -> bool:
         return self.schedule.is_consume(phase) or self.schedule.is_submit(phase)
@@ -353,12 +401,18 @@ class Esa(UcmSparseBase):
         queries = query.index_select(0, index)  # a copy: outlives the layer's activations
         started = time.perf_counter()
         batch = self.retriever.submit_batch(
-            queries, [ls.reps for ls, _, _ in submits], [st.layout.num_work for _, st, _ in submits], self.parts
+            queries, [self._candidate_reps(st, ls) for ls, st, _ in submits],
+            [st.layout.num_work for _, st, _ in submits], self.parts,
         )
         self._stats.retrieval_s.append(time.perf_counter() - started)
         for r, (layer_state, _, _) in enumerate(submits):
             layer_state.pending = Pick(batch, r)
         self._stats.retrievals += len(submits)
+
+    def _candidate_reps(self, state: _RequestState, layer_state: _LayerState, cand_end: int | None = None) -> Any:
+        """The representations of the candidates [sink_end, cand_end) (this step's by default)."""
+        end = state.cand_end if cand_end is None else cand_end
+        return layer_state.reps[: (end - state.layout.sink_end) * self.parts]
 
     def attention_finished(
         self,
@@ -375,6 +429,7 @@ class Esa(UcmSparseBase):
         index = self._layer(layer_name)
         due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]] = []
         prefill: list[tuple[_LayerState, _RequestState]] = []
+        prefill_steps: list[SparseRequestStep] = []
         key_view = self._key_views[index]
         for step in batch.requests:
             state = self._requests.get(step.req_id)
@@ -385,28 +440,47 @@ class Esa(UcmSparseBase):
                 if layer_state.due is not None:
                     pick, layer_state.due = layer_state.due, None
                     due.append((step, state, layer_state, pick))
+                if layer_state.reps is not None:
+                    self._add_reps(step, state, layer_state, key_view)  # blocks this step filled
                 continue
             if not step.finishes_prefill:
                 continue
-            layout = state.layout
-            candidates = step.block_ids[layout.sink_end : layout.local_start]
-            ids = torch.tensor(candidates, dtype=torch.int64).to(key_view.device, non_blocking=True)
-            layer_state.reps = self.retriever.representations(key_view, ids, self.parts)
+            # every full block from the sink on: the prompt's candidates and its local window's full blocks (and,
+            # after a resume, the generated ones), which become candidates as decode moves the window
+            layer_state.reps = None
+            self._add_reps(step, state, layer_state, key_view)
             if layer_state.prefill_query is not None:
                 prefill.append((layer_state, state))
+                prefill_steps.append(step)
         if due:
             self._consume(index, due)
         if prefill:
             queries = torch.stack([ls.prefill_query for ls, _ in prefill])
             started = time.perf_counter()
+            # scored over the candidates of the request's first decode step
+            first = [(st, st.layout.local_start_at(step.seq_len + 1)) for (_, st), step in zip(prefill, prefill_steps,
+                                                                                             strict=True)]
             batch_retrieval = self.retriever.submit_batch(
-                queries, [ls.reps for ls, _ in prefill], [st.layout.num_work for _, st in prefill], self.parts
+                queries, [self._candidate_reps(st, ls, end) for (ls, _), (st, end) in zip(prefill, first, strict=True)],
+                [st.layout.num_work for _, st in prefill], self.parts,
             )
             self._stats.retrieval_s.append(time.perf_counter() - started)
             for r, (layer_state, _) in enumerate(prefill):
                 layer_state.pending = Pick(batch_retrieval, r)
                 layer_state.prefill_query = None
             self._stats.retrievals += len(prefill)
+
+    def _add_reps(
+        self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState, key_view: torch.Tensor
+    ) -> None:
+        """Append the representations of the blocks full after this step that have none yet (resident: they are
+        in the local window or, at the end of a prefill, everywhere)."""
+        start, end = self._reps_end(state, layer_state), step.seq_len // self.block_size
+        if end <= start:
+            return
+        ids = torch.tensor(step.block_ids[start:end], dtype=torch.int64).to(key_view.device, non_blocking=True)
+        new = self.retriever.representations(key_view, ids, self.parts)
+        layer_state.reps = new if layer_state.reps is None else torch.cat([layer_state.reps, new])
 
     def execute_finished(self) -> SparseStepStats:
         if self._batch is not None:
@@ -424,10 +498,11 @@ class Esa(UcmSparseBase):
         return self._layer_index[layer_name]
 
     def _consume(
-        self, index: int, due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]]
+        self, index: int, due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]],
+        reload: bool = False,
     ) -> None:
         """Take the finished retrievals of one layer; offload: load the newly selected blocks of every request
-        (delta) with one store task for the layer."""
+        (delta) with one store task for the layer. ``reload``: the same selections again (their blocks freed)."""
         ids: list[str] = []
         slots: list[np.ndarray] = []
         loading: list[tuple[_LayerState, np.ndarray, np.ndarray, Any]] = []
@@ -437,7 +512,7 @@ class Esa(UcmSparseBase):
         for step, state, layer_state, pick in due:
             if pick is None:
                 continue
-            self._stats.retrievals_consumed += 1
+            self._stats.retrievals_consumed += not reload
             layout = state.layout
             if not self.offload:
                 layer_state.selected = [layout.sink_end + c for c in pick.indices()]
@@ -445,6 +520,7 @@ class Esa(UcmSparseBase):
                 continue
             if layer_state.load_task is not None:
                 self._wait_loads(layer_state)
+            layer_state.last_pick = pick
             selected = pick.array() + layout.sink_end
             current = layer_state.slots
             if not selected.size:
@@ -455,6 +531,8 @@ class Esa(UcmSparseBase):
             held = np.zeros(size, dtype=bool)
             held[current] = True
             needed = selected[~held[selected]]
+            if state.late_resident.size:  # attended where they lie
+                needed = needed[~np.isin(needed, state.late_resident)]
             if not needed.size:
                 continue
             wanted = np.zeros(size, dtype=bool)
@@ -474,7 +552,9 @@ class Esa(UcmSparseBase):
             if not state.pin_tried:
                 state.pin_tried = True
                 state.pinned = self.store.pin(hashes)
-            if state.pinned is not None:  # resolved once per request: no per-block lookup in the store
+                state.pin_len = len(hashes)
+            if state.pinned is not None and int(needed.max()) < state.pin_len:
+                # resolved once per request: no per-block lookup in the store (blocks named later: by id)
                 pinned_groups.append((state.pinned, needed))
                 pinned_slots.append(targets)
                 pinned_loading.append((layer_state, free, needed, hashes))
@@ -564,23 +644,29 @@ class Esa(UcmSparseBase):
         layout = state.layout
         total = -(-step.seq_len // bs)
         ids = step.block_ids
+        # candidates after the prompt's that hold their block, then the local window and the tail; the resident
+        # set only shrinks (the scheduler frees) or grows with L, so (L, its size) identifies it
+        local_start = min(max(state.cand_end, layout.local_start), total)
+        late = state.late_resident
         if self.offload and (not layer_state.slots.size or layer_state.slots.min() >= 0):
-            row = state.full_rows.get(total)
+            row_key = (total, local_start, late.size)
+            row = state.full_rows.get(row_key)
             if row is None:
                 work = [ids[layout.sink_end + j] for j in range(len(layer_state.slots))]
                 sink = [ids[p] for p in range(layout.sink_end)]
-                row = torch.tensor(sink + work + [ids[p] for p in range(layout.local_start, total)], dtype=torch.int32)
-                state.full_rows = {total: row}  # older lengths are never asked for again
+                tail = [ids[p] for p in late.tolist()] + [ids[p] for p in range(local_start, total)]
+                row = torch.tensor(sink + work + tail, dtype=torch.int32)
+                state.full_rows = {row_key: row}  # older keys are never asked for again
         else:
-            key = (layer_state.version, total)
+            key = (layer_state.version, total, local_start, late.size)
             if layer_state.row is None or layer_state.row_key != key:
                 if self.offload:
                     work = self._work_ids(step, state)[layer_state.slots >= 0].tolist()
                 else:
                     work = [ids[pos] for pos in layer_state.selected]
                 sink = [ids[p] for p in range(layout.sink_end)]
-                layer_state.row = torch.tensor(sink + work + [ids[p] for p in range(layout.local_start, total)],
-                                               dtype=torch.int32)
+                tail = [ids[p] for p in late.tolist()] + [ids[p] for p in range(local_start, total)]
+                layer_state.row = torch.tensor(sink + work + tail, dtype=torch.int32)
                 layer_state.row_key = key
             row = layer_state.row
         length = (row.numel() - 1) * bs + step.seq_len - (total - 1) * bs
