@@ -66,7 +66,9 @@ class EsaEmulation:
         return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
 
 
-SCORINGS = ("mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax", "sub16headsoftmax", "oracle")
+SCORINGS = ("mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax", "sub16headsoftmax", "oracle",
+            "quest<M>", "normtok<R>")
+SCORING_NAME = re.compile(r"(mean|oracle|headsoftmax|sub\d+(max|headsoftmax)|quest\d+|normtok\d+)(-w\d+)?")
 # any of them with "-w<N>" scores with the sum of the last N prompt tokens' queries (a prefill observation window)
 
 
@@ -77,13 +79,32 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> 
     M-token sub-blocks, a block scores its best sub-block. ``headsoftmax``: per query head, softmax over blocks of
     q·mean/sqrt(d) (an estimate of the head's attention share per block), summed over heads, so a head that
     focuses on one block counts as much as one spread over all. ``sub<M>headsoftmax``: both (a block's logit per
-    head is the log-sum-exp over its sub-blocks)."""
+    head is the log-sum-exp over its sub-blocks). ``quest<M>``: Quest's bound per M-token slice and KV head, from
+    the channel-wise min and max of the slice's keys: sum over channels of max(q_c min_c, q_c max_c) >= q.k for
+    every key of the slice, per query head, summed over the heads; a block scores its best slice (2 vectors per
+    slice). ``normtok<R>``: R representative keys per block and KV head, those of the largest norm (chosen at
+    prefill); a block scores, per KV head, its best representative against the GQA-summed query, summed over the
+    KV heads (R vectors per block)."""
     kvh, n, d = keys.shape
     groups = q.shape[0] // kvh
     nb = n // bs
     if scoring == "oracle":  # the query's true attention mass per block, summed over heads (not ESA: an upper bound)
         probs = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(kvh, groups, d), keys) / d**0.5, -1)
         return probs.sum((0, 1))[: nb * bs].view(nb, bs).sum(1)
+    quest = re.fullmatch(r"quest(\d+)", scoring)
+    if quest:
+        m = bs // int(quest[1])
+        slices = keys[:, : nb * bs].reshape(kvh, nb * m, bs // m, d)
+        lo, hi = slices.amin(2), slices.amax(2)  # [kvh, nb*m, d]
+        qh = q.view(kvh, groups, 1, d)
+        bound = torch.maximum(qh * lo[:, None], qh * hi[:, None]).sum(-1)  # [kvh, groups, nb*m]
+        return bound.sum((0, 1)).view(nb, m).amax(1)
+    normtok = re.fullmatch(r"normtok(\d+)", scoring)
+    if normtok:
+        blocks = keys[:, : nb * bs].reshape(kvh, nb, bs, d)
+        pick = blocks.norm(dim=-1).topk(min(int(normtok[1]), bs), dim=-1).indices  # [kvh, nb, R]
+        reps = torch.gather(blocks, 2, pick[..., None].expand(-1, -1, -1, d))  # [kvh, nb, R, d]
+        return torch.einsum("gd,gbrd->gbr", q.view(kvh, groups, d).sum(1), reps).amax(-1).sum(0)
     sliced = re.match(r"sub(\d+)", scoring)
     sub = int(sliced[1]) if sliced else bs
     m = bs // sub
@@ -116,6 +137,9 @@ def main() -> None:
     p.add_argument("--log", default=None, help="the harness's JSONL log, to compare with vLLM + ucm ESA")
     p.add_argument("--out", default="bench/results/accuracy_esa_reference")
     args = p.parse_args()
+    for scoring in args.scorings.split(","):  # a misspelt name would silently score as headsoftmax
+        if not SCORING_NAME.fullmatch(scoring):
+            p.error(f"--scorings: unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
     model_path = args.model or ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_path)
     emu = EsaEmulation(args.block_size, init=1, local=2)
