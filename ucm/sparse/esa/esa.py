@@ -263,7 +263,7 @@ class Esa(UcmSparseBase):
             self.offload and not initial and not reloads and not self._stage_at(self._phase)
             and not any(step.finishes_prefill for step in batch.requests if step.req_id in self._requests)
             and not any(ls.holes or ls.load_task is not None for st in self._requests.values() for ls in st.layers)
-            and not any(self._fills_block(step) for step in batch.requests)
+            and not any(self._needs_reps(step) for step in batch.requests)
         )
 
     def _track_candidates(self, step: SparseRequestStep, state: _RequestState, null_block_id: int) -> bool:
@@ -283,12 +283,15 @@ class Esa(UcmSparseBase):
             for ls in state.layers
         )
 
-    def _fills_block(self, step: SparseRequestStep) -> bool:
-        """Whether a decode step of a sparse request completes blocks that need representations (per-layer work)."""
+    def _needs_reps(self, step: SparseRequestStep) -> bool:
+        """Whether this decode step must give blocks their representations (per-layer work): the next step makes a
+        block without one a candidate, which the scheduler may free. Until then a filled block waits in the local
+        window (resident) for a step that runs the layer hooks anyway (`_add_reps` catches up every block), so
+        filling a block alone does not take a steady step off its single view (or full CUDA graph)."""
         state = self._requests.get(step.req_id)
         if state is None or not step.is_decode or not state.layers or state.layers[0].reps is None:
             return False
-        return step.seq_len // self.block_size > self._reps_end(state, state.layers[0])
+        return state.layout.local_start_at(step.seq_len + 1) > self._reps_end(state, state.layers[0])
 
     def _reps_end(self, state: _RequestState, layer_state: _LayerState) -> int:
         """First position without a representation (they cover [sink_end, reps_end))."""
