@@ -415,42 +415,49 @@ class FlakyBackend(CpuBackend):
         return super().scatter_blocks(*args, **kwargs)
 
 
+def _race_dumps_and_loads(store, src, ids, threads: int, rounds: int, slots=lambda pick, k, i: pick) -> None:
+    """`threads` threads each dump 3 random blocks of `ids` (pages `slots(pick, thread, round)` of `src`) and load
+    them back, `rounds` times: every task ends within its timeout (a TimeoutError is a hang) and a load gives the
+    exact bytes or names the block failed (its page untouched)."""
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(k)
+            for i in range(rounds):
+                pick = torch.randperm(len(ids), generator=gen)[:3]
+                try:
+                    store.dump([ids[j] for j in pick], BlockPages(src, slots(pick, k, i))).wait(timeout=10)
+                except StoreDumpError:
+                    pass
+                dst = make_cache()
+                task = store.load([ids[j] for j in pick], BlockPages(dst, torch.arange(3)))
+                try:
+                    task.wait(timeout=10)
+                except StoreLoadError:
+                    pass
+                for n, j in enumerate(pick.tolist()):
+                    failed = ids[j] in task.failed_ids
+                    assert page_bytes(dst, n) == (page_bytes(make_cache(), 0) if failed else page_bytes(src, j))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert not any(t.is_alive() for t in workers) and not errors, errors[:1]
+
+
 def test_threads_racing_dumps_of_the_same_blocks_through_faults():
     """6 threads dump and load the same few blocks while a third of the copies fail: every task ends within its
     timeout, a load delivers the exact bytes or names the block failed (pages untouched), and close returns."""
     backend = FlakyBackend()
     src = make_cache(16)
     ids = ids_for(16, 6)
-    errors: list[BaseException] = []
     store = dram(backend, 4)
-
-    def worker(k: int) -> None:
-        try:
-            gen = torch.Generator().manual_seed(k)
-            for _ in range(40):
-                pick = torch.randperm(6, generator=gen)[:3]
-                try:
-                    store.dump([ids[i] for i in pick], BlockPages(src, pick)).wait(timeout=10)
-                except StoreDumpError:
-                    pass
-                dst = make_cache()
-                task = store.load([ids[i] for i in pick], BlockPages(dst, torch.arange(3)))
-                try:
-                    task.wait(timeout=10)
-                except StoreLoadError:
-                    pass
-                for j, i in enumerate(pick.tolist()):
-                    expect = page_bytes(make_cache(), 0) if ids[i] in task.failed_ids else page_bytes(src, i)
-                    assert page_bytes(dst, j) == expect
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads) and not errors, errors[:1]
+    _race_dumps_and_loads(store, src, ids, threads=6, rounds=40)
     closer, _ = _in_thread(store.close)
     closer.join(10)
     assert not closer.is_alive()
@@ -514,41 +521,13 @@ def test_dumps_that_really_fail_race_good_dumps_of_the_same_blocks(backend, tran
     ids = ids_for(19, 8)
     store = create_store("UcmDram", {"max_cache_size": 4 * WIDTH, "kv_block_size": WIDTH, "transfer": transfer},
                          backend)
-    errors: list[BaseException] = []
-
-    def worker(k: int) -> None:
-        try:
-            gen = torch.Generator().manual_seed(k)
-            for i in range(60):
-                pick = torch.randperm(8, generator=gen)[:3]
-                slots = pick.to("meta") if (i + k) % 2 else pick
-                try:
-                    store.dump([ids[j] for j in pick], BlockPages(src, slots)).wait(timeout=10)
-                except StoreDumpError:
-                    pass
-                dst = make_cache()
-                task = store.load([ids[j] for j in pick], BlockPages(dst, torch.arange(3)))
-                try:
-                    task.wait(timeout=10)
-                except StoreLoadError:
-                    pass
-                for n, j in enumerate(pick.tolist()):
-                    failed = ids[j] in task.failed_ids
-                    assert page_bytes(dst, n) == (page_bytes(make_cache(), 0) if failed else page_bytes(src, j))
-        except BaseException as exc:  # surfaced below (a TimeoutError is the hang)
-            errors.append(exc)
-
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # switch threads often, so dumps land inside each other's claims
     try:
-        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _race_dumps_and_loads(store, src, ids, threads=4, rounds=60,
+                              slots=lambda pick, k, i: pick.to("meta") if (i + k) % 2 else pick)
     finally:
         sys.setswitchinterval(old)
-    assert not any(t.is_alive() for t in threads) and not errors, errors[:1]
     assert store.stats().dump_failures > 0
     closer, _ = _in_thread(store.close)
     closer.join(10)
