@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny Llama, ~1200-token prompts")
     parser.add_argument("--checks", default=ALL_CHECKS, help="letters of the checks to run (default abcde)")
+    parser.add_argument("--sparse-full-graphs", action="store_true",
+                        help="ESA engines with ucm_sparse_full_graphs (steps without layer hooks as full CUDA graphs)")
     parser.add_argument("--dtype", default="float32", help="vLLM dtype (float32: stable greedy identity; "
                         "bfloat16: the FlashAttention path)")
     parser.add_argument("--weights", choices=("random", "dummy"), default="random",
@@ -473,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": dram}}
         if esa is not None:
             cfg.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": dict(esa)})
+            if args.sparse_full_graphs:
+                cfg["ucm_sparse_full_graphs"] = True
         return cfg
 
     nfs_cfg = {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(nfs_dir)}}
@@ -507,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "commit": git_commit(repo),
         "model": dict(SMOKE_MODEL if smoke else GPU_MODEL, path=model_path, weights=args.weights, dtype=args.dtype),
+        "sparse_full_graphs": args.sparse_full_graphs,
         "engine_kwargs": {k: v for k, v in base_kwargs.items() if k != "model"},
         "preemption_engine": {k: pre_kwargs[k] for k in ("num_gpu_blocks_override", "max_num_batched_tokens",
                                                          "long_prefill_token_threshold", "max_model_len")},

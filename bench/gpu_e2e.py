@@ -237,6 +237,7 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
                 "load_wait_ms_per_step": round(engine.get("load_wait_ms", 0) / steps_n, 3),
                 "layer_blocks_loaded_per_step": round(engine.get("blocks_loaded", 0) / steps_n, 1),
                 "retrievals_per_step": round(engine.get("retrievals", 0) / steps_n, 2),
+                "view_step_share": round(engine.get("view_steps", 0) / steps_n, 3),
             }
     if not steps or None in first or None in finished:
         return dict(res, decode_tok_s=None, tpot_ms_median=None, tpot_ms_p90=None, ttft_s=None, steady_steps=0,

@@ -19,7 +19,7 @@ import torch
 
 from ucm.device import get_backend
 from ucm.sparse.attention import paged_decode_attention
-from ucm.sparse.base import SparseBatch, SparseRequestStep, SparseStepStats, UcmSparseRole
+from ucm.sparse.base import QueryShape, SparseBatch, SparseRequestStep, SparseStepStats, UcmSparseRole
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.esa import Esa
 from ucm.store.base import BlockPages
@@ -73,6 +73,8 @@ class MiniEngine:
         needle_scale: float = 0.0,
         skip_dump: set[int] | None = None,
         needle_blocks: list[int] | None = None,
+        stage_queries: bool = False,
+        stage_rows: int = 16,
     ):
         self.bs, self.hq, self.hkv, self.d = block_size, num_q_heads, num_kv_heads, head_dim
         self.num_layers = num_layers
@@ -87,7 +89,11 @@ class MiniEngine:
         self.worker = Esa(config, UcmSparseRole.WORKER, block_size, backend=get_backend("cpu"), store=store,
                           offload=offload)
         self.layer_names = [f"model.layers.{i}.attn" for i in range(num_layers)]
-        self.worker.register_kv_caches(dict(zip(self.layer_names, self.caches, strict=True)))
+        # stage_queries: the engine copies each layer's query rows into the worker's stage, as vLLM's attention hook
+        # does (`SparseWorkerRuntime.stage_query`): ESA then runs its retrieval cycle at step boundaries
+        shape = QueryShape(stage_rows, num_q_heads, head_dim, torch.float32) if stage_queries else None
+        self.stage_queries = stage_queries
+        self.worker.register_kv_caches(dict(zip(self.layer_names, self.caches, strict=True)), query_shape=shape)
         self.reqs: dict[str, Req] = {}
         self._truth: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.history: list[dict[str, list[LayerRecord]]] = []
@@ -207,6 +213,10 @@ class MiniEngine:
                 torch.stack([self.query(r, layer, p) for p in range(s.num_computed_tokens, s.seq_len)])
                 for r, s in zip(reqs, steps, strict=True)
             ])
+            stage = self.worker.query_stage(name) if self.stage_queries else None
+            if stage is not None:
+                n = min(stage.shape[0], query.shape[0])
+                stage[:n].copy_(query[:n])
             view = self.worker.attention_begin(name, query, None, None, self.caches[layer], table, seq_lens)
             for r, s in zip(reqs, steps, strict=True):  # the KV write of this step (inside vLLM's attention)
                 k_new, v_new = self.truth(r, layer, range(s.num_computed_tokens, s.seq_len))

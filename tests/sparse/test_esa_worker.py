@@ -60,12 +60,13 @@ def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     assert engine.store.stats().blocks_loaded > 0
 
 
-def test_long_generation_offloads_generated_blocks_and_retrieves_them():
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
+def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, local 2), 25 blocks generated; the needle at block
     # 45 is a generated block: dumped when it fills, freed once it leaves the local window, loaded back when chosen
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
     engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, needle_scale=6.0,
-                        needle_blocks=[13, 45])
+                        needle_blocks=[13, 45], stage_queries=staged)
     req = engine.add("a", prompt=160, max_tokens=200)
     engine.step()
     attended_after_freed = 0
@@ -109,12 +110,15 @@ def test_failed_decode_dump_keeps_the_block_resident():
     assert sum(s.load_failures for s in engine.stats) == 0
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
 @pytest.mark.parametrize("stride", [1, 2, 3, 10])
-def test_pipeline_order(stride):
-    """submit at d = 2 (mod s), consume at submit + max(1, s - 2) after the layer's attention, loads attended
-    from the next step (UCM's 2 / 0 / 1 for s >= 3); d = 0 applies the selection scored at the end of prefill."""
+def test_pipeline_order(stride, staged):
+    """Layer hooks: submit at d = 2 (mod s), consume at submit + max(1, s - 2) after the layer's attention, loads
+    attended from the next step (UCM's 2 / 0 / 1 for s >= 3). Boundary (staged queries): the same submit and
+    consume steps, every layer at once: submitted after the forward, consumed and waited before the forward of
+    the consume step, which attends the new blocks. d = 0 applies the selection scored at the end of prefill."""
     config = EsaConfig(sparse_ratio=0.25, retrieval_stride=stride)
-    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2)
+    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, stage_queries=staged)
     req = engine.add("a", prompt=200)  # 50 blocks: sink 1, 47 candidates, k = 11, local 2
     engine.step()
     assert engine.stats[-1].retrievals == 2  # the initial retrieval of each layer
@@ -133,17 +137,23 @@ def test_pipeline_order(stride):
             assert len(rec.positions) == 1 + 11 + tail
         # per request, summed over the step's layers (steady steps too, which reuse the first layer's view)
         assert st.request_blocks == {"a": [2 * (1 + 11 + tail), 2 * len(req.block_ids), 2]}, d
-        assert len(st.retrieval_s) == (1 if schedule.is_submit(d) else 0) * 2, d  # one batched selection a layer
+        # one batched selection a layer (layer hooks), one for all layers (boundary)
+        assert len(st.retrieval_s) == (1 if schedule.is_submit(d) else 0) * (1 if staged else 2), d
         attended.append([set(rec.positions[1:12]) for rec in records])
     changed = [d for d in range(1, steps) if attended[d] != attended[d - 1]]
     assert changed, "random queries must change the selection"
-    for d in changed:  # a new selection shows up exactly one step after a consume
-        assert schedule.is_wait(d) and schedule.is_consume(d - 1), (d, changed)
+    for d in changed:  # a new selection shows up exactly one step after a consume (boundary: at the consume)
+        if staged:
+            assert schedule.is_consume(d), (d, changed)
+        else:
+            assert schedule.is_wait(d) and schedule.is_consume(d - 1), (d, changed)
 
 
-def test_failed_loads_keep_previous_blocks_and_are_reported():
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
+def test_failed_loads_keep_previous_blocks_and_are_reported(staged):
     config = EsaConfig(sparse_ratio=0.3, retrieval_stride=2)
-    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, skip_dump={13, 20, 21})
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, skip_dump={13, 20, 21},
+                        stage_queries=staged)
     req = engine.add("a", prompt=120)  # needles at blocks 10 and 16
     engine.step()
     failed = set()
@@ -157,9 +167,10 @@ def test_failed_loads_keep_previous_blocks_and_are_reported():
     assert failed and failed <= {engine.hashes(req)[p] for p in (13, 20, 21)}
 
 
-def test_batch_at_different_steps_with_dense_request_and_preemption():
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
+def test_batch_at_different_steps_with_dense_request_and_preemption(staged):
     config = EsaConfig(sparse_ratio=0.2, retrieval_stride=2, min_blocks=8)
-    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, stage_queries=staged)
     a = engine.add("a", prompt=130)
     engine.step(["a"])
     for _ in range(3):
@@ -226,11 +237,13 @@ def test_any_block_size_offload(block_size):
     assert len(req.block_ids) == 42
 
 
-def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer():
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
+def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer(staged):
     # b starts decoding 3 steps after a: both follow the worker's clock, so each retrieval step scores both
-    # requests of a layer in one batched launch (one scoring + top-k per layer, whatever the batch size)
+    # requests of a layer in one batched launch (one scoring + top-k per layer, whatever the batch size); with
+    # staged queries one launch scores every layer and request of the step
     config = EsaConfig(sparse_ratio=0.2, retrieval_stride=4, min_blocks=8)
-    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, stage_queries=staged)
     a = engine.add("a", prompt=130)
     engine.step(["a"])
     for _ in range(2):
@@ -252,7 +265,7 @@ def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer():
             for rec in records[rid]:
                 assert set(engine.needles(req)) <= set(rec.positions)
     # 12 steps at stride 4: three retrieval steps, each one launch per layer covering both requests
-    assert launches == [2] * (3 * LAYERS), launches
+    assert launches == ([2 * LAYERS] * 3 if staged else [2] * (3 * LAYERS)), launches
 
 
 class _GateEvent:
@@ -284,7 +297,7 @@ def test_loads_in_flight_for_a_request_left_out_of_a_step_are_waited_before_that
     backend = _GatedBackend()
     store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
     engine = MiniEngine(EsaConfig(sparse_ratio=0.2, retrieval_stride=3), offload=True, store=store,
-                        needle_scale=6.0)
+                        needle_scale=6.0)  # layer hooks: boundary mode waits its loads in the consume step
     a = engine.add("a", prompt=160)
     engine.add("b", prompt=120)
     engine.step()  # prefill both
@@ -304,3 +317,54 @@ def test_loads_in_flight_for_a_request_left_out_of_a_step_are_waited_before_that
     for _ in range(4):  # a attends its new blocks (MiniEngine checks every attended block holds its true KV)
         for rec in engine.step()["a"]:
             assert set(engine.needles(a)) <= set(rec.positions)
+
+
+def test_boundary_steps_between_stages_are_steady_and_unstaged_rows_fall_back_to_layer_hooks():
+    # boundary mode: after the first decode step, no step needs a per-layer hook (the engine may run each as one
+    # full graph), also the submit and consume steps; a request whose query row is not staged (here: the second
+    # of a stage of one row) makes its submit step use the layer hooks, and still finds its needles
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=3)
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, stage_queries=True,
+                        stage_rows=1)
+    a = engine.add("a", prompt=160)
+    engine.step()
+    engine.step()  # the initial selection's loads
+    steady = []
+    for _ in range(9):
+        for rec in engine.step()["a"]:
+            assert set(engine.needles(a)) <= set(rec.positions)
+        steady.append(engine.worker._steady)
+    assert all(steady), steady
+    assert sum(s.retrievals for s in engine.stats[-9:]) == 3 * LAYERS
+    b = engine.add("b", prompt=120)
+    engine.step(["a", "b"])  # b's prefill
+    engine.step(["a", "b"])
+    submits = 0
+    for _ in range(9):
+        records = engine.step(["a", "b"])
+        schedule, phase = engine.worker.schedule, engine.worker._phase
+        if schedule.is_submit(phase):
+            assert not engine.worker._steady  # b's row is not staged: this step submits in the layer hooks
+            assert len(engine.stats[-1].retrieval_s) == LAYERS
+            submits += 1
+        for rid, req in (("a", a), ("b", b)):
+            for rec in records[rid]:
+                assert set(engine.needles(req)) <= set(rec.positions)
+    assert submits == 3
+
+
+def test_boundary_mode_falls_back_to_layer_hooks_when_the_engine_does_not_stage_queries(caplog):
+    # an engine that registers a stage but never copies into it: the first submit sees the poisoned rows, warns
+    # once and the worker retrieves in the layer hooks from then on (never from stale or missing queries)
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=2)
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0, stage_queries=True)
+    engine.stage_queries = False  # registered, never written
+    a = engine.add("a", prompt=160)
+    engine.step()
+    with caplog.at_level("WARNING"):
+        for _ in range(12):
+            for rec in engine.step()["a"]:
+                assert set(engine.needles(a)) <= set(rec.positions)
+    assert engine.worker.query_stage(engine.layer_names[0]) is None
+    assert sum("did not stage the queries" in r.message for r in caplog.records) == 1
+    assert sum(s.retrievals_consumed for s in engine.stats[-12:]) > 0

@@ -187,9 +187,21 @@ class SparseStepStats:
     failed_block_hashes: list[str] = field(default_factory=list)
     host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)
     load_wait_s: float = 0.0  # of which waiting for store loads to complete
+    view_step: bool = False  # the step attended one view in the engine's metadata (no layer hooks; set by the runtime)
     #: req_id -> [blocks attended, blocks dense would read, layers] summed over this step's layers (sparse requests)
     request_blocks: dict[str, list[int]] = field(default_factory=dict)
     retrieval_s: list[float] = field(default_factory=list)  # host seconds of each batched retrieval (one layer)
+
+
+@dataclass(frozen=True)
+class QueryShape:
+    """What a step's query looks like to the attention hook: up to ``rows`` rows are staged (the most requests
+    a step decodes), ``heads`` query heads of ``head_dim``, in the model's ``dtype``."""
+
+    rows: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
 
 
 class UcmSparseBase:
@@ -231,15 +243,24 @@ class UcmSparseBase:
 
     # ============================================================== worker side
     def register_kv_caches(
-        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None
+        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None,
+        query_shape: QueryShape | None = None,
     ) -> None:
         """Worker: the engine's KV caches, layer name -> page tensor or (k, v) tuple, in model layer order.
 
         This order must be the store row order used by the connector (a stored block row = every layer's page
         concatenated in this order), so layer L's part starts at the sum of the earlier layers' page bytes.
         ``key_views[layer]`` is a K view ``[num_blocks, block_size, num_kv_heads, head_dim]`` of the same
-        memory; it may be omitted for (k, v) tuples whose k already has that shape.
+        memory; it may be omitted for (k, v) tuples whose k already has that shape. ``query_shape``: given when
+        the engine copies each layer's query into `query_stage` in every step (see there).
         """
+
+    def query_stage(self, layer_name: str) -> torch.Tensor | None:
+        """Worker: a buffer ``[rows, num_q_heads, head_dim]`` into which the engine's attention hook copies the
+        first ``rows`` query rows of this layer in every step, before the attention and also inside a step that
+        runs as one captured graph (the copy is captured with the layer). A method reads a step's queries there
+        at the step boundary (`execute_finished`) instead of in per-layer hooks. None: nothing to copy."""
+        return None
 
     def execute_begin(self, batch: SparseBatch) -> None:
         """Worker: before the forward of a step; ``batch`` lists its requests in batch order."""

@@ -133,8 +133,9 @@ class SparseWorkerRuntime:
     def end_step(self) -> None:
         started = time.perf_counter()
         self.in_step = False
-        self._view_in_metadata = False
+        view_step, self._view_in_metadata = self._view_in_metadata, False
         stats = self.sparse.execute_finished()
+        stats.view_step = view_step
         elapsed = time.perf_counter() - started
         self.totals.end_s += elapsed
         stats.host_s = self._step_host_s + elapsed
@@ -194,6 +195,16 @@ class SparseWorkerRuntime:
         return cached
 
     # ------------------------------------------------------------------ per attention layer (attention hook)
+    def stage_query(self, layer_name: str, query: torch.Tensor) -> None:
+        """Copy the layer's first query rows into the method's `UcmSparseBase.query_stage` (if it keeps one). Called
+        by the attention hook in every forward with attention metadata, in or out of a step, so that a graph
+        captured from a dummy forward copies them too."""
+        stage = self.sparse.query_stage(layer_name)
+        if stage is None:
+            return
+        n = min(stage.shape[0], query.shape[0])
+        stage[:n].copy_(query[:n].reshape(n, *stage.shape[1:]))
+
     def attention_begin(
         self, layer_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: Any,
         block_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -156,7 +156,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             # K views from the caches as vLLM registered them (logical shape, the backend's strides); the layout's
             # pages are the same memory re-viewed in physical order for the store's byte rows
             logical = {name: kv_caches[name] for name in layout.layer_names}
-            sparse.register_kv_caches(layout.as_dict(), bindings().key_views(logical, self._vllm_config))
+            sparse.register_kv_caches(layout.as_dict(), bindings().key_views(logical, self._vllm_config),
+                                      query_shape=bindings().query_shape(self._vllm_config))
             self.sparse_runtime = SparseWorkerRuntime(
                 sparse, self.block_size, store_ids=self._worker.request_block_ids,
                 on_stats=self._worker.record_sparse_step,

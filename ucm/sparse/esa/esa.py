@@ -15,6 +15,10 @@ Worker role, per request and per layer (each layer has its own KV tensor, so eac
   device layer) on a side stream, delta loads of newly selected blocks from the store into the work slots
   (offload mode), waited just before the attention that reads them; returns the layer's sparse block table and
   sequence lengths. In resident mode (no offload) the selection only rewrites the block table.
+- boundary mode (offload, and the engine stages each layer's query rows in `query_stage`): the same pipeline run
+  once per step for all layers at the step's edges (`_boundary`): one selection for every layer and request
+  after the submit step's forward, every layer's delta loaded and waited before the consume step's forward; the
+  steps between need no per-layer work (`step_view`: on a GPU, full CUDA graphs).
 - a failed load never reaches the attention: the slot keeps the block it held (the store leaves failed pages
   unwritten) and the failure is reported in `SparseStepStats`.
 - a candidate that left the local window but still holds its block (its store copy is not confirmed yet, or
@@ -36,6 +40,7 @@ from ucm.device.backend import Cache
 from ucm.errors import UcmConfigError
 from ucm.sparse.base import (
     BlockPlan,
+    QueryShape,
     SparseAttentionView,
     SparseBatch,
     SparseRequestStep,
@@ -142,6 +147,12 @@ class Esa(UcmSparseBase):
         #: the view every layer of a steady step attends and each request's (resident, full) blocks per layer
         self._steady_view: tuple[SparseAttentionView, list[tuple[str, int, int]]] | None = None
         self._stats = SparseStepStats()
+        #: boundary mode (offload, an engine that stages queries): every layer's query of the step, [layers, rows,
+        #: heads, head_dim]; the retrieval cycle runs at step boundaries, not in per-layer hooks (see `_boundary`)
+        self._stage: torch.Tensor | None = None
+        self._stage_checked = False  # the first staged submit checks that the engine really copied the queries
+        self._stage_submits: list[tuple[_RequestState, int]] = []  # this step's (request, query row) to submit
+        self._layer_submits = False
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
                 raise UcmConfigError("store", None, "a KV store (ucm.store) when ESA offloads (offload=True)")
@@ -177,9 +188,11 @@ class Esa(UcmSparseBase):
 
     # ============================================================== worker side
     def register_kv_caches(
-        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None
+        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None,
+        query_shape: QueryShape | None = None,
     ) -> None:
         self._layer_index, self._caches, self._key_views, self._row_offsets = {}, [], [], []
+        self._stage, self._stage_checked, self._stage_submits = None, False, []
         for request_id in list(self._requests):  # a re-registered cache holds none of the earlier requests' blocks
             self._forget(request_id)
         offset = 0
@@ -202,6 +215,15 @@ class Esa(UcmSparseBase):
             self._key_views.append(key_view)
             self._row_offsets.append(offset)
             offset += sum(page_nbytes(p) for p in as_page_tensors(cache))
+        if query_shape is not None and self.offload and self._key_views:
+            q = query_shape
+            self._stage = torch.zeros(len(self._key_views), q.rows, q.heads, q.head_dim, dtype=q.dtype,
+                                      device=self._key_views[0].device)
+
+    def query_stage(self, layer_name: str) -> torch.Tensor | None:
+        if self._stage is None or layer_name not in self._layer_index:
+            return None
+        return self._stage[self._layer_index[layer_name]]
 
     def execute_begin(self, batch: SparseBatch) -> None:
         self._batch = batch
@@ -255,16 +277,110 @@ class Esa(UcmSparseBase):
         for index in range(len(self._caches)) if reloads else ():
             self._consume(index, [(step, state, state.layers[index], state.layers[index].last_pick)
                                   for step, state in reloads], reload=True)
+        layer_stage = self._stage_at(self._phase)
+        self._stage_submits = []
+        if self._stage is not None:
+            layer_stage = self._boundary(batch)
+        self._layer_submits = layer_stage  # this step's selections are submitted in the layer hooks
         # A steady step (no pipeline stage, no request starting or ending its prefill or decode, every work slot
         # of every layer holding a block): all layers attend the same blocks, so the first layer's view serves
         # every layer and nothing else happens per layer
         self._steady_view = None
         self._steady = (
-            self.offload and not initial and not reloads and not self._stage_at(self._phase)
+            self.offload and not initial and not reloads and not layer_stage
             and not any(step.finishes_prefill for step in batch.requests if step.req_id in self._requests)
             and not any(ls.holes or ls.load_task is not None for st in self._requests.values() for ls in st.layers)
             and not any(self._needs_reps(step) for step in batch.requests)
         )
+
+    def _boundary(self, batch: SparseBatch) -> bool:
+        """Boundary mode: the retrieval cycle at the step's edges, for every layer at once, so that the steps in
+        between need no per-layer work (on a GPU: each runs as one full CUDA graph).
+
+        - the blocks a step filled get their representations at the start of a later step (all layers, one
+          launch per layer for every request), at the latest the step before they become candidates;
+        - submit step: after the forward (`execute_finished`), one selection for every layer and request from the
+          staged queries (`query_stage`: the engine copies each layer's query rows there, inside a captured
+          graph too);
+        - consume step: before the forward, the delta of every layer is loaded and waited, so the step already
+          attends the new blocks.
+
+        Returns whether this step still needs the per-layer hooks for the pipeline (a submitting request whose
+        query row is not staged: that step submits in the hooks, as without a stage)."""
+        phase = self._phase
+        decoding = [(step, self._requests[step.req_id]) for step in batch.requests
+                    if step.is_decode and step.req_id in self._requests]
+        catch_up = self.schedule.is_submit(phase) or any(self._needs_reps(step) for step, _ in decoding)
+        if catch_up:
+            self._boundary_reps([(step, st) for step, st in decoding if st.layers and st.layers[0].reps is not None])
+        if self.schedule.is_consume(phase):
+            due = [(step, st) for step, st in decoding if st.decode_step(step) > 0]
+            for index in range(len(self._caches)) if due else ():
+                items = []
+                for step, st in due:
+                    layer_state = st.layers[index]
+                    pick, layer_state.pending = layer_state.pending, None
+                    items.append((step, st, layer_state, pick))
+                self._consume(index, items)
+            for _, st in due:  # every layer's loads in flight together; the step attends what they brought
+                for layer_state in st.layers:
+                    self._wait_loads(layer_state)
+        if not self.schedule.is_submit(phase):
+            return False
+        rows = self._stage.shape[1]
+        submits = [(st, step.query_start + step.num_scheduled_tokens - 1) for step, st in decoding
+                   if st.decode_step(step) > 0 and st.layers and st.layers[0].reps is not None]
+        if any(row >= rows for _, row in submits):
+            return True
+        self._stage_submits = submits
+        if submits and not self._stage_checked:
+            # poison the rows: if the engine's hook does not copy the queries, the submit sees NaN and falls back
+            self._stage[:, [row for _, row in submits]] = float("nan")
+        return False
+
+    def _boundary_reps(self, decoding: list[tuple[SparseRequestStep, _RequestState]]) -> None:
+        """Representations of the blocks full before this step (their K is in the cache) that have none yet."""
+        wanted = []
+        for step, state in decoding:
+            start, end = self._reps_end(state, state.layers[0]), step.num_computed_tokens // self.block_size
+            if end > start:
+                wanted.append((state, step.block_ids[start:end]))
+        if not wanted:
+            return
+        sizes = [len(ids) for _, ids in wanted]
+        flat = [b for _, ids in wanted for b in ids]
+        for index, key_view in enumerate(self._key_views):
+            ids = torch.tensor(flat, dtype=torch.int64).to(key_view.device, non_blocking=True)
+            new = self.retriever.representations(key_view, ids, self.parts).split([n * self.parts for n in sizes])
+            for (state, _), part in zip(wanted, new, strict=True):
+                layer_state = state.layers[index]
+                layer_state.reps = torch.cat([layer_state.reps, part])
+
+    def _boundary_submit(self) -> None:
+        """One selection for every layer and every request submitting this step, from the staged queries."""
+        submits, self._stage_submits = self._stage_submits, []
+        started = time.perf_counter()
+        rows = torch.tensor([row for _, row in submits], dtype=torch.int64).to(self._stage.device)
+        queries = self._stage.index_select(1, rows)  # [layers, requests, heads, head_dim], a copy
+        if not self._stage_checked:
+            if torch.isnan(queries).any():  # one sync, once per engine
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "ESA: the engine's attention hook did not stage the queries; retrieval runs in the per-layer "
+                    "hooks from now on")
+                self._stage = None
+                return
+            self._stage_checked = True
+        layers = len(self._caches)
+        reps = [self._candidate_reps(st, st.layers[index]) for index in range(layers) for st, _ in submits]
+        ks = [st.layout.num_work for _ in range(layers) for st, _ in submits]
+        batch = self.retriever.submit_batch(queries.flatten(0, 1), reps, ks, self.parts)
+        self._stats.retrieval_s.append(time.perf_counter() - started)
+        for index in range(layers):
+            for r, (state, _) in enumerate(submits):
+                state.layers[index].pending = Pick(batch, index * len(submits) + r)
+        self._stats.retrievals += layers * len(submits)
 
     def _track_candidates(self, step: SparseRequestStep, state: _RequestState, null_block_id: int) -> bool:
         """This step's candidate range and the candidates after the prompt's that still hold their block; True
@@ -343,10 +459,11 @@ class Esa(UcmSparseBase):
                 # loads queued after this layer's attention of an earlier step: wait before the attention that
                 # reads their slots (waiting later keeps the step on its slower per-layer path meanwhile)
                 self._wait_loads(layer_state)
-            if d > 0 and self.schedule.is_consume(phase):
+            if d > 0 and self.schedule.is_consume(phase) and self._stage is None:
                 # consumed in attention_finished: its loads must not overwrite slots this attention reads
                 layer_state.due, layer_state.pending = layer_state.pending, None
-            if d > 0 and self.schedule.is_submit(phase) and layer_state.reps is not None:
+            if (d > 0 and self.schedule.is_submit(phase) and layer_state.reps is not None
+                    and self._layer_submits):
                 submits.append((layer_state, state, step.query_start + step.num_scheduled_tokens - 1))
             table, length = self._sparse_row(step, state, layer_state)
             rows.append(row)
@@ -486,6 +603,8 @@ class Esa(UcmSparseBase):
         layer_state.reps = new if layer_state.reps is None else torch.cat([layer_state.reps, new])
 
     def execute_finished(self) -> SparseStepStats:
+        if self._stage_submits:
+            self._boundary_submit()
         if self._batch is not None:
             self._stats.sparse_requests = sum(
                 1 for s in self._batch.requests if s.req_id in self._requests and s.is_decode

@@ -22,6 +22,11 @@ the clock from its next step on: its first retrieval comes at most ``stride`` st
 
 For s >= 3 this is UCM's schedule: submit at d = 2 (mod s), consume at d = 0, wait at d = 1. For s = 1 and 2 the
 pipeline runs every step / every other step with the same one-step lag between stages.
+
+Boundary mode (the engine stages every layer's query, `UcmSparseBase.query_stage`): the same submit and consume
+steps, each stage once per step for every layer instead of in the layer hooks: submit after the step's forward
+(its staged queries), consume before the consume step's forward, whose loads are waited there too, so that step
+already attends the new blocks and no step between needs a layer hook (on a GPU: each runs as one CUDA graph).
 """
 
 from __future__ import annotations

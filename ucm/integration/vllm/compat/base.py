@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ucm.sparse.base import SparseAttentionView
+from ucm.sparse.base import QueryShape, SparseAttentionView
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ class VllmBindings(abc.ABC):
     @abc.abstractmethod
     def key_views(self, kv_caches: Mapping[str, Any], vllm_config: Any) -> dict[str, torch.Tensor]:
         """Per layer, a K view ``[num_blocks, block_size, num_kv_heads, head_size]`` of the registered cache."""
+
+    def query_shape(self, vllm_config: Any) -> QueryShape | None:
+        """The query rows the attention hook copies into the sparse method's `UcmSparseBase.query_stage` in every
+        forward; None when this release's hook does not copy them."""
+        return None
 
     @abc.abstractmethod
     def attention_backend_names(self, layer_names: Sequence[str]) -> dict[str, str]:

@@ -42,7 +42,7 @@ import torch
 
 from ucm.errors import UcmConfigError
 from ucm.integration.vllm.compat.base import BatchRow, MetadataAdapter, SchedulerBlocks, VllmBindings
-from ucm.sparse.base import SparseAttentionView
+from ucm.sparse.base import QueryShape, SparseAttentionView
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +273,8 @@ class SparseAttentionForward:
         attn_metadata: Any, *args: Any, **kwargs: Any,
     ) -> Any:
         runtime = self.bindings.worker_runtime() if attn_metadata is not None else None
+        if runtime is not None:
+            runtime.stage_query(self.layer_name, query)
         if runtime is None or not runtime.in_step:
             return self.forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         adapter = self.bindings.adapter_for(attn_metadata)
@@ -384,6 +386,13 @@ class V1EngineBindings(VllmBindings):
                 raise UcmConfigError(f"CPU attention kernel of {name}", isa, f"{CPU_SPARSE_ISA!r} for sparse attention")
             views[name] = key_view(cache, block_size, num_kv_heads, head_size, backend_name)
         return views
+
+    def query_shape(self, vllm_config: Any) -> QueryShape | None:
+        model = vllm_config.model_config
+        # decode rows come first in vLLM's batch: a step decodes at most max_num_seqs requests
+        return QueryShape(int(vllm_config.scheduler_config.max_num_seqs),
+                          int(model.get_num_attention_heads(vllm_config.parallel_config)), int(model.get_head_size()),
+                          model.dtype)
 
     def attention_backend_names(self, layer_names: Sequence[str]) -> dict[str, str]:
         try:
