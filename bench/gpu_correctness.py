@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny Llama, ~1200-token prompts")
     parser.add_argument("--checks", default=ALL_CHECKS, help="letters of the checks to run (default abcde)")
+    parser.add_argument("--async-scheduling", choices=("default", "on", "off"), default="default",
+                        help="vLLM async_scheduling (default: vLLM's choice, on for a GPU engine)")
     parser.add_argument("--sparse-full-graphs", action="store_true",
                         help="ESA engines with ucm_sparse_full_graphs (steps without layer hooks as full CUDA graphs)")
     parser.add_argument("--dtype", default="float32", help="vLLM dtype (float32: stable greedy identity; "
@@ -447,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     base_kwargs = {"model": model_path, "skip_tokenizer_init": True, "dtype": args.dtype, "seed": 0,
                    "max_model_len": max_len, "max_num_batched_tokens": mnbt, "max_num_seqs": 16,
                    "block_size": block}
+    if args.async_scheduling != "default":
+        base_kwargs["async_scheduling"] = args.async_scheduling == "on"
     if args.weights == "dummy":
         base_kwargs["load_format"] = "dummy"
     if smoke:
@@ -511,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "commit": git_commit(repo),
         "model": dict(SMOKE_MODEL if smoke else GPU_MODEL, path=model_path, weights=args.weights, dtype=args.dtype),
-        "sparse_full_graphs": args.sparse_full_graphs,
+        "sparse_full_graphs": args.sparse_full_graphs, "async_scheduling": args.async_scheduling,
         "engine_kwargs": {k: v for k, v in base_kwargs.items() if k != "model"},
         "preemption_engine": {k: pre_kwargs[k] for k in ("num_gpu_blocks_override", "max_num_batched_tokens",
                                                          "long_prefill_token_threshold", "max_model_len")},
