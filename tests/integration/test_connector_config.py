@@ -273,15 +273,17 @@ def test_worker_metadata_takes_one_workers_sparse_counters() -> None:
     assert not merged.is_empty() and UcmWorkerMetadata(sparse={"steps": 0}).is_empty()
 
 
-def test_sparse_engines_ask_for_piecewise_graphs_unless_full_graphs_are_asked_for() -> None:
+def test_sparse_engines_keep_full_graphs_unless_full_graphs_are_turned_off() -> None:
     from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1 as Connector
 
     esa = {**DRAM, "ucm_sparse_method": "ESA"}
-    assert ConnectorConfig.parse({**esa, "ucm_sparse_full_graphs": True}, BLOCK).sparse_full_graphs is True
-    assert ConnectorConfig.parse(esa, BLOCK).sparse_full_graphs is False
+    off = {**esa, "ucm_sparse_full_graphs": False}
+    assert ConnectorConfig.parse(esa, BLOCK).sparse_full_graphs is True
+    assert ConnectorConfig.parse(off, BLOCK).sparse_full_graphs is False
     assert Connector.requires_piecewise_for_cudagraph(DRAM) is False  # dense: vLLM's own graph modes
-    assert Connector.requires_piecewise_for_cudagraph(esa) is True
+    assert Connector.requires_piecewise_for_cudagraph(off) is True
     # the installed release's bindings write steady steps' views into vLLM's metadata: full graphs allowed
+    assert Connector.requires_piecewise_for_cudagraph(esa) is False
     assert Connector.requires_piecewise_for_cudagraph({**esa, "ucm_sparse_full_graphs": True}) is False
 
 

@@ -417,9 +417,9 @@ def test_cuda_esa_ratio_one_gives_the_dense_connector_tokens(root: Engines) -> N
     requests = [{"name": "long_a", "ids": LONG_A, "max_tokens": 40}, {"name": "long_b", "ids": LONG_B,
                                                                        "max_tokens": 40}]
     # Both run what a sparse engine runs apart from the selection: vLLM's V1 model runner (the bindings pin it;
-    # 0.26's CUDA default is Model Runner V2), with piecewise CUDA graphs for every step (a sparse engine's
-    # default; with ucm_sparse_full_graphs its steady steps run as full graphs, which cap FA3's split count and
-    # round bf16 attention differently from the piecewise steps)
+    # 0.26's CUDA default is Model Runner V2), with piecewise CUDA graphs for every step (a sparse engine runs
+    # its steps without layer hooks as full graphs by default, which cap FA3's split count and round bf16
+    # attention differently from piecewise steps; the H200 run checks that case, bench/gpu_correctness.py)
     dense = run_engine(root, connector=True, requests=requests, env={"VLLM_USE_V2_MODEL_RUNNER": "0"},
                        cudagraph_mode="PIECEWISE", **CUDA)
     sparse = run_engine(root, connector=True, esa=dict(ESA_CUDA, sparse_ratio=1.0), requests=requests,

@@ -21,8 +21,8 @@ Fields (all under ``kv_connector_extra_config``)::
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
     ucm_device_backend      ucm device backend name (default: automatic / $UCM_DEVICE_BACKEND)    optional
     ucm_sparse_full_graphs  with a sparse method on CUDA: run steps without per-layer sparse work as full
-                            CUDA graphs, the others piecewise (default false: piecewise for every step;
-                            the full-graph path is not yet measured on a GPU)                   optional
+                            CUDA graphs, the others piecewise (default true; false: piecewise graphs
+                            for every step)                                                     optional
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ConnectorConfig:
     load_failure_policy: str
     device_backend: str | None
     block: ModelBlockShape
-    sparse_full_graphs: bool = False
+    sparse_full_graphs: bool = True
 
     @property
     def store_is_process_local(self) -> bool:
@@ -164,7 +164,7 @@ def check(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         "save_blocks": _flag(extra, "ucm_save_blocks"),
         "load_failure_policy": policy,
         "device_backend": backend,
-        "sparse_full_graphs": _flag(extra, "ucm_sparse_full_graphs", False),
+        "sparse_full_graphs": _flag(extra, "ucm_sparse_full_graphs", True),
     }
 
 

@@ -93,12 +93,12 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         # Loads and dumps run outside the graph (start_load_kv / wait_for_save). The sparse hooks run per layer
-        # in the steps that need them; with ucm_sparse_full_graphs, releases whose bindings put the other steps'
-        # view into vLLM's metadata keep full graphs (those steps) and piecewise graphs (the others).
+        # in the steps that need them; unless ucm_sparse_full_graphs is false, releases whose bindings put the
+        # other steps' view into vLLM's metadata keep full graphs (those steps) and piecewise graphs (the others).
         extra_config = extra_config or {}
         if not extra_config.get("ucm_sparse_method"):
             return False
-        if extra_config.get("ucm_sparse_full_graphs") is not True:
+        if extra_config.get("ucm_sparse_full_graphs", True) is False:
             return True
         from ucm.integration.vllm.compat import bindings
 
