@@ -33,6 +33,17 @@ class EsaEmulation:
         self.scoring = "mean"
         self.prompt_len = 0
         self.scores: dict[int, torch.Tensor] = {}  # layer -> candidate block scores (from the prefill's last query)
+        self.prefill_scores: dict[int, torch.Tensor] = {}
+        #: decode steps (0 = the first decode forward) whose own query re-scores the candidates, the new selection
+        #: attended from the next step on (ESA's retrievals submitted at that step, consumed at the next)
+        self.reselect_at: set[int] = set()
+        self.decode_calls: dict[int, int] = {}
+        self.dense_layers = 0  # the first N layers attend every block in decode (as Quest leaves its first two)
+
+    def start_decode(self) -> None:
+        """Every decode run starts from the selection scored at the end of prefill."""
+        self.scores = dict(self.prefill_scores)
+        self.decode_calls = {}
 
     def allowed(self, layer: int, kv_len: int) -> torch.Tensor:
         bs, n = self.block_size, self.prompt_len
@@ -58,11 +69,19 @@ class EsaEmulation:
             q = query[0, :, -int(window or 1) :].float().sum(1)
             score = block_scores(q, key[0].float(), bs, scoring)
             nb = -(-n // bs)
-            self.scores[layer] = score[self.init : nb - self.local]
+            self.scores[layer] = self.prefill_scores[layer] = score[self.init : nb - self.local]
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if layer < self.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         mask = self.allowed(layer, key.shape[2])
         bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype)
         bias[..., ~mask] = float("-inf")
+        step = self.decode_calls.get(layer, 0)
+        self.decode_calls[layer] = step + 1
+        if step in self.reselect_at:  # this step's query scores the prompt's candidates for the next steps
+            bs, n = self.block_size, self.prompt_len
+            score = block_scores(query[0, :, -1].float(), key[0, :, :n].float(), bs, self.scoring.partition("-w")[0])
+            self.scores[layer] = score[self.init : -(-n // bs) - self.local]
         return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
 
 
@@ -135,6 +154,9 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=32, help="the harness's value (sets the prompt length)")
     p.add_argument("--decode-tokens", type=int, default=10, help="tokens decoded here (the answer comes first)")
     p.add_argument("--log", default=None, help="the harness's JSONL log, to compare with vLLM + ucm ESA")
+    p.add_argument("--dense-layers", type=int, default=0, help="the first N layers attend every block in decode")
+    p.add_argument("--reselect-at", default="", help="comma-separated decode steps (0 = the first) whose query "
+                   "re-scores the candidates, attended from the next step (an early retrieval with a decode query)")
     p.add_argument("--out", default="bench/results/accuracy_esa_reference")
     args = p.parse_args()
     for scoring in args.scorings.split(","):  # a misspelt name would silently score as headsoftmax
@@ -143,6 +165,8 @@ def main() -> None:
     model_path = args.model or ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_path)
     emu = EsaEmulation(args.block_size, init=1, local=2)
+    emu.reselect_at = {int(x) for x in args.reselect_at.split(",") if x.strip()}
+    emu.dense_layers = args.dense_layers
     AttentionInterface.register("esa_emulation", emu)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="esa_emulation")
     model.eval()
@@ -169,6 +193,7 @@ def main() -> None:
                     pre = model(ids, use_cache=True)
                     first = pre.logits[0, -1].argmax()
                 cache = copy.deepcopy(pre.past_key_values)
+                emu.start_decode()
                 tokens, nxt = [int(first)], first.view(1, 1)
                 for _ in range(args.decode_tokens - 1):
                     out = model(nxt, past_key_values=cache, use_cache=True)
@@ -177,7 +202,8 @@ def main() -> None:
                 eos = tok.eos_token_id
                 text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
                 setting = f"esa-r{ratio:g}-s10"
-                row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring,
+                row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring, "reselect_at": args.reselect_at,
+                       "dense_layers": args.dense_layers,
                        "correct": case.answer in text, "text": text,
                        "engine_correct": engine.get((setting, case.case_id)),
                        "full_correct": engine.get(("full", case.case_id))}  # fmt: skip
@@ -191,7 +217,9 @@ def main() -> None:
         "# ESA selection emulated in transformers vs vLLM + ucm ESA (same prompts)",
         "",
         f"- Command: `python bench/accuracy/esa_reference_decode.py --tasks {args.tasks} --contexts {args.contexts} "
-        f"--depths {args.depths} --ratios {args.ratios} --log {args.log}`",
+        f"--depths {args.depths} --ratios {args.ratios} --scorings {args.scorings} --reselect-at "
+        f"'{args.reselect_at}' --dense-layers {args.dense_layers} --decode-tokens {args.decode_tokens} "
+        f"--log {args.log}`",
         "- Emulation: fixed initial selection (last prompt token's query vs block-mean keys, per layer), block "
         f"{args.block_size}, init 1, local 2; greedy {args.decode_tokens} tokens. Engine: the harness's "
         "`esa-r<ratio>-s10` answers from its log; full: the harness's full-attention answers.",
