@@ -266,13 +266,7 @@ class Esa(UcmSparseBase):
         for req_id, state in self._requests.items():
             if req_id not in scheduled and any(ls.load_task is not None for ls in state.layers):
                 self._settle(state)
-        for index in range(len(self._caches)) if initial else ():
-            due = []
-            for step, state in initial:
-                layer_state = state.layers[index]
-                pick, layer_state.pending = layer_state.pending, None
-                due.append((step, state, layer_state, pick))
-            self._consume(index, due)
+        self._consume_pending(initial)
         # a selected candidate attended where it lay until the scheduler freed it: load it into a work slot now
         for index in range(len(self._caches)) if reloads else ():
             self._consume(index, [(step, state, state.layers[index], state.layers[index].last_pick)
@@ -315,13 +309,7 @@ class Esa(UcmSparseBase):
             self._boundary_reps([(step, st) for step, st in decoding if st.layers and st.layers[0].reps is not None])
         if self.schedule.is_consume(phase):
             due = [(step, st) for step, st in decoding if st.decode_step(step) > 0]
-            for index in range(len(self._caches)) if due else ():
-                items = []
-                for step, st in due:
-                    layer_state = st.layers[index]
-                    pick, layer_state.pending = layer_state.pending, None
-                    items.append((step, st, layer_state, pick))
-                self._consume(index, items)
+            self._consume_pending(due)
             for _, st in due:  # every layer's loads in flight together; the step attends what they brought
                 for layer_state in st.layers:
                     self._wait_loads(layer_state)
@@ -337,6 +325,16 @@ class Esa(UcmSparseBase):
             # poison the rows: if the engine's hook does not copy the queries, the submit sees NaN and falls back
             self._stage[:, [row for _, row in submits]] = float("nan")
         return False
+
+    def _consume_pending(self, requests: list[tuple[SparseRequestStep, _RequestState]]) -> None:
+        """Consume the pending selection of these requests in every layer (one store task per layer)."""
+        for index in range(len(self._caches)) if requests else ():
+            due = []
+            for step, state in requests:
+                layer_state = state.layers[index]
+                pick, layer_state.pending = layer_state.pending, None
+                due.append((step, state, layer_state, pick))
+            self._consume(index, due)
 
     def _boundary_reps(self, decoding: list[tuple[SparseRequestStep, _RequestState]]) -> None:
         """Representations of the blocks full before this step (their K is in the cache) that have none yet."""
