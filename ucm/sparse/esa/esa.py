@@ -27,6 +27,7 @@ Worker role, per request and per layer (each layer has its own KV tensor, so eac
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ from ucm.sparse.budget import WindowLayout, plan_blocks, window_layout
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.retriever import BatchRetrieval, EsaRetriever
 from ucm.sparse.esa.schedule import EsaSchedule
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -362,9 +365,7 @@ class Esa(UcmSparseBase):
         queries = self._stage.index_select(1, rows)  # [layers, requests, heads, head_dim], a copy
         if not self._stage_checked:
             if torch.isnan(queries).any():  # one sync, once per engine
-                import logging
-
-                logging.getLogger(__name__).warning(
+                _log.warning(
                     "ESA: the engine's attention hook did not stage the queries; retrieval runs in the per-layer "
                     "hooks from now on")
                 self._stage = None
