@@ -307,9 +307,9 @@ class Esa(UcmSparseBase):
         phase = self._phase
         decoding = [(step, self._requests[step.req_id]) for step in batch.requests
                     if step.is_decode and step.req_id in self._requests]
-        catch_up = self.schedule.is_submit(phase) or any(self._needs_reps(step) for step, _ in decoding)
-        if catch_up:
-            self._boundary_reps([(step, st) for step, st in decoding if st.layers and st.layers[0].reps is not None])
+        with_reps = [(step, st) for step, st in decoding if st.layers and st.layers[0].reps is not None]
+        if self.schedule.is_submit(phase) or any(self._needs_reps(step) for step, _ in decoding):
+            self._boundary_reps(with_reps)
         if self.schedule.is_consume(phase):
             due = [(step, st) for step, st in decoding if st.decode_step(step) > 0]
             self._consume_pending(due)
@@ -319,8 +319,8 @@ class Esa(UcmSparseBase):
         if not self.schedule.is_submit(phase):
             return False
         rows = self._stage.shape[1]
-        submits = [(st, step.query_start + step.num_scheduled_tokens - 1) for step, st in decoding
-                   if st.decode_step(step) > 0 and st.layers and st.layers[0].reps is not None]
+        submits = [(st, step.query_start + step.num_scheduled_tokens - 1) for step, st in with_reps
+                   if st.decode_step(step) > 0]
         if any(row >= rows for _, row in submits):
             return True
         self._stage_submits = submits
@@ -349,9 +349,10 @@ class Esa(UcmSparseBase):
         if not wanted:
             return
         sizes = [len(ids) for _, ids in wanted]
-        flat = [b for _, ids in wanted for b in ids]
+        # the same physical blocks in every layer (all layers' caches live on one device): one transfer of the ids
+        ids = torch.tensor([b for _, ids in wanted for b in ids], dtype=torch.int64)
+        ids = ids.to(self._key_views[0].device, non_blocking=True)
         for index, key_view in enumerate(self._key_views):
-            ids = torch.tensor(flat, dtype=torch.int64).to(key_view.device, non_blocking=True)
             new = self.retriever.representations(key_view, ids, self.parts).split([n * self.parts for n in sizes])
             for (state, _), part in zip(wanted, new, strict=True):
                 layer_state = state.layers[index]
