@@ -14,9 +14,9 @@
 # the real $OUT on exit (trap), and give each e2e part its own --out (several parts with --merge share one JSON).
 # Measured on the H200 (2026-12-04): the first engine on a fresh machine takes ~80 s to start (compilation), later
 # ones ~45-65 s; a 32K x 8 case with 2 repetitions ~40 s; budget an e2e part as starts + cases, not less.
-# A fresh machine costs ~2 min of device time before the first command (counted); the run that starts a stage
-# must carry .carry/vllm026-3 (its install.sh), also after a failed call. Measured budget use (2026-12-04):
-# e2e dense + esa-full at 32Kx1, 32Kx8, 128Kx1 (4 engines) 500 s; correctness de 270 s; correctness bc 300 s.
+# A fresh machine's start counts against the device budget; the run that starts a stage must carry
+# .carry/vllm026-3 (its install.sh), also after a failed call. An e2e part of dense + esa-full at 32Kx1, 32Kx8 and
+# 128Kx1 (4 engines) took 462 s (bench/results/gpu_runs/e2e_boundary_e24f0dd.log).
 set -u
 stage=${1:-hooks}; shift || true
 OUT=${OUT:-/tmp/ucm-gpu-out}
