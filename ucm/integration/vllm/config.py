@@ -18,6 +18,11 @@ Fields (all under ``kv_connector_extra_config``)::
                             method's exact name (needs the method; {} alone is ignored)         optional
     ucm_prefix_reuse        load prompt blocks found in the store (default true)                   optional
     ucm_save_blocks         dump computed full prompt blocks to the store (default true)           optional
+    ucm_async_load          true: load prompt blocks while vLLM holds the request back
+                            (WAITING_FOR_REMOTE_KVS); false: load them before the forward of the step
+                            that computes the rest of the prompt, which waits; "auto" (default): true
+                            when vLLM schedules asynchronously (its default on GPUs), where recovering
+                            from a failed load inside a step is not safe                         optional
     ucm_load_failure_policy "recompute" (default: vLLM recomputes blocks that failed to load) | "fail"
     ucm_device_backend      ucm device backend name (default: automatic / $UCM_DEVICE_BACKEND)    optional
     ucm_sparse_full_graphs  with a sparse method on CUDA: run steps without per-layer sparse work as full
@@ -41,6 +46,7 @@ KNOWN_FIELDS = (
     "ucm_sparse_config",
     "ucm_prefix_reuse",
     "ucm_save_blocks",
+    "ucm_async_load",
     "ucm_load_failure_policy",
     "ucm_device_backend",
     "ucm_sparse_full_graphs",
@@ -77,6 +83,7 @@ class ConnectorConfig:
     device_backend: str | None
     block: ModelBlockShape
     sparse_full_graphs: bool = True
+    async_load: bool | str = "auto"  # see `resolve_async_load`
 
     @property
     def store_is_process_local(self) -> bool:
@@ -165,6 +172,7 @@ def check(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         "load_failure_policy": policy,
         "device_backend": backend,
         "sparse_full_graphs": _flag(extra, "ucm_sparse_full_graphs", True),
+        "async_load": _async_load(extra),
     }
 
 
@@ -214,6 +222,25 @@ def _case_hint(given: Any, names: list[str] | tuple[str, ...]) -> str:
             if given.lower() == name.lower() and given != name:
                 return f"names are case-sensitive: {name!r}, not {given!r}"
     return ""
+
+
+def _async_load(extra: Mapping[str, Any]) -> bool | str:
+    value = extra.get("ucm_async_load", "auto")
+    if not isinstance(value, bool) and value != "auto":
+        raise UcmConfigError("ucm_async_load", value, 'true, false or "auto"')
+    return value
+
+
+def resolve_async_load(config: ConnectorConfig, vllm_config: Any) -> ConnectorConfig:
+    """``config`` with ``async_load`` a bool: "auto" follows vLLM's asynchronous scheduling. With it, vLLM
+    schedules a request's next step before the worker output of the step that loaded its blocks arrives; a load
+    failure found then rewinds the request, but the next step's output frame is already in flight (vLLM 0.26,
+    `Scheduler._handle_invalid_blocks`). Asynchronous loads keep the request out of every step until its blocks
+    are in place or known failed."""
+    if isinstance(config.async_load, bool):
+        return config
+    scheduling = bool(getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False))
+    return dataclasses.replace(config, async_load=scheduling)
 
 
 def _flag(extra: Mapping[str, Any], field: str, default: bool = True) -> bool:

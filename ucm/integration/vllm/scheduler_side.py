@@ -6,13 +6,18 @@ Runs in vLLM's scheduler process, driven by `UnifiedCacheConnectorV1` (the vLLM 
 the workers sent at start), looks them up, and tells the workers what to load and dump each step.
 
 Prefix reuse: the full blocks of a prompt beyond vLLM's own prefix-cache hit that are all in the store (longest
-run, in every worker's namespace) are reported as external tokens and loaded synchronously before the forward.
-At least one prompt token is always left to compute. Dumps: the full prompt blocks computed in a step are dumped
-after it (planned from the step's computed range, so blocks recomputed after a failed load are dumped again).
-With a sparse method, every block that fills in decode is dumped too, named by the same chained hash over the
-prompt + output tokens (a later prompt that repeats prompt + output finds them); the workers report the positions
-whose copy is in the store (`stored_positions`, read by the sparse budget before it frees such a block).
-Finished requests free their blocks at once (see `request_finished`).
+run, in every worker's namespace) are reported as external tokens. With ``ucm_async_load`` (by default where
+vLLM schedules asynchronously) they load while vLLM holds the request back, until the workers report its loads
+ended; otherwise they load before the forward of the step that computes the rest of the prompt. At least one
+prompt token is always left to compute. A block a worker failed to load is not offered again while a shared
+store checks it again (a process-local store's index drops it at once).
+
+Dumps: the full prompt blocks computed in a step are dumped after it (planned from the step's computed range, so
+blocks recomputed after a failed load are dumped again). With a sparse method, every block that fills in decode
+is dumped too, named by the same chained hash over the prompt + output tokens (a later prompt that repeats
+prompt + output finds them); the workers report the positions whose copy is in the store (`stored_positions`,
+read by the sparse budget before it frees such a block). Finished requests free their blocks at once (see
+`request_finished`).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class ConnectorScheduler:
         self._index: dict[int, collections.OrderedDict[str, None]] = {}  # process-local stores: rank -> ids
         self._requests: dict[str, _Request] = {}
         self._pending_loads: list[BlockTransfer] = []
+        self._rechecks: list[tuple[set[str], Any]] = []  # (ids, the shared store's check of them) not ended
         self.stats = UcmConnectorStats()
         self.decode_dumps = config.sparse_method is not None  # generated blocks are dumped and become candidates
         self._sparse_totals = dict.fromkeys(SPARSE_COUNTERS, 0.0)  # engine-wide, from the workers' sparse hooks
@@ -141,10 +147,12 @@ class ConnectorScheduler:
         if stop <= start:
             return 0
         run = stop - start
+        suspect = self._suspect_ids() if self.store is not None else set()
         for rank, rank_ids in ids.items():
             wanted = rank_ids[start:stop]
             if self.store is not None:
-                run = min(run, self.store.lookup_prefix(wanted[:run]))
+                checked = self.store.lookup_prefix(wanted[:run])
+                run = min(run, next((i for i, b in enumerate(wanted[:checked]) if b in suspect), checked))
             else:
                 index = self._index.get(rank, {})
                 count = 0
@@ -173,7 +181,7 @@ class ConnectorScheduler:
         if run == 0:
             return 0, False
         state.planned_load = (start, run)
-        return run * self.block_size, False
+        return run * self.block_size, self.config.async_load
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
@@ -197,6 +205,10 @@ class ConnectorScheduler:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
         self._finishing = {}  # their outputs have left
+        for transfer in meta.loads:  # an asynchronous load's request is not scheduled yet: the workers need its ids
+            state = self._requests.get(transfer.req_id)
+            if state is not None and not state.sent and state.ids:
+                self._send_ids(meta, transfer.req_id, state, state.ids)
         steps: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             steps.append((new.req_id, new.num_computed_tokens))
@@ -224,9 +236,7 @@ class ConnectorScheduler:
             else:
                 end = min(num_computed + scheduled, state.request.num_prompt_tokens) // self.block_size
             if ids and not state.sent:
-                meta.new_requests[req_id] = {rank: list(rank_ids) for rank, rank_ids in ids.items()}
-                state.sent = True
-                state.ids_sent = min(len(rank_ids) for rank_ids in ids.values())
+                self._send_ids(meta, req_id, state, ids)
             elif ids and state.ids_sent < min(len(rank_ids) for rank_ids in ids.values()):
                 meta.appended_ids[req_id] = {rank: rank_ids[state.ids_sent :] for rank, rank_ids in ids.items()}
                 state.ids_sent = min(len(rank_ids) for rank_ids in ids.values())
@@ -246,6 +256,13 @@ class ConnectorScheduler:
         meta.finished_req_ids = sorted(scheduler_output.finished_req_ids or ())
         meta.preempted_req_ids = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return meta
+
+    @staticmethod
+    def _send_ids(meta: UcmConnectorMetadata, req_id: str, state: _Request, ids: dict[int, list[str]]) -> None:
+        """Hand the workers every store id the request has so far (its first ids; later ones are appended)."""
+        meta.new_requests[req_id] = {rank: list(rank_ids) for rank, rank_ids in ids.items()}
+        state.sent = True
+        state.ids_sent = min(len(rank_ids) for rank_ids in ids.values())
 
     def _track_blocks(self, req_id: str, block_ids: Any, replace: bool) -> None:
         """Follow the block list the workers see: a new or resumed request gets its whole list, a running one
@@ -298,7 +315,15 @@ class ConnectorScheduler:
         else:  # the lookup-only instance re-checks them, so a block that can never load is not offered again
             for ids in worker_meta.missing_ids.values():
                 with contextlib.suppress(StoreClosedError):
-                    self.store.report_failed_loads(ids)
+                    task = self.store.report_failed_loads(ids)
+                    if task is not None:
+                        self._rechecks.append((set(ids), task))
+
+    def _suspect_ids(self) -> set[str]:
+        """Ids a worker failed to load whose check by the shared store has not ended: not offered meanwhile (a
+        request whose load failed is looked up again at once, before the check can have hidden a corrupt file)."""
+        self._rechecks = [(ids, task) for ids, task in self._rechecks if not task.done()]
+        return set().union(*(ids for ids, _ in self._rechecks))
 
     def _confirm_stored(self, req_id: str, rank: int, positions: list[int]) -> None:
         state = self._requests.get(req_id)
@@ -318,7 +343,9 @@ class ConnectorScheduler:
         """(False: the blocks are freed at once, per-request summary for the output's kv_transfer_params).
 
         Freeing at once is safe: vLLM reuses a freed block at the earliest in the next step, and the workers
-        wait in `handle_preemptions` (before that step touches any block) for the dumps of finished requests.
+        wait in `handle_preemptions` (before that step touches any block) for the dumps of finished requests. A
+        request that ends while its asynchronous load runs keeps its blocks: vLLM frees them once the workers
+        report that load ended (`get_finished`).
         """
         state = self._requests.pop(request.request_id, None)
         if state is None:

@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 
 from ucm.integration.vllm.compat import set_load_failure_policy
 from ucm.integration.vllm.compat.config_check import reporting_config_errors
-from ucm.integration.vllm.config import ConnectorConfig, model_block_shape
+from ucm.integration.vllm.config import ConnectorConfig, model_block_shape, resolve_async_load
 from ucm.integration.vllm.kv_layout import detect_layout
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmHandshake
 from ucm.integration.vllm.sparse_budget import SparseBudget
@@ -55,7 +55,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def _init(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.block_size = int(vllm_config.cache_config.block_size)
-        self.config = ConnectorConfig.parse(extra, model_block_shape(kv_cache_config, self.block_size))
+        self.config = resolve_async_load(
+            ConnectorConfig.parse(extra, model_block_shape(kv_cache_config, self.block_size)), vllm_config
+        )
         # Blocks that fail to load are recomputed, never handed to the model (vLLM's default would fail the request).
         set_load_failure_policy(self._kv_transfer_config, self.config.load_failure_policy)
         self._scheduler = None
@@ -190,7 +192,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._worker.load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are waited in start_load_kv, before the forward
+        return  # the step's requests have their blocks: loaded before it was scheduled, or waited in start_load_kv
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -210,7 +212,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         if self._worker is None:
             return None, None
         self._worker.poll()
-        return None, None  # blocks are never held after a request finishes (see ConnectorWorker)
+        # nothing is ever sent (blocks are never held after a request finishes); received: the requests whose
+        # asynchronous prefix loads ended (their failed blocks go out in this step's get_block_ids_with_load_errors)
+        return None, (self._worker.finished_loads() or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()

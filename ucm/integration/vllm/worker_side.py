@@ -4,16 +4,22 @@ Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's mo
 `register_kv_caches` once, then per step `bind_connector_metadata`, `start_load_kv`, the forward, `wait_for_save`,
 `get_finished`, `get_block_ids_with_load_errors`, `get_kv_connector_stats`, `build_connector_worker_meta`).
 
-- Loads (prefix hits) are synchronous: submitted and waited in `start_load_kv`, which vLLM runs before the
-  forward when a step has external tokens. Blocks the store cannot deliver (missing, evicted, checksum mismatch,
-  I/O error) are returned by `get_block_ids_with_load_errors`; vLLM then discards the step's output for those
-  requests and recomputes from the first failed block (the connector sets vLLM's failure policy to recompute).
+- Loads (prefix hits), asynchronous where vLLM schedules asynchronously (``ucm_async_load``, "auto"):
+  submitted in `start_load_kv` of the step whose metadata lists them, while vLLM keeps the request out of the
+  batch (``WAITING_FOR_REMOTE_KVS``); each step's `get_finished` reports the requests whose loads all ended
+  (their blocks are in place), and their failed blocks go out in the same step's
+  `get_block_ids_with_load_errors`, so vLLM schedules such a request from its first failed block with no output
+  frame of it in flight. Synchronous loads are waited in `start_load_kv` before the forward; vLLM then discards
+  the step's output for a request with a failed block and recomputes from there. Either way the failed blocks
+  are the ones the store cannot deliver (missing, evicted, checksum mismatch, I/O error), and the connector sets
+  vLLM's failure policy to recompute.
 - Dumps run asynchronously after the forward (`wait_for_save` submits them as one batched task per request)
   and overlap the following steps. vLLM frees a finished or preempted request's blocks at once; the first step
   that may reuse them calls `handle_preemptions` before touching any block, and there this half waits for the
   dumps of those requests (with a sparse method: for every dump in flight, since the sparse budget frees blocks
   of running requests and loads them back from the store). Blocks already in the store are not written again.
-  Blocks computed in a step in which some load failed are not dumped (they may have been computed from bad KV).
+  With synchronous loads, blocks computed in a step in which some load failed are not dumped (they may have been
+  computed from bad KV).
 - With a sparse method the scheduler also plans dumps of the blocks filled in decode (their ids arrive in
   ``appended_ids``), and this half reports the positions whose copy is in the store (dumped, or found there) in
   `UcmWorkerMetadata.dumped`: the sparse budget frees such a block only then, a failed dump leaves it resident.
@@ -21,6 +27,7 @@ Runs in each vLLM worker process, driven by `UnifiedCacheConnectorV1` (vLLM's mo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -37,6 +44,17 @@ from ucm.store import BlockPages, StoreError, StoreTask
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares vLLM's log handlers
 
 
+@dataclasses.dataclass
+class _Load:
+    """One prefix load in flight: the transfer, the store ids it reads and the store's task (None: it did not
+    start, every block counts as failed)."""
+
+    transfer: BlockTransfer
+    ids: list[str]
+    task: StoreTask | None
+    started: float
+
+
 class ConnectorWorker:
     def __init__(self, config: ConnectorConfig, tp_rank: int):
         self.config = config
@@ -47,6 +65,7 @@ class ConnectorWorker:
         self.namespace = ""
         self._block_ids: dict[str, list[str]] = {}  # req_id -> store ids of its full prompt blocks (this rank)
         self._dumps: dict[str, list[StoreTask]] = {}  # req_id -> dump tasks in flight
+        self._loads: dict[str, list[_Load]] = {}  # req_id -> loads not accounted yet
         self._load_errors: set[int] = set()
         self._failed_this_step = False
         self._meta = UcmWorkerMetadata()
@@ -94,56 +113,78 @@ class ConnectorWorker:
         return [ids[p] for p in transfer.positions], BlockPages(list(self.layout.caches), slots)
 
     def load(self, meta: UcmConnectorMetadata) -> None:
-        """Load this step's prefix hits into their slots and wait (vLLM runs the forward right after)."""
+        """Submit this step's prefix loads; synchronous loads are also waited here (vLLM runs the forward next),
+        asynchronous ones end in `finished_loads`."""
         if not meta.loads:
             return
         started = time.perf_counter()
-        submitted: list[tuple[BlockTransfer, list[str], StoreTask | None]] = []
         for transfer in meta.loads:
+            task = None
             pages = self._pages(transfer)
-            if pages is None:
-                submitted.append((transfer, [], None))
-                continue
-            ids, dest = pages
-            try:
-                submitted.append((transfer, ids, self.store.load(ids, dest)))
-            except StoreError as exc:
-                logger.warning("UCM connector: load of %d blocks failed to start: %s", len(ids), exc)
-                submitted.append((transfer, ids, None))
-        for transfer, ids, task in submitted:
-            failed_ids: set[str]
-            if task is None:
-                failed_ids = set(ids) if ids else set()
-                bad = list(transfer.block_ids)
-            else:
+            ids = pages[0] if pages is not None else []
+            if pages is not None:
                 try:
-                    task.wait()
-                except StoreError:
-                    pass
-                failed_ids = set(task.failed_ids)
-                bad = [b for b, i in zip(transfer.block_ids, ids, strict=True) if i in failed_ids]
-            if bad:
-                self._load_errors.update(bad)
-                self._failed_this_step = True
-                self._meta.missing_ids.setdefault(self.tp_rank, []).extend(sorted(failed_ids))
-                reasons = task.failure_reasons if task is not None else {}
-                logger.warning(
-                    "UCM connector: request %s: %d of %d block(s) failed to load from %s, vLLM recomputes them (%s)",
-                    transfer.req_id, len(bad), len(transfer.block_ids), self.config.store_name,
-                    "; ".join(list(reasons.values())[:2]) or "request unknown to this worker",
-                )
-            # vLLM recomputes from the first failed block on (the longest valid prefix is kept): only the blocks
-            # before it are used, the others were read for nothing
-            bad_set = set(bad)
-            used = next((i for i, b in enumerate(transfer.block_ids) if b in bad_set), len(transfer.block_ids))
-            recomputed = len(transfer.block_ids) - used
-            self._meta.load_results[transfer.req_id] = [used, len(bad), recomputed]
-            self.stats.add(
-                loaded_blocks=used, loaded_bytes=used * self.layout.bytes_per_block, load_failed_blocks=len(bad),
-                recomputed_blocks=recomputed,
+                    task = self.store.load(*pages)
+                except StoreError as exc:
+                    logger.warning("UCM connector: load of %d blocks failed to start: %s", len(ids), exc)
+            self._loads.setdefault(transfer.req_id, []).append(_Load(transfer, ids, task, started))
+        if not self.config.async_load:
+            for req_id in dict.fromkeys(t.req_id for t in meta.loads):
+                self._end_loads(req_id, block=True)
+            self.stats.add(load_seconds=time.perf_counter() - started)
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads all ended since the last call (their failed blocks are recorded for
+        `take_load_errors`, which vLLM reads in the same step)."""
+        return {req_id for req_id in list(self._loads) if self._end_loads(req_id, block=False)}
+
+    def _end_loads(self, req_id: str, block: bool) -> bool:
+        """Account the loads of ``req_id`` if all have ended (``block``: wait for them); True if accounted."""
+        loads = self._loads[req_id]
+        if not block and not all(load.task is None or load.task.done() for load in loads):
+            return False
+        del self._loads[req_id]
+        for load in loads:
+            self._account_load(load)
+        return True
+
+    def _account_load(self, load: _Load) -> None:
+        transfer, ids, task = load.transfer, load.ids, load.task
+        failed_ids: set[str]
+        if task is None:
+            failed_ids = set(ids)
+            bad = list(transfer.block_ids)
+        else:
+            try:
+                task.wait()
+            except StoreError:
+                pass
+            failed_ids = set(task.failed_ids)
+            bad = [b for b, i in zip(transfer.block_ids, ids, strict=True) if i in failed_ids]
+        if bad:
+            self._load_errors.update(bad)
+            if not self.config.async_load:
+                self._failed_this_step = True  # this step's forward reads them
+            self._meta.missing_ids.setdefault(self.tp_rank, []).extend(sorted(failed_ids))
+            reasons = task.failure_reasons if task is not None else {}
+            logger.warning(
+                "UCM connector: request %s: %d of %d block(s) failed to load from %s, vLLM recomputes them (%s)",
+                transfer.req_id, len(bad), len(transfer.block_ids), self.config.store_name,
+                "; ".join(list(reasons.values())[:2]) or "request unknown to this worker",
             )
-            self.stats.sample("load_durations", time.perf_counter() - started)  # what this request waited
-        self.stats.add(load_seconds=time.perf_counter() - started)
+        # vLLM recomputes from the first failed block on (the longest valid prefix is kept): only the blocks
+        # before it are used, the others were read for nothing
+        bad_set = set(bad)
+        used = next((i for i, b in enumerate(transfer.block_ids) if b in bad_set), len(transfer.block_ids))
+        recomputed = len(transfer.block_ids) - used
+        row = self._meta.load_results.setdefault(transfer.req_id, [0, 0, 0])
+        row[0], row[1], row[2] = row[0] + used, row[1] + len(bad), row[2] + recomputed
+        self.stats.add(
+            loaded_blocks=used, loaded_bytes=used * self.layout.bytes_per_block, load_failed_blocks=len(bad),
+            recomputed_blocks=recomputed,
+        )
+        # submission until this half saw the end (asynchronous loads are polled once per step)
+        self.stats.sample("load_durations", time.perf_counter() - load.started)
 
     def save(self, meta: UcmConnectorMetadata) -> None:
         """Submit dumps of the full prompt blocks this step computed (asynchronous)."""
@@ -313,6 +354,8 @@ class ConnectorWorker:
         return meta
 
     def close(self) -> None:
+        for req_id in list(self._loads):  # the store must not write into the caches after this
+            self._end_loads(req_id, block=True)
         self._reap(list(self._dumps), block=True)
         if self.store is not None:
             self.store.close()
