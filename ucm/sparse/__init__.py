@@ -7,6 +7,7 @@ methods documented in `ucm.sparse.base`.
 from ucm.sparse.base import (
     INVALID_SLOTS,
     BlockPlan,
+    PackedKeys,
     SparseAttentionView,
     SparseBatch,
     SparseRequestStep,
@@ -23,6 +24,7 @@ __all__ = [
     "INVALID_SLOTS",
     "BlockPlan",
     "EsaConfig",
+    "PackedKeys",
     "SparseAttentionView",
     "SparseBatch",
     "SparseRequestStep",

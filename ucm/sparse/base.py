@@ -204,6 +204,22 @@ class QueryShape:
     dtype: torch.dtype
 
 
+@runtime_checkable
+class PackedKeys(Protocol):
+    """A layer's K whose packing no strided view expresses (vLLM-CPU's "amx" kernel interleaves head dims across
+    tokens): read by block instead. ``shape`` is the logical ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int: ...
+
+    def read_blocks(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """K of the listed blocks, ``[n, block_size, num_kv_heads, head_dim]`` (a copy)."""
+        ...
+
+
 class UcmSparseBase:
     """Base of every sparse-attention algorithm. Subclasses set `name` and override what they need.
 
@@ -243,7 +259,7 @@ class UcmSparseBase:
 
     # ============================================================== worker side
     def register_kv_caches(
-        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None,
+        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor | PackedKeys] | None = None,
         query_shape: QueryShape | None = None,
     ) -> None:
         """Worker: the engine's KV caches, layer name -> page tensor or (k, v) tuple, in model layer order.
@@ -251,7 +267,8 @@ class UcmSparseBase:
         This order must be the store row order used by the connector (a stored block row = every layer's page
         concatenated in this order), so layer L's part starts at the sum of the earlier layers' page bytes.
         ``key_views[layer]`` is a K view ``[num_blocks, block_size, num_kv_heads, head_dim]`` of the same
-        memory; it may be omitted for (k, v) tuples whose k already has that shape. ``query_shape``: given when
+        memory, or a `PackedKeys` where no view can express the packing; it may be omitted for (k, v) tuples
+        whose k already has that shape. ``query_shape``: given when
         the engine copies each layer's query into `query_stage` in every step (see there).
         """
 

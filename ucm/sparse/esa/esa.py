@@ -41,6 +41,7 @@ from ucm.device.backend import Cache
 from ucm.errors import UcmConfigError
 from ucm.sparse.base import (
     BlockPlan,
+    PackedKeys,
     QueryShape,
     SparseAttentionView,
     SparseBatch,
@@ -141,7 +142,7 @@ class Esa(UcmSparseBase):
         self._requests: dict[str, _RequestState] = {}
         self._layer_index: dict[str, int] = {}
         self._caches: list[Cache] = []
-        self._key_views: list[torch.Tensor] = []
+        self._key_views: list[torch.Tensor | PackedKeys] = []
         self._row_offsets: list[int] = []
         self._batch: SparseBatch | None = None
         self._view_cache: tuple[tuple, SparseAttentionView] | None = None  # the last view of this step
@@ -191,7 +192,7 @@ class Esa(UcmSparseBase):
 
     # ============================================================== worker side
     def register_kv_caches(
-        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor] | None = None,
+        self, kv_caches: Mapping[str, Cache], key_views: Mapping[str, torch.Tensor | PackedKeys] | None = None,
         query_shape: QueryShape | None = None,
     ) -> None:
         self._layer_index, self._caches, self._key_views, self._row_offsets = {}, [], [], []
@@ -591,7 +592,8 @@ class Esa(UcmSparseBase):
             self._stats.retrievals += len(prefill)
 
     def _add_reps(
-        self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState, key_view: torch.Tensor
+        self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState,
+        key_view: torch.Tensor | PackedKeys,
     ) -> None:
         """Append the representations of the blocks full after this step that have none yet (resident: they are
         in the local window or, at the end of a prefill, everywhere)."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ucm.device import Backend, CopyHandle
+from ucm.sparse.base import PackedKeys
 
 
 @dataclass
@@ -54,13 +55,17 @@ class BatchRetrieval:
 
 
 def block_representations(
-    backend: Backend, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1
+    backend: Backend, key_view: torch.Tensor | PackedKeys, block_ids: torch.Tensor, parts: int = 1
 ) -> torch.Tensor:
     """float32 means of K over each of ``parts`` near-equal token slices of every listed block (slice j: tokens
     ``[j * B // parts, (j + 1) * B // parts)``): ``[n * parts, kvh, d]``.
 
     ``key_view`` ``[num_blocks, B, kvh, d]`` (any strides); a slice of the token dimension is again such a view,
-    so every backend's `block_means` serves (``parts`` launches, once per request and layer)."""
+    so every backend's `block_means` serves (``parts`` launches, once per request and layer). `PackedKeys` are
+    gathered into such a tensor first."""
+    if not isinstance(key_view, torch.Tensor):  # PackedKeys
+        key_view = key_view.read_blocks(block_ids)
+        block_ids = torch.arange(key_view.shape[0], device=key_view.device)
     if parts == 1:
         return backend.block_means(key_view, block_ids)
     bounds = [j * key_view.shape[1] // parts for j in range(parts + 1)]
@@ -91,7 +96,9 @@ class EsaRetriever:
         self.backend = backend
         self.stream = backend.new_stream() if backend.device.type != "cpu" else None
 
-    def representations(self, key_view: torch.Tensor, block_ids: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    def representations(
+        self, key_view: torch.Tensor | PackedKeys, block_ids: torch.Tensor, parts: int = 1
+    ) -> torch.Tensor:
         """Mean K per listed (full) block, part and KV head, in the cache dtype: ``[n * parts, num_kv_heads,
         head_dim]`` (block i's parts are rows ``i * parts ... i * parts + parts - 1``; see `block_representations`).
 

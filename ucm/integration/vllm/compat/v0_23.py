@@ -42,12 +42,11 @@ from typing import Any
 
 from ucm.errors import UcmConfigError
 from ucm.integration.vllm.compat.v1_engine import (
-    CPU_SPARSE_ISA,
     CpuMetadataAdapter,
     V1EngineBindings,
     V1SchedulerBlocks,
+    check_sparse_cpu_isa,
     run_after_init,
-    sparse_cpu_isa,
     sparse_requested,
     wrap_method,
 )
@@ -114,7 +113,7 @@ class Cpu023MetadataAdapter(CpuMetadataAdapter):
     """0.23's CPU planner: no ``dynamic_causal`` / ``kv_cache_dtype``; the ISA is the metadata's own."""
 
     def __init__(self) -> None:
-        super().__init__(lambda impl: {}, lambda layer, impl: CPU_SPARSE_ISA)
+        super().__init__(lambda impl: {}, lambda layer, impl: None)  # the ISA is read from the metadata
 
     def schedule_args(self, metadata: Any, view: SparseAttentionView, layer: Any, impl: Any) -> dict[str, Any]:
         from vllm import envs
@@ -149,8 +148,8 @@ class Vllm023Bindings(V1EngineBindings):
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
 
         def builder_isa(builder: Any) -> None:
-            if sparse_requested(builder.vllm_config) and builder.isa != CPU_SPARSE_ISA:
-                builder.isa = sparse_cpu_isa(builder.isa)
+            if sparse_requested(builder.vllm_config):
+                check_sparse_cpu_isa(builder.isa)
             layers = builder.vllm_config.compilation_config.static_forward_context
             for name in builder.layer_names:
                 if name in layers:

