@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--tasks", default="passkey,needle")
     p.add_argument("--contexts", default="2K")
     p.add_argument("--depths", default="10")
+    p.add_argument("--samples", type=int, default=1, help="prompts per (task, context, depth), as the harness's")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--scorings", default="mean", help=f"comma-separated, from {', '.join(SCORINGS)}")
@@ -172,7 +173,7 @@ def main() -> None:
     model.eval()
     # Plain-text prompts, as the harness builds them by default (its --chat-template off).
     grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
-    cases = build_cases(tok, *grid, args.gen_tokens, use_chat_template=False)
+    cases = build_cases(tok, *grid, args.gen_tokens, samples=args.samples, use_chat_template=False)
     ratios = [float(r) for r in args.ratios.split(",")]
     engine: dict[tuple[str, str], bool] = {}
     if args.log:
@@ -217,8 +218,8 @@ def main() -> None:
         "# ESA selection emulated in transformers vs vLLM + ucm ESA (same prompts)",
         "",
         f"- Command: `python bench/accuracy/esa_reference_decode.py --tasks {args.tasks} --contexts {args.contexts} "
-        f"--depths {args.depths} --ratios {args.ratios} --scorings {args.scorings} --reselect-at "
-        f"'{args.reselect_at}' --dense-layers {args.dense_layers} --decode-tokens {args.decode_tokens} "
+        f"--depths {args.depths} --samples {args.samples} --ratios {args.ratios} --scorings {args.scorings} "
+        f"--reselect-at '{args.reselect_at}' --dense-layers {args.dense_layers} --decode-tokens {args.decode_tokens} "
         f"--log {args.log}`",
         "- Emulation: fixed initial selection (last prompt token's query vs block-mean keys, per layer), block "
         f"{args.block_size}, init 1, local 2; greedy {args.decode_tokens} tokens. Engine: the harness's "

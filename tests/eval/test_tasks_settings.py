@@ -44,6 +44,34 @@ def test_prompts_have_exact_length_and_hold_the_needle_at_its_depth(tokenizer, c
     assert "grass is green" not in tokenizer.decode(by_id["needle/2048/0.3000/0"].prompt_token_ids)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_ruler_style_tasks_hide_several_needles_and_ask_for_one_key(tokenizer, chat):
+    depths = [0.0, 0.5, 1.0]
+    cases = build_cases(tokenizer, ["multikey", "multivalue"], [2048], depths, gen_tokens=32, samples=2,
+                        use_chat_template=chat)
+    assert len(cases) == 2 * 3 * 2
+    for c in cases:
+        assert len(c.prompt_token_ids) == c.context - 32
+        text = tokenizer.decode(c.prompt_token_ids)
+        assert text.count("One of the special magic numbers for") == (4 if c.task == "multikey" else 3)
+        values = c.answer.split("|")
+        assert len(values) == (1 if c.task == "multikey" else 3)
+        assert all(text.count(v) == 1 for v in values)
+        # the asked needle starts where the case says, near its depth
+        after = tokenizer.decode(c.prompt_token_ids[c.needle_token_pos : c.needle_token_pos + 40])
+        assert values[0] in after
+        assert abs(c.needle_token_pos / len(c.prompt_token_ids) - c.depth) < 0.12, c.case_id
+        # the question names the asked needle's city (a multikey prompt holds three other cities' numbers)
+        city = after.split("magic numbers for ")[1].split(" is:")[0]
+        assert f"for {city} mentioned in the provided text?" in text
+        assert c.correct(" and ".join(values))
+        assert c.correct(values[0]) == (len(values) == 1)  # one value of a multivalue needle is not the answer
+    # multivalue: every value must be in the answer
+    multi = next(c for c in cases if c.task == "multivalue")
+    first, *rest = multi.answer.split("|")
+    assert multi.correct(f"{first}, {rest[0]} and {rest[1]}.") and not multi.correct(f"{first} and {rest[0]}.")
+
+
 def test_keys_depend_on_the_cell_not_on_the_grid(tokenizer):
     whole = build_cases(tokenizer, ["passkey", "needle"], [1024, 2048], [0.0, 0.5, 1.0], 32, seed=7)
     part = build_cases(tokenizer, ["needle"], [2048], [0.5], 32, seed=7)

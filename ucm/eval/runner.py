@@ -160,7 +160,7 @@ def run_setting(
                 **case.describe(),
                 "output_token_ids": tokens,
                 "text": text,
-                "correct": case.answer in text,
+                "correct": case.correct(text),
                 "wall_s": round(wall, 4),
                 "connector": stats_delta(before, recorder.snapshot()),
             }

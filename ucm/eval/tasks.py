@@ -1,4 +1,11 @@
-"""Retrieval tasks of the accuracy harness: passkey and needle-in-a-haystack prompts of an exact token length.
+"""Retrieval tasks of the accuracy harness: prompts of an exact token length that hide facts in long text.
+
+- ``passkey``: a 5-digit key in repeated filler sentences;
+- ``needle``: a 7-digit number for a city in essay text;
+- ``multikey`` (RULER's multi-key needle): four such needles for four cities, one of them asked for (the asked
+  one at the depth, the others at other depths of the same essay text);
+- ``multivalue`` (RULER's multi-value needle): three numbers for the same city at the depth and a third and two
+  thirds of the text further on (wrapping around); the answer must name all three.
 
 Owns prompt construction. A prompt is built from token ids (instruction + haystack + needle + question + answer
 prefix), so its length is exact for the model's tokenizer whatever the text; the needle is placed at a sentence
@@ -18,7 +25,7 @@ from typing import Any
 
 from ucm.errors import UcmConfigError
 
-TASKS = ("passkey", "needle")
+TASKS = ("passkey", "needle", "multikey", "multivalue")
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_INSTRUCTION = (
@@ -43,9 +50,13 @@ class Case:
     context: int
     depth: float
     sample: int
-    answer: str
+    answer: str  # what the output must contain; "|" separates values that must all appear (multivalue)
     prompt_token_ids: tuple[int, ...]
-    needle_token_pos: int  # index of the needle's first token in the prompt
+    needle_token_pos: int  # index of the (first) asked needle's first token in the prompt
+
+    def correct(self, text: str) -> bool:
+        """The output ``text`` holds the answer (every value of it)."""
+        return all(part in text for part in self.answer.split("|"))
 
     @property
     def case_id(self) -> str:
@@ -133,31 +144,55 @@ class PromptBuilder:
     def build(
         self, task: str, context: int, depth: float, gen_tokens: int, rng: random.Random, sample: int = 0
     ) -> Case:
-        """One prompt of exactly ``context - gen_tokens`` tokens with the needle at ``depth``."""
+        """One prompt of exactly ``context - gen_tokens`` tokens with the (asked) needle at ``depth``."""
         if task == "passkey":
             answer = str(rng.randint(10000, 99999))
-            needle = self._encode(f" The pass key is {answer}. Remember it. {answer} is the pass key.")
+            needles = [(depth, self._encode(f" The pass key is {answer}. Remember it. {answer} is the pass key."))]
             head, tail = self._frame(PASSKEY_INSTRUCTION, "What is the pass key?", "The pass key is")
-            source = self._filler
-        elif task == "needle":
-            answer = str(rng.randint(1000000, 9999999))
-            city = rng.choice(CITIES)
-            needle = self._encode(f" One of the special magic numbers for {city} is: {answer}.")
+        elif task in ("needle", "multikey"):
+            if task == "needle":  # this draw order keeps the prompts of earlier grids (and their logs) valid
+                numbers = [str(rng.randint(1000000, 9999999))]
+                cities = [rng.choice(CITIES)]
+            else:
+                cities = rng.sample(CITIES, 4)
+                numbers = [str(rng.randint(1000000, 9999999)) for _ in cities]
+            city, answer = cities[0], numbers[0]
+            # the asked needle first (at the depth), distractors at other depths
+            where = [depth] + [rng.random() for _ in cities[1:]]
+            needles = [(d, self._encode(f" One of the special magic numbers for {c} is: {n}."))
+                       for d, c, n in zip(where, cities, numbers, strict=True)]
             question = f"What is the special magic number for {city} mentioned in the provided text?"
             head, tail = self._frame(NEEDLE_INSTRUCTION, question, f"The special magic number for {city} is")
+        elif task == "multivalue":
+            city = rng.choice(CITIES)
+            values = [str(rng.randint(1000000, 9999999)) for _ in range(3)]
+            answer = "|".join(values)
+            needles = [(round((depth + i / 3) % 1.0, 4) if i else depth,
+                        self._encode(f" One of the special magic numbers for {city} is: {v}."))
+                       for i, v in enumerate(values)]
+            question = f"What are all the special magic numbers for {city} mentioned in the provided text?"
+            head, tail = self._frame(NEEDLE_INSTRUCTION, question, f"The special magic numbers for {city} are")
         else:
             raise UcmConfigError("task", task, TASKS)
-        n_body = context - gen_tokens - len(head) - len(needle) - len(tail)
+        n_body = context - gen_tokens - len(head) - sum(len(n) for _, n in needles) - len(tail)
         if n_body < 16:
             raise UcmConfigError("context", context, f"at least {context - n_body + 16} tokens for task {task!r}")
-        if task == "needle":
-            source = self._essay_tokens(n_body)
+        source = self._filler if task == "passkey" else self._essay_tokens(n_body)
         reps = -(-n_body // len(source))
         body = (source * reps)[:n_body]
-        cut = self._place(body, depth)
-        ids = head + body[:cut] + needle + body[cut:] + tail
+        # each needle at the sentence start nearest its depth; the asked one (first) keeps its place on a tie
+        cuts = [self._place(body, d) for d, _ in needles]
+        order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
+        ids, start, asked = list(head), 0, 0
+        for i in order:
+            ids += body[start : cuts[i]]
+            start = cuts[i]
+            if i == 0:
+                asked = len(ids)
+            ids += needles[i][1]
+        ids += body[start:] + tail
         assert len(ids) == context - gen_tokens
-        return Case(task, context, depth, sample, answer, tuple(ids), len(head) + cut)
+        return Case(task, context, depth, sample, answer, tuple(ids), asked)
 
 
 def default_depths(n: int) -> list[float]:
