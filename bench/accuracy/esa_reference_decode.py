@@ -39,10 +39,19 @@ class EsaEmulation:
         self.reselect_at: set[int] = set()
         self.decode_calls: dict[int, int] = {}
         self.dense_layers = 0  # the first N layers attend every block in decode (as Quest leaves its first two)
+        #: the asked needle's blocks (prompt block indices) of the current case: the "needle" scoring keeps them
+        #: first, and every scoring records their best rank among the candidates per layer
+        self.needle_blocks: list[int] = []
+        self.needle_ranks: dict[int, int] = {}
 
     def start_decode(self) -> None:
-        """Every decode run starts from the selection scored at the end of prefill."""
+        """Every decode run starts from the selection scored at the end of prefill ("-g": one selection for all
+        layers, the blocks ranked by their summed per-layer ranks, a Borda count)."""
         self.scores = dict(self.prefill_scores)
+        if self.scoring.endswith("-g") and self.scores:
+            ranks = torch.stack([s.argsort(descending=True).argsort() for s in self.scores.values()]).float()
+            shared = -ranks.sum(0)
+            self.scores = {layer: shared for layer in self.scores}
         self.decode_calls = {}
 
     def allowed(self, layer: int, kv_len: int) -> torch.Tensor:
@@ -65,11 +74,27 @@ class EsaEmulation:
         if query.shape[2] > 1:  # prefill: dense; score the candidates with the last prompt token's query
             self.prompt_len = key.shape[2]
             bs, n = self.block_size, key.shape[2]
-            scoring, _, window = self.scoring.partition("-w")  # "-w<N>": the last N prompt queries, summed
-            q = query[0, :, -int(window or 1) :].float().sum(1)
-            score = block_scores(q, key[0].float(), bs, scoring)
+            scoring, window, pooled, union = split_scoring(self.scoring)
+            if pooled:  # each of the last N prompt queries gives a distribution over blocks; they are summed
+                score = sum(block_scores(query[0, :, -j].float(), key[0].float(), bs, scoring, union)
+                            for j in range(1, pooled + 1))
+            else:  # "-w<N>": the last N prompt queries summed into one query
+                score = block_scores(query[0, :, -window:].float().sum(1), key[0].float(), bs, scoring, union)
             nb = -(-n // bs)
-            self.scores[layer] = self.prefill_scores[layer] = score[self.init : nb - self.local]
+            if scoring == "needle":  # the task's truth: the needle blocks first, the rest by attention mass
+                score = score.clone()
+                score[..., self.needle_blocks] += 1e6
+            if union:
+                score = union_of_heads(score[:, self.init : nb - self.local])
+            else:
+                score = score[self.init : nb - self.local]
+            self.scores[layer] = self.prefill_scores[layer] = score
+            cands = [b - self.init for b in self.needle_blocks if self.init <= b < nb - self.local]
+            if cands:  # 0 = the best candidate; -1: the needle lies in the init or local window (always attended)
+                order = score.argsort(descending=True).argsort()
+                self.needle_ranks[layer] = int(order[cands].min())
+            else:
+                self.needle_ranks[layer] = -1
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if layer < self.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -80,19 +105,47 @@ class EsaEmulation:
         self.decode_calls[layer] = step + 1
         if step in self.reselect_at:  # this step's query scores the prompt's candidates for the next steps
             bs, n = self.block_size, self.prompt_len
-            score = block_scores(query[0, :, -1].float(), key[0, :, :n].float(), bs, self.scoring.partition("-w")[0])
-            self.scores[layer] = score[self.init : -(-n // bs) - self.local]
+            scoring, _, _, union = split_scoring(self.scoring)
+            score = block_scores(query[0, :, -1].float(), key[0, :, :n].float(), bs, scoring, union)
+            score = score[..., self.init : -(-n // bs) - self.local]
+            self.scores[layer] = union_of_heads(score) if union else score
         return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
 
 
-SCORINGS = ("mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax", "sub16headsoftmax", "oracle",
-            "quest<M>", "normtok<R>")
-SCORING_NAME = re.compile(r"(mean|oracle|headsoftmax|sub\d+(max|headsoftmax)|quest\d+|normtok\d+)(-w\d+)?")
-# any of them with "-w<N>" scores with the sum of the last N prompt tokens' queries (a prefill observation window)
+SCORINGS = ("needle", "mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax",
+            "sub16headsoftmax", "oracle", "quest<M>", "normtok<R>")
+SCORING_NAME = re.compile(r"((mean|oracle|needle|headsoftmax|sub\d+(max|headsoftmax)|quest\d+|normtok\d+)(-w\d+)?"
+                          r"|(oracle|headsoftmax|sub\d+headsoftmax)-p\d+)(-u)?(-g)?")
+# any of them with "-w<N>" scores with the sum of the last N prompt tokens' queries (a prefill observation window);
+# the distributions (oracle, *headsoftmax) with "-p<N>" sum the last N queries' distributions over blocks, each
+# query counting once whatever its norm (SnapKV's pooled observation window, on block representations);
+# any of them with "-u" ranks the blocks per KV head and keeps the union of every head's best blocks (round robin:
+# each head's first choice, then each head's second, ...), so a head that alone finds the needle still gets its
+# block (one block table for all heads, as vLLM's paged attention needs); "-g" (last): one selection shared by
+# every layer, ranked by the sum of the layers' ranks (a block many layers rank high wins)
 
 
-def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> torch.Tensor:
-    """Score of every full block for one query ``q`` [num_q_heads, d] over ``keys`` [kvh, n, d] (RoPE applied).
+def split_scoring(name: str) -> tuple[str, int, int, bool]:
+    """``(scoring, window, pooled, union)`` of a scoring name: "-w<N>" sums N queries, "-p<N>" N distributions,
+    "-u" the union of the KV heads' rankings."""
+    name = name.removesuffix("-g")  # one selection for all layers: applied in `EsaEmulation.start_decode`
+    union = name.endswith("-u")
+    base, _, window = name.removesuffix("-u").partition("-w")
+    base, _, pooled = base.partition("-p")
+    return base, int(window or 1), int(pooled or 0), union
+
+
+def union_of_heads(per_head: torch.Tensor) -> torch.Tensor:
+    """Scores [kvh, nb] -> [nb] whose top-k is the round-robin union of the heads' rankings (ties: the mean rank)."""
+    ranks = torch.empty_like(per_head)
+    order = per_head.argsort(dim=1, descending=True)
+    ranks.scatter_(1, order, torch.arange(per_head.shape[1], dtype=per_head.dtype).expand_as(order).contiguous())
+    return -(ranks.amin(0) + ranks.mean(0) / (per_head.shape[1] + 1))
+
+
+def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str, per_head: bool = False) -> torch.Tensor:
+    """Score of every full block for one query ``q`` [num_q_heads, d] over ``keys`` [kvh, n, d] (RoPE applied):
+    [nb], or per KV head [kvh, nb] with ``per_head`` (the same score without the sum over KV heads).
 
     ``mean``: ESA as built (GQA-summed query · block-mean key, summed over KV heads). ``sub<M>max``: means of
     M-token sub-blocks, a block scores its best sub-block. ``headsoftmax``: per query head, softmax over blocks of
@@ -104,12 +157,15 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> 
     slice). ``normtok<R>``: R representative keys per block and KV head, those of the largest norm (chosen at
     prefill); a block scores, per KV head, its best representative against the GQA-summed query, summed over the
     KV heads (R vectors per block)."""
+    if scoring == "needle":  # ranked by attention mass; the caller puts the needle blocks first
+        scoring = "oracle"
     kvh, n, d = keys.shape
     groups = q.shape[0] // kvh
     nb = n // bs
     if scoring == "oracle":  # the query's true attention mass per block, summed over heads (not ESA: an upper bound)
         probs = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(kvh, groups, d), keys) / d**0.5, -1)
-        return probs.sum((0, 1))[: nb * bs].view(nb, bs).sum(1)
+        mass = probs.sum(1)[:, : nb * bs].view(kvh, nb, bs).sum(-1)  # [kvh, nb]
+        return mass if per_head else mass.sum(0)
     quest = re.fullmatch(r"quest(\d+)", scoring)
     if quest:
         m = bs // int(quest[1])
@@ -117,23 +173,30 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str) -> 
         lo, hi = slices.amin(2), slices.amax(2)  # [kvh, nb*m, d]
         qh = q.view(kvh, groups, 1, d)
         bound = torch.maximum(qh * lo[:, None], qh * hi[:, None]).sum(-1)  # [kvh, groups, nb*m]
+        if per_head:
+            return bound.sum(1).view(kvh, nb, m).amax(-1)
         return bound.sum((0, 1)).view(nb, m).amax(1)
     normtok = re.fullmatch(r"normtok(\d+)", scoring)
     if normtok:
         blocks = keys[:, : nb * bs].reshape(kvh, nb, bs, d)
         pick = blocks.norm(dim=-1).topk(min(int(normtok[1]), bs), dim=-1).indices  # [kvh, nb, R]
         reps = torch.gather(blocks, 2, pick[..., None].expand(-1, -1, -1, d))  # [kvh, nb, R, d]
-        return torch.einsum("gd,gbrd->gbr", q.view(kvh, groups, d).sum(1), reps).amax(-1).sum(0)
+        best = torch.einsum("gd,gbrd->gbr", q.view(kvh, groups, d).sum(1), reps).amax(-1)  # [kvh, nb]
+        return best if per_head else best.sum(0)
     sliced = re.match(r"sub(\d+)", scoring)
     sub = int(sliced[1]) if sliced else bs
     m = bs // sub
     means = keys[:, : nb * bs].reshape(kvh, nb * m, sub, d).mean(2)  # [kvh, nb*m, d]
-    if scoring.endswith("max") or scoring == "mean":
+    if not scoring.endswith("headsoftmax"):  # mean, sub<M>max ("headsoftmax" also ends in "max")
+        if per_head:
+            s = torch.einsum("gd,gbd->gb", q.view(kvh, groups, d).sum(1), means)  # [kvh, nb*m]
+            return s.view(kvh, nb, m).amax(-1)
         s = torch.einsum("gd,gbd->b", q.view(kvh, groups, d).sum(1), means)  # [nb*m]
         return s.view(nb, m).amax(1)
     logits = torch.einsum("ghd,gbd->ghb", q.view(kvh, groups, d), means) / d**0.5  # [kvh, groups, nb*m]
     logits = logits.reshape(kvh * groups, nb, m).logsumexp(-1)  # [heads, nb]
-    return torch.softmax(logits, -1).sum(0)
+    share = torch.softmax(logits, -1)
+    return share.view(kvh, groups, nb).sum(1) if per_head else share.sum(0)
 
 
 def main() -> None:
@@ -187,6 +250,9 @@ def main() -> None:
     with torch.no_grad():
         for case in cases:
             ids = torch.tensor([case.prompt_token_ids])
+            # the asked needle's sentence: its first token and the next 40 (the longest needle sentence is shorter)
+            n0, n1 = case.needle_token_pos, min(case.needle_token_pos + 40, len(case.prompt_token_ids) - 1)
+            emu.needle_blocks = list(range(n0 // args.block_size, n1 // args.block_size + 1))
             for scoring, ratio in [(sc, r) for sc in args.scorings.split(",") for r in ratios]:
                 emu.ratio = ratio
                 if scoring != emu.scoring or ratio == ratios[0]:  # the prefill call scores the blocks
@@ -204,8 +270,9 @@ def main() -> None:
                 text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
                 setting = f"esa-r{ratio:g}-s10"
                 row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring, "reselect_at": args.reselect_at,
-                       "dense_layers": args.dense_layers,
-                       "correct": case.answer in text, "text": text,
+                       "dense_layers": args.dense_layers, "needle_blocks": emu.needle_blocks,
+                       "needle_rank_per_layer": [emu.needle_ranks.get(i) for i in range(len(emu.needle_ranks))],
+                       "correct": case.correct(text), "text": text,
                        "engine_correct": engine.get((setting, case.case_id)),
                        "full_correct": engine.get(("full", case.case_id))}  # fmt: skip
                 rows.append(row)

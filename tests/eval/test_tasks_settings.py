@@ -135,7 +135,13 @@ def test_settings_parse_and_build_the_connector_config():
     ucm_repr = parse_setting("esa-r0.2-s10-t128")
     assert ucm_repr.name == "esa-r0.2-s10-t128"
     assert ucm_repr.extra_config(1 << 30)["ucm_sparse_config"]["ESA"]["repr_tokens"] == 128
-    for bad in ("esa", "esa-r0-s10", "esa-r1.5-s1", "esa-r0.2-s0", "sparse", "esa-r0.2-s10-t0", "esa-r0.2-s10-t"):
+    by_attention = parse_setting("esa-r0.2-s10-a8")
+    assert by_attention.name == "esa-r0.2-s10-a8"
+    esa = by_attention.extra_config(1 << 30)["ucm_sparse_config"]["ESA"]
+    assert esa["initial_selection"] == "attention" and esa["initial_queries"] == 8
+    assert parse_setting("esa-r0.2-s10-t128-a4").name == "esa-r0.2-s10-t128-a4"
+    for bad in ("esa", "esa-r0-s10", "esa-r1.5-s1", "esa-r0.2-s0", "sparse", "esa-r0.2-s10-t0", "esa-r0.2-s10-t",
+                "esa-r0.2-s10-a0", "esa-r0.2-s10-a8-t16"):
         with pytest.raises(UcmConfigError) as err:
             parse_setting(bad)
         assert err.value.field == "settings"

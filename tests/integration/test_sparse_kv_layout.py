@@ -10,7 +10,7 @@ import torch
 from ucm.errors import UcmConfigError
 from ucm.integration.vllm.compat.v1_engine import AmxKeys, key_view
 from ucm.sparse.base import PackedKeys
-from ucm.sparse.esa.retriever import block_representations
+from ucm.sparse.esa.retriever import attention_mass, block_representations
 
 pytest.importorskip("vllm")
 
@@ -63,6 +63,10 @@ def test_amx_keys_read_what_the_cpu_amx_kernel_wrote(block_size: int, head_size:
     plain = key[: 2 * block_size].view(2, block_size, num_kv_heads, head_size)
     expected = block_representations(get_backend("cpu"), plain, torch.tensor([0, 1]), parts=block_size // 16)
     torch.testing.assert_close(reps, expected)
+    # the initial selection by attention reads the packed keys too
+    query = torch.randn(3, 2 * num_kv_heads, head_size)
+    ids = torch.tensor([1, 2])
+    torch.testing.assert_close(attention_mass(query, keys, ids), attention_mass(query, plain, torch.tensor([0, 1])))
 
 
 def test_unknown_cache_shape_is_a_config_error() -> None:

@@ -368,3 +368,41 @@ def test_boundary_mode_falls_back_to_layer_hooks_when_the_engine_does_not_stage_
     assert engine.worker.query_stage(engine.layer_names[0]) is None
     assert sum("did not stage the queries" in r.message for r in caplog.records) == 1
     assert sum(s.retrievals_consumed for s in engine.stats[-12:]) > 0
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
+def test_initial_selection_by_attention_keeps_the_blocks_the_last_prompt_queries_attend(staged):
+    """initial_selection "attention": the first decode step attends the candidates that the last
+    ``initial_queries`` prompt queries pay the most attention (exact softmax over the prompt's full blocks),
+    checked against a brute-force computation from the engine's true keys and queries, in every layer."""
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=3, initial_selection="attention", initial_queries=5)
+    engine = MiniEngine(config, offload=True, store=dram_store(), stage_queries=staged)
+    req = engine.add("a", prompt=161)  # 40 full blocks + 1 token: sink 1, candidates 1..37, local 2
+    engine.step()
+    records = engine.step(["a"])["a"]
+    full = 161 // BS
+    for layer, rec in enumerate(records):
+        keys, _ = engine.truth(req, layer, range(full * BS))
+        queries = torch.stack([engine.query(req, layer, p) for p in range(161 - 5, 161)])  # [w, hq, d]
+        mass = torch.zeros(full)
+        for q in queries:
+            for h in range(engine.hq):
+                logits = keys[:, h // (engine.hq // engine.hkv)] @ q[h] / D**0.5
+                mass += torch.softmax(logits, 0).view(full, BS).sum(1)
+        chosen = sorted(p for p in rec.positions if 1 <= p < full - 2)
+        assert len(chosen) == 7  # int(37 * 0.2)
+        best = sorted((mass[1 : full - 2].topk(7).indices + 1).tolist())
+        assert chosen == best, (layer, chosen, best)
+
+
+def test_initial_selection_by_attention_finds_planted_needles():
+    config = EsaConfig(sparse_ratio=0.2, retrieval_stride=3, initial_selection="attention")
+    engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
+    req = engine.add("a", prompt=160)
+    engine.step()
+    needles = engine.needles(req)
+    for records in decode_steps(engine, "a", 3):
+        for rec in records:
+            assert set(needles) <= set(rec.positions)
+            cos = torch.nn.functional.cosine_similarity(rec.output.flatten(), rec.dense_output.flatten(), dim=0)
+            assert cos > 0.9

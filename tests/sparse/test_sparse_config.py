@@ -40,7 +40,8 @@ def test_unknown_method_lists_known():
     [
         ("sparse_ratio", 0.0), ("sparse_ratio", 1.5), ("sparse_ratio", "0.2"), ("sparse_ratio", True),
         ("retrieval_stride", 0), ("retrieval_stride", 2.0), ("init_window_sz", -1), ("local_window_sz", 0),
-        ("min_blocks", 0), ("local_window", 2),
+        ("min_blocks", 0), ("local_window", 2), ("initial_selection", "Attention"), ("initial_selection", None),
+        ("initial_queries", 0), ("initial_queries", 8.0),
     ],
 )
 def test_bad_fields_name_the_field(field, value):

@@ -24,7 +24,9 @@ DEFAULT_SETTINGS = (
     "esa-r0.3-s1",
     "esa-r0.3-s10",
 )
-_ESA_NAME = re.compile(r"^esa-r(?P<ratio>[0-9]*\.?[0-9]+)-s(?P<stride>[0-9]+)(-t(?P<repr>[0-9]+))?$")
+_ESA_NAME = re.compile(
+    r"^esa-r(?P<ratio>[0-9]*\.?[0-9]+)-s(?P<stride>[0-9]+)(-t(?P<repr>[0-9]+))?(-a(?P<queries>[0-9]+))?$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +34,15 @@ class Setting:
     """One way to run attention. ``full``: vLLM alone. ``dense-ucm``: the connector without a sparse method.
     ``esa-r<ratio>-s<stride>``: the connector with ESA at that sparse_ratio and retrieval_stride;
     ``esa-r<ratio>-s<stride>-t<tokens>``: also with that ``repr_tokens`` (e.g. ``-t128``: one mean key per 128-token
-    block, UCM's representation)."""
+    block, UCM's representation); ``...-a<N>``: the initial selection by the attention of the last N prompt
+    queries (``initial_selection`` "attention", ``initial_queries`` N)."""
 
     name: str
     connector: bool
     sparse_ratio: float | None = None
     retrieval_stride: int | None = None
     repr_tokens: int | None = None
+    initial_queries: int | None = None
 
     @property
     def sparse(self) -> bool:
@@ -57,6 +61,8 @@ class Setting:
             esa.update(sparse_ratio=self.sparse_ratio, retrieval_stride=self.retrieval_stride)
             if self.repr_tokens is not None:
                 esa["repr_tokens"] = self.repr_tokens
+            if self.initial_queries is not None:
+                esa.update(initial_selection="attention", initial_queries=self.initial_queries)
             extra["ucm_sparse_method"] = "ESA"
             extra["ucm_sparse_config"] = {"ESA": esa}
         return extra
@@ -77,7 +83,8 @@ class Setting:
 
 
 def parse_setting(name: str) -> Setting:
-    """``full`` | ``dense-ucm`` | ``esa-r<ratio>-s<stride>[-t<repr_tokens>]`` (e.g. ``esa-r0.2-s10``)."""
+    """``full`` | ``dense-ucm`` | ``esa-r<ratio>-s<stride>[-t<repr_tokens>][-a<initial_queries>]`` (e.g.
+    ``esa-r0.2-s10``)."""
     name = name.strip()
     if name == "full":
         return Setting("full", connector=False)
@@ -87,12 +94,14 @@ def parse_setting(name: str) -> Setting:
     if m:
         ratio, stride = float(m["ratio"]), int(m["stride"])
         tokens = int(m["repr"]) if m["repr"] is not None else None
-        if 0.0 < ratio <= 1.0 and stride >= 1 and (tokens is None or tokens >= 1):
-            suffix = f"-t{tokens}" if tokens is not None else ""
+        queries = int(m["queries"]) if m["queries"] is not None else None
+        if 0.0 < ratio <= 1.0 and stride >= 1 and (tokens is None or tokens >= 1) and (queries is None or queries >= 1):
+            suffix = (f"-t{tokens}" if tokens is not None else "") + (f"-a{queries}" if queries is not None else "")
             return Setting(f"esa-r{ratio:g}-s{stride}{suffix}", connector=True, sparse_ratio=ratio,
-                           retrieval_stride=stride, repr_tokens=tokens)  # fmt: skip
+                           retrieval_stride=stride, repr_tokens=tokens, initial_queries=queries)  # fmt: skip
     raise UcmConfigError(
-        "settings", name, "'full', 'dense-ucm' or 'esa-r<ratio in (0,1]>-s<stride >= 1>[-t<repr_tokens >= 1>]'"
+        "settings", name,
+        "'full', 'dense-ucm' or 'esa-r<ratio in (0,1]>-s<stride >= 1>[-t<repr_tokens >= 1>][-a<initial_queries >= 1>]'",
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from ucm.errors import UcmConfigError
 
+INITIAL_SELECTIONS = ("representations", "attention")
+
 
 @dataclasses.dataclass(frozen=True)
 class EsaConfig:
@@ -24,7 +26,12 @@ class EsaConfig:
     blocks stay dense. sparse_ratio: share of the candidate blocks (between the two windows) kept in decode.
     retrieval_stride: decode steps between two retrievals. repr_tokens: tokens per block representation (mean of
     K): a block of B tokens is cut into ceil(B / repr_tokens) near-equal slices, each with its own mean, and scores
-    as its best slice, so a short passage (a needle) is not averaged away by a large block.
+    as its best slice, so a short passage (a needle) is not averaged away by a large block. initial_selection: how
+    the selection of a request's first decode steps (the ones that write the start of the answer) is made at the
+    end of its prefill: "representations" scores the blocks' representations with the last prompt token's query,
+    as every later retrieval does; "attention" ranks them by the attention the last ``initial_queries`` prompt
+    tokens really pay to their keys (each layer's prompt K read once per request;
+    bench/results/accuracy_esa_selection_diagnosis.md).
     """
 
     init_window_sz: int = 1
@@ -33,6 +40,8 @@ class EsaConfig:
     sparse_ratio: float = 0.2
     retrieval_stride: int = 10
     repr_tokens: int = 16
+    initial_selection: str = "representations"
+    initial_queries: int = 8
 
     def __post_init__(self) -> None:
         _check_int("init_window_sz", self.init_window_sz, 0)
@@ -40,6 +49,10 @@ class EsaConfig:
         _check_int("min_blocks", self.min_blocks, 1)
         _check_int("retrieval_stride", self.retrieval_stride, 1)
         _check_int("repr_tokens", self.repr_tokens, 1)
+        _check_int("initial_queries", self.initial_queries, 1)
+        if self.initial_selection not in INITIAL_SELECTIONS:
+            raise UcmConfigError("ucm_sparse_config.ESA.initial_selection", self.initial_selection,
+                                 f"one of {list(INITIAL_SELECTIONS)}")
         ratio = self.sparse_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
             raise UcmConfigError("ucm_sparse_config.ESA.sparse_ratio", ratio, "a number in (0, 1]")

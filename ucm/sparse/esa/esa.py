@@ -448,7 +448,11 @@ class Esa(UcmSparseBase):
             layer_state = state.layers[index]
             if step.finishes_prefill:
                 last = step.query_start + (step.num_prompt_tokens - 1 - step.num_computed_tokens)
-                layer_state.prefill_query = query[last].detach().clone()
+                if self.config.initial_selection == "attention":  # the last prompt queries of this chunk
+                    first = max(step.query_start, last + 1 - self.config.initial_queries)
+                    layer_state.prefill_query = query[first : last + 1].detach().clone()
+                else:
+                    layer_state.prefill_query = query[last].detach().clone()
                 continue
             if not step.is_decode:
                 continue
@@ -576,20 +580,41 @@ class Esa(UcmSparseBase):
         if due:
             self._consume(index, due)
         if prefill:
-            queries = torch.stack([ls.prefill_query for ls, _ in prefill])
             started = time.perf_counter()
             # scored over the candidates of the request's first decode step
             first = [(st, st.layout.local_start_at(step.seq_len + 1)) for (_, st), step in zip(prefill, prefill_steps,
                                                                                              strict=True)]
-            batch_retrieval = self.retriever.submit_batch(
-                queries, [self._candidate_reps(st, ls, end) for (ls, _), (st, end) in zip(prefill, first, strict=True)],
-                [st.layout.num_work for _, st in prefill], self.parts,
-            )
+            if self.config.initial_selection == "attention":
+                batch_retrieval = self._initial_by_attention(key_view, prefill, prefill_steps, first)
+            else:
+                batch_retrieval = self.retriever.submit_batch(
+                    torch.stack([ls.prefill_query for ls, _ in prefill]),
+                    [self._candidate_reps(st, ls, end) for (ls, _), (st, end) in zip(prefill, first, strict=True)],
+                    [st.layout.num_work for _, st in prefill], self.parts,
+                )
             self._stats.retrieval_s.append(time.perf_counter() - started)
             for r, (layer_state, _) in enumerate(prefill):
                 layer_state.pending = Pick(batch_retrieval, r)
                 layer_state.prefill_query = None
             self._stats.retrievals += len(prefill)
+
+    def _initial_by_attention(
+        self, key_view: torch.Tensor | PackedKeys, prefill: list[tuple[_LayerState, _RequestState]],
+        steps: list[SparseRequestStep], first: list[tuple[_RequestState, int]],
+    ) -> Any:
+        """The initial selection of requests ending their prefill, ranked by the attention mass their last prompt
+        queries pay to each candidate block (softmax over the keys of the prompt's full blocks)."""
+        device = key_view.device
+        ids, ranges = [], []
+        for step, (state, end) in zip(steps, first, strict=True):
+            full = step.seq_len // self.block_size  # a partial last block holds stale keys past the prompt
+            ids.append(torch.tensor(step.block_ids[:full], dtype=torch.int64).to(device, non_blocking=True))
+            sink_end = state.layout.sink_end
+            ranges.append((sink_end, max(sink_end, min(end, full))))
+        return self.retriever.submit_attention(
+            [ls.prefill_query for ls, _ in prefill], key_view, ids, ranges,
+            [st.layout.num_work for _, st in prefill],
+        )
 
     def _add_reps(
         self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState,

@@ -89,6 +89,30 @@ def select_blocks(
     return backend.topk_masked(best, k, lengths)
 
 
+def attention_mass(
+    query: torch.Tensor, key_view: torch.Tensor | PackedKeys, block_ids: torch.Tensor, chunk_blocks: int = 512
+) -> torch.Tensor:
+    """float32 ``[n]``: the attention mass the queries ``[w, num_q_heads, d]`` (GQA) pay to each listed block of
+    ``key_view`` ``[num_blocks, B, kvh, d]``, softmax over the keys of all listed blocks with scale 1/sqrt(d),
+    summed over queries and heads. Chunked over blocks (a log-sum-exp per block and chunk), so memory stays at
+    ``w * heads * chunk_blocks * B`` floats whatever the prompt's length. Plain torch: every backend runs it."""
+    w, heads, d = query.shape
+    kvh = key_view.shape[2]
+    q = query.float().view(w, kvh, heads // kvh, d) * d**-0.5
+    lse = []
+    for start in range(0, block_ids.numel(), chunk_blocks):
+        ids = block_ids[start : start + chunk_blocks]
+        if isinstance(key_view, torch.Tensor):
+            keys = key_view.index_select(0, ids.to(key_view.device))
+        else:  # PackedKeys
+            keys = key_view.read_blocks(ids)
+        logits = torch.einsum("wkgd,nbkd->wkgnb", q, keys.float())  # [w, kvh, groups, n, B]
+        lse.append(torch.logsumexp(logits, dim=-1))
+    block_lse = torch.cat(lse, dim=-1)  # [w, kvh, groups, n]
+    total = torch.logsumexp(block_lse, dim=-1, keepdim=True)
+    return torch.exp(block_lse - total).sum((0, 1, 2))
+
+
 class EsaRetriever:
     """Block representations and selection for one worker (one side stream)."""
 
@@ -147,6 +171,34 @@ class EsaRetriever:
                 host.fill_(-1)
             event = backend.record_event(self.stream)
         return BatchRetrieval(CopyHandle(event, (indices, cu_blocks, k_rows)), host, (queries, packed, reps))
+
+    def submit_attention(
+        self, queries: list[torch.Tensor], key_view: torch.Tensor | PackedKeys, block_ids: list[torch.Tensor],
+        candidates: list[tuple[int, int]], ks: list[int],
+    ) -> BatchRetrieval:
+        """The initial selection by attention (`attention_mass`) for several requests of one layer: request b's
+        queries ``queries[b]`` ``[w_b, heads, d]`` over its blocks ``block_ids[b]``; its candidates are the listed
+        blocks ``candidates[b] = (start, end)`` and it keeps the ``ks[b]`` of most mass (indices from ``start``,
+        ascending, as `submit_batch` returns them)."""
+        backend = self.backend
+        if self.stream is not None:
+            backend.wait_event(backend.record_event(), self.stream)
+        width = max([min(k, end - start) for k, (start, end) in zip(ks, candidates, strict=True)] + [1])
+        host = backend.alloc_pinned(8 * len(ks) * width).view(torch.int64).view(len(ks), width)
+        host.fill_(-1)
+        rows = []
+        with backend.use_stream(self.stream):
+            for query, ids, (start, end), k in zip(queries, block_ids, candidates, ks, strict=True):
+                k = min(k, end - start)
+                row = torch.full((width,), -1, dtype=torch.int64, device=query.device)
+                if k > 0:
+                    mass = attention_mass(query, key_view, ids)[start:end]
+                    row[:k] = mass.topk(k).indices.sort().values
+                rows.append(row)
+            picked = torch.stack(rows)
+            host.copy_(picked, non_blocking=True)
+            event = backend.record_event(self.stream)
+        return BatchRetrieval(CopyHandle(event, (picked,)), host, (queries, block_ids))
 
     def select(self, query: torch.Tensor, reps: torch.Tensor, k: int, parts: int = 1) -> list[int]:
         """Synchronous `submit` + `result` (tests, benchmark)."""
