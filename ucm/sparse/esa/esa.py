@@ -146,6 +146,8 @@ class Esa(UcmSparseBase):
         self._row_offsets: list[int] = []
         self._batch: SparseBatch | None = None
         self._view_cache: tuple[tuple, SparseAttentionView] | None = None  # the last view of this step
+        #: this step's prompt block ids on the device, per request ending its prefill (the same in every layer)
+        self._prompt_ids: dict[str, torch.Tensor] = {}
         self._phase = -1  # decode steps of this worker so far (the retrieval pipeline's clock, see schedule)
         self._steady = False
         #: the view every layer of a steady step attends and each request's (resident, full) blocks per layer
@@ -232,6 +234,7 @@ class Esa(UcmSparseBase):
     def execute_begin(self, batch: SparseBatch) -> None:
         self._batch = batch
         self._view_cache = None
+        self._prompt_ids = {}
         if any(step.is_decode for step in batch.requests):
             self._phase += 1
         initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
@@ -608,7 +611,10 @@ class Esa(UcmSparseBase):
         ids, ranges = [], []
         for step, (state, end) in zip(steps, first, strict=True):
             full = step.seq_len // self.block_size  # a partial last block holds stale keys past the prompt
-            ids.append(torch.tensor(step.block_ids[:full], dtype=torch.int64).to(device, non_blocking=True))
+            if step.req_id not in self._prompt_ids:  # one transfer per request for all layers
+                prompt = torch.tensor(step.block_ids[:full], dtype=torch.int64)
+                self._prompt_ids[step.req_id] = prompt.to(device, non_blocking=True)
+            ids.append(self._prompt_ids[step.req_id])
             sink_end = state.layout.sink_end
             ranges.append((sink_end, max(sink_end, min(end, full))))
         return self.retriever.submit_attention(

@@ -185,8 +185,7 @@ class EsaRetriever:
             backend.wait_event(backend.record_event(), self.stream)
         width = max([min(k, end - start) for k, (start, end) in zip(ks, candidates, strict=True)] + [1])
         host = backend.alloc_pinned(8 * len(ks) * width).view(torch.int64).view(len(ks), width)
-        host.fill_(-1)
-        rows = []
+        rows = []  # every row -1 padded to `width`: their copy fills the whole host buffer
         with backend.use_stream(self.stream):
             for query, ids, (start, end), k in zip(queries, block_ids, candidates, ks, strict=True):
                 k = min(k, end - start)
