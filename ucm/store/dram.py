@@ -1,7 +1,8 @@
 """UcmDram: KV blocks in a pinned host-memory arena of this process, bounded by ``max_cache_size``.
 
 Built by `ucm.store.create_store("UcmDram", ...)`; used by the connector's worker side. The arena is one
-``[rows, kv_block_size]`` uint8 pinned buffer; a block owns one row. All copies are queued on the store's side
+``[rows, kv_block_size]`` uint8 pinned rows (`PinnedArena`: a few power-of-two chunks, so the host locks what was
+asked); a block owns one row. All copies are queued on the store's side
 stream, ordered after the caller's queued work. Two ways across PCIe (``transfer``):
 - ``kernel``: one batched copy kernel reads/writes the arena rows directly (zero-copy); also used for host caches
   and for sub-range (one-layer) loads;
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ucm.device import Backend, CopyHandle
+from ucm.store.arena import PinnedArena
 from ucm.store.base import BlockPages, KVStoreBase, StoreStats, StoreTask
 from ucm.store.config import MAX_KV_BLOCK_SIZE, config_error, get_choice, get_int, get_pinned_size
 from ucm.store.errors import StoreClosedError, StoreDumpError, error_line
@@ -34,15 +36,10 @@ from ucm.store.task import CopyTask
 _DEVICE_STAGING_BYTES = 64 << 20  # device memory of the 'dma' transfer; chunks larger calls
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     """Split arena rows into runs of consecutive rows: (first index, end index, first row)."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i] != rows[i - 1] + 1:
-            runs.append((start, i, rows[start]))
-            start = i
-    return runs
+    breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+    return [(i0, i1, int(rows[i0])) for i0, i1 in zip([0, *breaks], [*breaks, len(rows)], strict=True)]
 
 
 class _Entry:
@@ -138,18 +135,16 @@ class DramStore(KVStoreBase):
             raise config_error("max_cache_size", size, f"an int >= kv_block_size ({block} B): one block must fit")
         return {"max_cache_size": size, "transfer": get_choice(config, "transfer", "auto", ["auto", "kernel", "dma"])}
 
-    def _alloc_arena(self, size: int) -> torch.Tensor:
+    def _alloc_arena(self, size: int) -> PinnedArena:
         """The pinned arena; a size this machine cannot pin is the user's config to fix, said as such."""
-        block = self.kv_block_size
         try:
-            arena = self.backend.alloc_pinned(self.capacity_blocks * block)
+            return PinnedArena(self.backend.alloc_pinned, self.capacity_blocks, self.kv_block_size)
         except (RuntimeError, MemoryError) as exc:  # torch.AcceleratorError (CUDA OOM) is a RuntimeError
             raise config_error(
                 "max_cache_size", size,
                 f"an amount of host memory this machine can pin: {size / 2**30:.1f} GiB was asked and allocating "
                 f"it failed ({error_line(exc)})",
             ) from exc
-        return arena.view(self.capacity_blocks, block)
 
     # ------------------------------------------------------------------ queries
     def lookup(self, block_ids: Sequence[str]) -> list[bool]:
@@ -167,10 +162,7 @@ class DramStore(KVStoreBase):
         source.check(len(block_ids), self.kv_block_size, whole_row=True, block_ids=block_ids)
         self._reap()
         task = CopyTask("dump", block_ids)
-        picks: list[int] = []
-        rows: list[int] = []
-        ids: list[str] = []
-        mine = _Pending(task)
+        claims: dict[int, tuple[_Pending, list[int], list[str], list[int]]] = {}  # per arena chunk
         others: list[_Pending] = []
         other_ids: list[str] = []
         with self._lock:
@@ -180,7 +172,7 @@ class DramStore(KVStoreBase):
                     self._published.move_to_end(block_id)
                     self._stats.dumps_skipped += 1
                 elif block_id in self._pending:
-                    if self._pending[block_id] is not mine:  # else: listed twice in this call, copied once
+                    if self._pending[block_id].owner is not task:  # else: listed twice in this call, copied once
                         others.append(self._pending[block_id])
                         other_ids.append(block_id)
                     self._stats.dumps_skipped += 1
@@ -191,13 +183,28 @@ class DramStore(KVStoreBase):
                         task.fail([block_id], reason)
                         self._stats.dump_failures += 1
                         continue
+                    chunk = self._arena.chunk_of(row)
+                    if chunk not in claims:
+                        claims[chunk] = (_Pending(task), [], [], [])
+                    mine, picks, ids, rows = claims[chunk]
                     self._pending[block_id] = mine
                     picks.append(i)
-                    rows.append(row)
                     ids.append(block_id)
+                    rows.append(row)
         try:
-            if ids:
-                self._queue_dump(task, mine, source, picks, ids, rows)
+            interrupted: BaseException | None = None
+            for mine, picks, ids, rows in claims.values():
+                if interrupted is None:
+                    try:
+                        self._queue_dump(task, mine, source, picks, ids, rows)
+                    except BaseException as exc:  # settles its own claims; the later chunks' are settled below
+                        interrupted = exc
+                else:
+                    reason = f"device gather interrupted: {error_line(interrupted)}"
+                    task.fail(ids, reason)
+                    self._publish(mine, ids, rows, error=reason)
+            if interrupted is not None:
+                raise interrupted
             if others:
                 on_settled = functools.partial(self._check_others, task, other_ids, others)
                 task.add_part(_OtherDump(others), on_settled, lambda: other_ids)
@@ -250,23 +257,34 @@ class DramStore(KVStoreBase):
         try:
             if missing:
                 task.fail(missing, "not in UcmDram (never dumped, evicted, or its dump has not finished)")
-            if entries:
-                try:
-                    picks_t = torch.tensor(picks, dtype=torch.int64, device=destination.slots.device)
-                    slots = destination.slots.index_select(0, picks_t)
-                    handle = self._from_arena(destination, slots, [e.row for e in entries])
-                except BaseException as exc:  # unpin on every path, or the rows could never be evicted
-                    self._unpin(entries, 0)
-                    task.fail([block_ids[i] for i in picks], f"device scatter failed: {error_line(exc)}")
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    nbytes = destination.row_bytes * len(entries)
-                    task.add_part(handle, lambda error: self._unpin(entries, 0 if error else nbytes),
-                                  lambda: [block_ids[i] for i in picks])
+            rows = [e.row for e in entries]
+            for group in self._arena.groups(rows) if entries else []:
+                self._queue_load(task, destination, block_ids, picks, entries, rows, group)
         finally:
             self._end(task)
         return task
+
+    def _queue_load(
+        self, task: CopyTask, destination: BlockPages, block_ids: list[str], picks: list[int],
+        entries: list[_Entry], rows: list[int], group: np.ndarray | None,
+    ) -> None:
+        """Queue the load of the found blocks at positions `group` (None: all) of `picks`; one arena chunk."""
+        if group is not None:
+            picks = [picks[j] for j in group.tolist()]
+            entries = [entries[j] for j in group.tolist()]
+            rows = [rows[j] for j in group.tolist()]
+        try:
+            picks_t = torch.tensor(picks, dtype=torch.int64, device=destination.slots.device)
+            handle = self._from_arena(destination, destination.slots.index_select(0, picks_t), rows)
+        except BaseException as exc:  # unpin on every path, or the rows could never be evicted
+            self._unpin(entries, 0)
+            task.fail([block_ids[i] for i in picks], f"device scatter failed: {error_line(exc)}")
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            nbytes = destination.row_bytes * len(entries)
+            task.add_part(handle, lambda error: self._unpin(entries, 0 if error else nbytes),
+                          lambda: [block_ids[i] for i in picks])
 
     # ------------------------------------------------------------------ pinned loads
     def pin(self, block_ids: Sequence[str]) -> _Pinned:
@@ -316,21 +334,31 @@ class DramStore(KVStoreBase):
                 with self._lock:
                     self._stats.load_failures += len(missing)
             if picks.size:
-                try:
-                    slots = destination.slots
-                    if picks.size < rows.size:
-                        slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
-                        rows = rows[picks]
-                    handle = self._from_arena(destination, slots, rows)
-                except Exception as exc:
-                    task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
-                else:
-                    blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
-                    task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
-                                  lambda: [block_ids[j] for j in picks.tolist()])
+                slots, rows = destination.slots, rows[picks]
+                if picks.size < len(block_ids):
+                    slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
+                for group in self._arena.groups(rows):
+                    self._queue_pinned_load(task, destination, block_ids, picks, slots, rows, group)
         finally:
             self._end(task)
         return task
+
+    def _queue_pinned_load(
+        self, task: CopyTask, destination: BlockPages, block_ids: list[str], picks: np.ndarray,
+        slots: torch.Tensor, rows: np.ndarray, group: np.ndarray | None,
+    ) -> None:
+        """Queue the load of the pinned rows at positions `group` (None: all) of `picks`; one arena chunk."""
+        if group is not None:
+            picks, rows = picks[group], rows[group]
+            slots = slots.index_select(0, torch.from_numpy(group).to(slots.device))
+        try:
+            handle = self._from_arena(destination, slots, rows)
+        except Exception as exc:
+            task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
+        else:
+            blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
+            task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
+                          lambda: [block_ids[j] for j in picks.tolist()])
 
     def _count_loaded(self, blocks: int, nbytes: int, error: str | None) -> None:
         if error is not None:
@@ -375,36 +403,38 @@ class DramStore(KVStoreBase):
         return staging
 
     def _to_arena(self, source: BlockPages, slots: torch.Tensor, rows: list[int]) -> CopyHandle:
-        """Queue the copy of pages `slots` into arena `rows` on the side stream."""
+        """Queue the copy of pages `slots` into arena `rows` (of one chunk) on the side stream."""
+        chunk, local = self._arena.locate(rows)
         if not self._uses_dma(source, whole_row=True):
-            rows_t = torch.tensor(rows, dtype=torch.int64)
-            return self.backend.gather_blocks(source.cache, slots, self._arena, rows=rows_t, stream=self._stream)
+            local_t = torch.from_numpy(local)
+            return self.backend.gather_blocks(source.cache, slots, chunk, rows=local_t, stream=self._stream)
         keep = []
         with self._issue_lock:
             staging = self._device_staging(source.pages[0].device)
-            for start in range(0, len(rows), self._staging_rows):
-                part = rows[start : start + self._staging_rows]
+            for start in range(0, len(local), self._staging_rows):
+                part = local[start : start + self._staging_rows]
                 keep.append(self.backend.gather_blocks(
                     source.cache, slots[start : start + len(part)], staging, stream=self._stream))
                 for i0, i1, row in _runs(part):
-                    keep.append(self.backend.copy_async(self._arena[row : row + i1 - i0], staging[i0:i1], self._stream))
+                    keep.append(self.backend.copy_async(chunk[row : row + i1 - i0], staging[i0:i1], self._stream))
             return CopyHandle(self.backend.record_event(self._stream), tuple(keep))
 
-    def _from_arena(self, destination: BlockPages, slots: torch.Tensor, rows: list[int]) -> CopyHandle:
-        """Queue the copy of arena `rows` (or their sub-range) into pages `slots` on the side stream."""
+    def _from_arena(self, destination: BlockPages, slots: torch.Tensor, rows: Sequence[int]) -> CopyHandle:
+        """Queue the copy of arena `rows` (of one chunk; or their sub-range) into pages `slots` on the side stream."""
+        chunk, local = self._arena.locate(rows)
         whole = destination.row_offset == 0 and destination.row_bytes == self.kv_block_size
         if not self._uses_dma(destination, whole_row=whole):
             start = destination.row_offset
-            src = self._arena[:, start : start + destination.row_bytes]
-            rows_t = torch.tensor(rows, dtype=torch.int64)
-            return self.backend.scatter_blocks(src, destination.cache, slots, rows=rows_t, stream=self._stream)
+            src = chunk[:, start : start + destination.row_bytes]
+            local_t = torch.from_numpy(local)
+            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=self._stream)
         keep = []
         with self._issue_lock:
             staging = self._device_staging(destination.pages[0].device)
-            for start in range(0, len(rows), self._staging_rows):
-                part = rows[start : start + self._staging_rows]
+            for start in range(0, len(local), self._staging_rows):
+                part = local[start : start + self._staging_rows]
                 for i0, i1, row in _runs(part):
-                    keep.append(self.backend.copy_async(staging[i0:i1], self._arena[row : row + i1 - i0], self._stream))
+                    keep.append(self.backend.copy_async(staging[i0:i1], chunk[row : row + i1 - i0], self._stream))
                 keep.append(self.backend.scatter_blocks(
                     staging, destination.cache, slots[start : start + len(part)], stream=self._stream))
             return CopyHandle(self.backend.record_event(self._stream), tuple(keep))
