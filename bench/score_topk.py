@@ -9,6 +9,11 @@ Times are GPU time per call: the calls are queued behind a `torch.cuda._sleep`, 
 does not show (as in a decode step, where retrieval is queued on a side stream while the GPU computes). The
 CPU-bound wall time per call is reported too. The kernel selection is checked against the reference ops.
 
+Also the cost of ESA's ``initial_selection: "attention"`` (`attention_mass` + top-k: the exact attention mass the
+last ``initial_queries`` = 8 prompt queries pay to each block of the prompt, read from the paged bf16 K): once per
+request and layer, at the request's first decode step, against one decode step's SDPA at batch 1 and the
+representation selection it replaces. Checked against an unchunked softmax.
+
     python bench/score_topk.py            # writes bench/results/score_topk.json and score_topk.md
 
 Needs a CUDA GPU and an installed checkout (`pip install -e .`).
@@ -123,6 +128,49 @@ def run_case(backend: Backend, context: int, batch: int, iters: int) -> dict:
     return row
 
 
+INITIAL_QUERIES = 8
+
+
+def initial_attention_case(context: int, iters: int, by_case: dict) -> dict:
+    """GPU cost of one request's initial selection by attention in one layer (`ucm.sparse.esa.retriever`)."""
+    from ucm.sparse.esa.retriever import attention_mass
+
+    blocks = context // BS
+    key_view = torch.randn(blocks + 7, BS, HKV, D, device="cuda", dtype=torch.bfloat16)  # one layer's paged K
+    ids = torch.randperm(blocks + 7, device="cuda")[:blocks]  # the request's blocks, scattered in the cache
+    queries = torch.randn(INITIAL_QUERIES, HQ, D, device="cuda", dtype=torch.bfloat16)
+    k = int((blocks - INIT - LOCAL) * RATIO)
+
+    def select() -> torch.Tensor:
+        return attention_mass(queries, key_view, ids)[INIT : blocks - LOCAL].topk(k).indices
+
+    row = {"context": context, "initial_queries": INITIAL_QUERIES, "blocks_per_request": blocks, "k": k}
+    row["attention_select_wall_ms"] = round(wall_ms(select, iters), 4)
+    row["attention_select_gpu_ms"] = round(gpu_ms(select, iters, row["attention_select_wall_ms"]), 4)
+    b1 = by_case[(context, 1)]
+    row["sdpa_decode_b1_gpu_ms"] = b1["sdpa_decode_gpu_ms"]
+    row["representation_select_b1_gpu_ms"] = b1["select_blocks_no_mask_gpu_ms"]
+    row["attention_over_sdpa_b1"] = round(row["attention_select_gpu_ms"] / b1["sdpa_decode_gpu_ms"], 3)
+    row["attention_over_representation_select"] = round(
+        row["attention_select_gpu_ms"] / b1["select_blocks_no_mask_gpu_ms"], 2)
+    # once per request: spread over the decode steps of a request it costs this share of SDPA per step
+    row["amortized_share_of_sdpa_b1_over_1024_tokens"] = round(row["attention_over_sdpa_b1"] / 1024, 5)
+
+    # check: the chunked log-sum-exp equals one softmax over all the request's keys
+    keys = key_view.index_select(0, ids).float()  # [n, B, kvh, d]
+    q = queries.float().view(INITIAL_QUERIES, HKV, HQ // HKV, D) * D**-0.5
+    probs = torch.softmax(torch.einsum("wkgd,nbkd->wkgnb", q, keys).flatten(-2), dim=-1)
+    want = probs.view(*probs.shape[:-1], blocks, BS).sum((0, 1, 2, 4))
+    got = attention_mass(queries, key_view, ids)
+    row["max_abs_error_vs_softmax"] = float((got - want).abs().max())
+    picked = set(select().tolist())
+    wanted = set(want[INIT : blocks - LOCAL].topk(k).indices.tolist())
+    row["topk_overlap_vs_softmax"] = round(len(picked & wanted) / k, 4)
+    row["correct"] = bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4) and row["topk_overlap_vs_softmax"] > 0.99)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def sweep(backend: Backend, iters: int, save) -> list[dict]:
     """Top-k kernel launch shapes (warps per row) at the benchmark's row widths."""
     from ucm.kernels import topk_masked
@@ -177,6 +225,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['torch_ops_select_gpu_ms']:.4f} ({100 * r['torch_ops_share_of_sdpa']:.0f}%) | "
             f"{r['select_blocks_wall_ms']:.4f} | {r['correct']} |"
         )
+    initial = meta.get("initial_attention") or []
+    if initial:
+        lines += [
+            "",
+            f"Initial selection by attention (ESA `initial_selection: \"attention\"`, {INITIAL_QUERIES} prompt "
+            "queries, once per request and layer at its first decode step): GPU ms per request and layer, against one "
+            "decode step's SDPA at batch 1 and the representation selection (`select_blocks`, no mask, batch 1) it "
+            "replaces; x32 layers = per request of the Llama-3-8B shape.",
+            "",
+            "| context | attention select ms | x32 layers ms | SDPA decode b1 ms | / SDPA b1 | "
+            "representation select ms | / representation | wall ms | max abs error vs softmax | top-k overlap | "
+            "correct |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in initial:
+            lines.append(
+                f"| {r['context'] // 1024}K | {r['attention_select_gpu_ms']:.4f} | "
+                f"{32 * r['attention_select_gpu_ms']:.2f} | {r['sdpa_decode_b1_gpu_ms']:.4f} | "
+                f"{r['attention_over_sdpa_b1']:.2f}x | {r['representation_select_b1_gpu_ms']:.4f} | "
+                f"{r['attention_over_representation_select']:.1f}x | {r['attention_select_wall_ms']:.3f} | "
+                f"{r['max_abs_error_vs_softmax']:.2e} | {r['topk_overlap_vs_softmax']:.4f} | {r['correct']} |"
+            )
     met = [f"{r['context'] // 1024}K x {r['batch']}" for r in rows if r["select_share_of_sdpa"] <= TARGET_SHARE]
     missed = [
         f"{r['context'] // 1024}K x {r['batch']} ({100 * r['select_share_of_sdpa']:.1f}%, "
@@ -228,6 +298,11 @@ def main() -> None:
         for b in (1, 8):
             rows.append(run_case(backend, ctx, b, args.iters))
             save()
+    by_case = {(r["context"], r["batch"]): r for r in rows}
+    meta["initial_attention"] = []
+    for ctx in (32 << 10, 128 << 10):
+        meta["initial_attention"].append(initial_attention_case(ctx, args.iters, by_case))
+        save()
     if args.sweep:
         def save_sweep(done: list[dict]) -> None:
             swept[:] = done
