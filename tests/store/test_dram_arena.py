@@ -148,3 +148,32 @@ def _rows(store, ids: list[str]) -> list[int]:
 def test_a_size_the_host_cannot_pin_even_in_chunks_is_a_config_error():
     with pytest.raises(UcmConfigError, match=r"max_cache_size=9984.*allocating it failed"):
         create_store("UcmDram", {"max_cache_size": 13 * WIDTH, "kv_block_size": WIDTH}, RoundingPins(limit=4096))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("transfer", ["kernel", "dma"])
+def test_cuda_blocks_round_trip_across_pinned_chunks(transfer):
+    """On a GPU: device pages -> three pinned chunks -> device pages, whole blocks and one layer's sub-range."""
+    from ucm.device import get_backend
+
+    def on_gpu(cache):
+        return [(k.cuda(), v.cuda()) for k, v in cache]
+
+    def host(cache):
+        return [(k.cpu(), v.cpu()) for k, v in cache]
+
+    blocks = 13  # chunks of 10, 2 and 1 rows
+    config = {"max_cache_size": blocks * WIDTH, "kv_block_size": WIDTH, "transfer": transfer}
+    src = on_gpu(make_cache(7))
+    ids = ids_for(8, blocks)
+    with create_store("UcmDram", config, get_backend("cuda")) as store:
+        assert [len(c) for c in store._arena.chunks] == [10, 2, 1]
+        store.dump(ids, BlockPages(src, torch.arange(blocks, device="cuda"))).wait()
+        order = [12, 0, 10, 3, 11, 9, 1]
+        dst = on_gpu(make_cache())
+        store.load([ids[i] for i in order], BlockPages(dst, torch.arange(len(order), device="cuda"))).wait()
+        assert all(page_bytes(host(dst), j) == page_bytes(host(src), i) for j, i in enumerate(order))
+        layer = on_gpu(make_cache())[1]
+        slots = torch.arange(len(order), device="cuda")
+        store.load([ids[i] for i in order], BlockPages(layer, slots, row_offset=WIDTH // 3)).wait()
+        assert all(torch.equal(layer[0][j].cpu(), src[1][0][i].cpu()) for j, i in enumerate(order))
