@@ -40,9 +40,9 @@ and ``.png`` (tok/s vs context, when matplotlib is importable). ``--time-budget-
 
 UcmDram must hold every prompt block of a case (Llama-3-8B: 128 KiB per token, 4 GiB per 32K request, 64 GiB
 for 128K x 4): ``--dram-gib`` (default 40 GiB) bounds the esa capacity case at 9 requests of 32K, fewer than
-dense holds in HBM (~26); on this host the capacity comparison is DRAM-bound. On the H200 machine (128 GiB of host
-memory) pinning 40 GiB works and 80 GiB fails in ``cudaHostAlloc`` at engine start (measured); 128K x 4 (64 GiB)
-is therefore run as 128K x 1 and 128K x 2 there.
+dense holds in HBM (~26); on this host the capacity comparison is DRAM-bound. On the GPU machines (128 GiB of host
+memory) one pinned buffer of 66 or 80 GiB failed at engine start (torch rounds pinned allocations up to a power of
+two: 128 GiB); UcmDram now pins its arena in power-of-two chunks, so 128K x 4 needs ``--dram-gib`` ~70.
 
 On the H200 (vLLM 0.26, CUDA graphs on, FA3). The default cases and settings take roughly 15-20 min (6 engine
 starts; every case is prefilled twice, 32K x ~26 and 128K x 4 take ~30-40 s per repetition). In one go, or, under
