@@ -217,6 +217,14 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, tag: str) ->
             "summaries": summaries, "wall_s": time.perf_counter() - t0}
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (shared by the engine's processes): one entry per compiled variant."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    with contextlib.suppress(OSError):
+        return sum(1 for _ in root.iterdir())
+    return 0
+
+
 def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
     steps, first, finished = run["steps"], run["first"], run["finished"]
     res: dict = {"complete": all(c == max_tokens for c in run["counts"]), "wall_s": round(run["wall_s"], 2)}
@@ -369,8 +377,11 @@ def worker_main(spec: dict) -> int:
 
                     profiler = cProfile.Profile()
                     profiler.enable()
+                compiled = triton_cache_entries()
                 run = run_requests(engine, prompts, max_tokens, f"{setting}-{case['name']}-r{rep}")
                 reps.append(summarize(run, spec["warmup_steps"], max_tokens))
+                # kernels compiled during the repetition (a first request of a new size may compile new variants)
+                reps[-1]["triton_kernels_compiled"] = triton_cache_entries() - compiled
                 if profiler is not None:
                     profiler.disable()
                     reps[-1]["profile"] = profile_text(profiler, spec["profile_out"], f"{setting}-{case['name']}")
