@@ -389,6 +389,8 @@ def worker_main(spec: dict) -> int:
             row.update(reps[-1])
             row["ttft_s_rep1"] = reps[0].get("ttft_s")
             row["decode_tok_s_reps"] = [r.get("decode_tok_s") for r in reps]
+            row["triton_kernels_compiled_reps"] = [r.get("triton_kernels_compiled") for r in reps]
+            row["host_ms_per_step_reps"] = [(r.get("split") or {}).get("host_ms_per_step") for r in reps]
         except Exception as exc:  # noqa: BLE001 - one failed case must not lose the others
             traceback.print_exc()
             row.setdefault("batch", case.get("batch"))
