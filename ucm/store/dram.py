@@ -258,8 +258,15 @@ class DramStore(KVStoreBase):
             if missing:
                 task.fail(missing, "not in UcmDram (never dumped, evicted, or its dump has not finished)")
             rows = [e.row for e in entries]
-            for group in self._arena.groups(rows) if entries else []:
-                self._queue_load(task, destination, block_ids, picks, entries, rows, group)
+            groups = self._arena.groups(rows) if entries else []
+            for n, group in enumerate(groups):
+                try:
+                    self._queue_load(task, destination, block_ids, picks, entries, rows, group)
+                except BaseException:  # an interrupt: the later chunks' blocks are unpinned and failed too
+                    for rest in groups[n + 1 :]:
+                        self._unpin([entries[j] for j in rest.tolist()], 0)
+                        task.fail([block_ids[picks[j]] for j in rest.tolist()], "load interrupted")
+                    raise
         finally:
             self._end(task)
         return task
