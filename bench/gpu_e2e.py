@@ -89,11 +89,12 @@ MODULE = "ucm.integration.vllm.uc_connector"
 ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")
 ROW_TAG = "GPU_E2E_ROW "
 ENGINE_TAG = "GPU_E2E_ENGINE "
-SETTINGS = ("dense", "dense-ucm", "esa", "esa-static", "dense-v1pw", "esa-full", "esa-attn")
+SETTINGS = ("dense", "dense-ucm", "esa", "esa-static", "dense-v1pw", "esa-full", "esa-repr")
 #: dense-v1pw: plain vLLM on the V1 model runner with piecewise CUDA graphs only (what a sparse engine runs on by
 #: default), to tell what the sparse hooks cost from what that configuration costs; esa-full: ESA with
-#: ucm_sparse_full_graphs (steady steps as full CUDA graphs, the retrieval steps piecewise); esa-attn: esa-full
-#: with initial_selection "attention" (each request's first selection by the attention of its last prompt queries)
+#: ucm_sparse_full_graphs (steady steps as full CUDA graphs, the retrieval steps piecewise) and ESA's other defaults
+#: (initial_selection "attention" from 2026-12-06 on; earlier rows: "representations"); esa-repr: esa-full with
+#: initial_selection "representations" (each request's first selection by the block representations)
 V1_PIECEWISE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 STATIC_STRIDE = 1 << 30  # esa-static: no retrieval after the first decode step within any run
 ESA_CONFIG = {"sparse_ratio": 0.2, "retrieval_stride": 10, "init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
@@ -462,10 +463,10 @@ def extra_config(setting: str, args: argparse.Namespace) -> dict | None:
         esa = dict(ESA_CONFIG)
         if setting == "esa-static":
             esa["retrieval_stride"] = STATIC_STRIDE
-        if setting in ("esa-full", "esa-attn"):
+        if setting in ("esa-full", "esa-repr"):
             extra["ucm_sparse_full_graphs"] = True
-        if setting == "esa-attn":
-            esa["initial_selection"] = "attention"
+        if setting == "esa-repr":
+            esa["initial_selection"] = "representations"
         extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": esa})
     return extra
 
@@ -560,20 +561,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "(prefix cache reset before each). TPOT = step interval in the window. TTFT = until every request has its "
         "first token. resident share = ESA's resident blocks / full blocks from the connector's summary.",
         "",
-        "| case | context | batch (dense / dense-ucm / esa / esa-static / dense-v1pw / esa-full / esa-attn) | "
+        "| case | context | batch (dense / dense-ucm / esa / esa-static / dense-v1pw / esa-full / esa-repr) | "
         "dense tok/s | dense-ucm tok/s | esa tok/s | esa-static tok/s | dense-v1pw tok/s | esa-full tok/s | "
-        "esa-attn tok/s | **esa / dense** | esa-static / dense | dense-ucm / dense | esa-full / dense | "
-        "esa-attn / dense | TPOT median ms (same order) | TPOT p90 ms | TTFT s | esa resident share |",
+        "esa-repr tok/s | **esa / dense** | esa-static / dense | dense-ucm / dense | esa-full / dense | "
+        "esa-repr / dense | TPOT median ms (same order) | TPOT p90 ms | TTFT s | esa resident share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         rs = [get.get((case, s)) or {} for s in SETTINGS]
-        d, u, e, st, v1, efull, eattn = rs
+        d, u, e, st, v1, efull, erepr = rs
         ctx = next((r.get("context") for r in rs if r.get("context")), None)
         lines.append(
             f"| {case} | {ctx} | {_tri(rs, 'batch')} | {_tok(d)} | {_tok(u)} | {_tok(e)} | {_tok(st)} | {_tok(v1)} | "
-            f"{_tok(efull)} | {_tok(eattn)} | **{_ratio(e, d)}** | {_ratio(st, d)} | {_ratio(u, d)} | "
-            f"{_ratio(efull, d)} | {_ratio(eattn, d)} | "
+            f"{_tok(efull)} | {_tok(erepr)} | **{_ratio(e, d)}** | {_ratio(st, d)} | {_ratio(u, d)} | "
+            f"{_ratio(efull, d)} | {_ratio(erepr, d)} | "
             f"{_tri(rs, 'tpot_ms_median')} | {_tri(rs, 'tpot_ms_p90')} | {_tri(rs, 'ttft_s')} | "
             f"{_fmt(e.get('resident_share'), 3)} |"
         )
@@ -620,7 +621,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"dense": ("tab:blue", "o"), "dense-ucm": ("tab:green", "s"), "esa": ("tab:red", "^"),
               "esa-static": ("tab:orange", "v"), "dense-v1pw": ("tab:purple", "d"), "esa-full": ("tab:brown", "x"),
-              "esa-attn": ("tab:pink", "P")}
+              "esa-repr": ("tab:pink", "P")}
     for setting in SETTINGS:
         for kind, dash in (("batch 1", "-"), ("multi", "--"), ("capacity", ":")):
             pts = []

@@ -113,9 +113,9 @@ class EsaEmulation:
 
 
 SCORINGS = ("needle", "mean", "sub32max", "sub16max", "sub8max", "headsoftmax", "sub32headsoftmax",
-            "sub16headsoftmax", "oracle", "quest<M>", "normtok<R>")
-SCORING_NAME = re.compile(r"((mean|oracle|needle|headsoftmax|sub\d+(max|headsoftmax)|quest\d+|normtok\d+)(-w\d+)?"
-                          r"|(oracle|headsoftmax|sub\d+headsoftmax)-p\d+)(-u)?(-g)?")
+            "sub16headsoftmax", "oracle", "oraclemax", "quest<M>", "normtok<R>")
+SCORING_NAME = re.compile(r"((mean|oracle|oraclemax|needle|headsoftmax|sub\d+(max|headsoftmax)|quest\d+|normtok\d+)"
+                          r"(-w\d+)?|(oracle|oraclemax|headsoftmax|sub\d+headsoftmax)-p\d+)(-u)?(-g)?")
 # any of them with "-w<N>" scores with the sum of the last N prompt tokens' queries (a prefill observation window);
 # the distributions (oracle, *headsoftmax) with "-p<N>" sum the last N queries' distributions over blocks, each
 # query counting once whatever its norm (SnapKV's pooled observation window, on block representations);
@@ -162,9 +162,13 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str, per
     kvh, n, d = keys.shape
     groups = q.shape[0] // kvh
     nb = n // bs
-    if scoring == "oracle":  # the query's true attention mass per block, summed over heads (not ESA: an upper bound)
+    if scoring in ("oracle", "oraclemax"):  # the query's true attention mass per block (not ESA: an upper bound)
         probs = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(kvh, groups, d), keys) / d**0.5, -1)
-        mass = probs.sum(1)[:, : nb * bs].view(kvh, nb, bs).sum(-1)  # [kvh, nb]
+        mass = probs[..., : nb * bs].reshape(kvh, groups, nb, bs).sum(-1)  # [kvh, groups, nb]
+        if scoring == "oraclemax":  # the largest share any one query head pays the block
+            mass = mass.amax(1)
+            return mass if per_head else mass.amax(0)
+        mass = mass.sum(1)  # summed over the query heads
         return mass if per_head else mass.sum(0)
     quest = re.fullmatch(r"quest(\d+)", scoring)
     if quest:

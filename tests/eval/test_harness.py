@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-SETTING = "esa-r0.2-s10"
+SETTING = "esa-r0.2-s10-a8"  # ESA's defaults at sparse_ratio 0.2 (initial selection by attention)
 
 
 @pytest.mark.slow

@@ -127,7 +127,8 @@ def test_settings_parse_and_build_the_connector_config():
     assert esa.name == "esa-r0.2-s10" and esa.sparse_ratio == 0.2 and esa.retrieval_stride == 10
     extra = esa.extra_config(1 << 30, {"min_blocks": 8})
     assert extra["ucm_sparse_method"] == "ESA" and extra["ucm_connector_name"] == "UcmDram"
-    assert extra["ucm_sparse_config"]["ESA"] == {"min_blocks": 8, "sparse_ratio": 0.2, "retrieval_stride": 10}
+    assert extra["ucm_sparse_config"]["ESA"] == {"min_blocks": 8, "sparse_ratio": 0.2, "retrieval_stride": 10,
+                                                 "initial_selection": "representations"}  # the name says it all
     assert parse_setting("full").kv_transfer_config(1 << 30) is None
     dense = parse_setting("dense-ucm").kv_transfer_config(1 << 30)
     assert dense.kv_connector == "UnifiedCacheConnectorV1"

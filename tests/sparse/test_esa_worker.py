@@ -268,6 +268,28 @@ def test_requests_at_different_decode_steps_retrieve_in_one_launch_per_layer(sta
     assert launches == ([2 * LAYERS] * 3 if staged else [2] * (3 * LAYERS)), launches
 
 
+@pytest.mark.parametrize("pack_bytes", [1, 3000, 1 << 30])
+def test_batched_selection_packed_in_bounded_launches_picks_what_one_launch_picks(monkeypatch, pack_bytes):
+    """The representations of a batched selection are packed at most `PACK_BYTES` per launch (their copy is
+    device memory outside the engine's KV budget): any packing selects, per request, what one launch selects."""
+    from ucm.sparse.esa import retriever as retriever_module
+
+    gen = torch.Generator().manual_seed(3)
+    blocks, ks = [40, 7, 25, 3, 60], [8, 9, 5, 0, 12]  # k above a request's block count, and k 0
+    reps = [torch.randn(n * 2, 2, 16, generator=gen) for n in blocks]  # 2 parts per block
+    queries = torch.randn(len(blocks), 4, 16, generator=gen)
+    retriever = retriever_module.EsaRetriever(get_backend("cpu"))
+    want = retriever.submit_batch(queries, reps, ks, parts=2)
+    want_rows = [want.row(r) for r in range(len(blocks))]
+    monkeypatch.setattr(retriever_module, "PACK_BYTES", pack_bytes)
+    got = retriever.submit_batch(queries, reps, ks, parts=2)
+    assert [got.row(r) for r in range(len(blocks))] == want_rows
+    assert [len(r) for r in want_rows] == [min(k, n) for k, n in zip(ks, blocks, strict=True)]
+    assert all(got.array(r).tolist() == want_rows[r] for r in range(len(blocks)))
+    assert retriever_module._pack_groups([5, 5, 5], 10) == [(0, 2), (2, 3)]
+    assert retriever_module._pack_groups([20, 5], 10) == [(0, 1), (1, 2)] and retriever_module._pack_groups([], 9) == []
+
+
 class _GateEvent:
     def __init__(self, gate: threading.Event):
         self.gate = gate

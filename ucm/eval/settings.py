@@ -35,7 +35,9 @@ class Setting:
     ``esa-r<ratio>-s<stride>``: the connector with ESA at that sparse_ratio and retrieval_stride;
     ``esa-r<ratio>-s<stride>-t<tokens>``: also with that ``repr_tokens`` (e.g. ``-t128``: one mean key per 128-token
     block, UCM's representation); ``...-a<N>``: the initial selection by the attention of the last N prompt
-    queries (``initial_selection`` "attention", ``initial_queries`` N)."""
+    queries (``initial_selection`` "attention", ``initial_queries`` N; ESA's default is ``-a8``); without it the
+    initial selection by the representations (``initial_selection`` "representations"), so that a name means
+    the same configuration whatever ESA's defaults (the published rows of ``esa-r0.2-s10`` used it)."""
 
     name: str
     connector: bool
@@ -63,6 +65,8 @@ class Setting:
                 esa["repr_tokens"] = self.repr_tokens
             if self.initial_queries is not None:
                 esa.update(initial_selection="attention", initial_queries=self.initial_queries)
+            else:
+                esa["initial_selection"] = "representations"
             extra["ucm_sparse_method"] = "ESA"
             extra["ucm_sparse_config"] = {"ESA": esa}
         return extra

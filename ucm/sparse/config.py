@@ -28,10 +28,11 @@ class EsaConfig:
     K): a block of B tokens is cut into ceil(B / repr_tokens) near-equal slices, each with its own mean, and scores
     as its best slice, so a short passage (a needle) is not averaged away by a large block. initial_selection: how
     the selection of a request's first decode steps (the ones that write the start of the answer) is made at the
-    end of its prefill: "representations" scores the blocks' representations with the last prompt token's query,
-    as every later retrieval does; "attention" ranks them by the attention the last ``initial_queries`` prompt
-    tokens really pay to their keys (each layer's prompt K read once per request;
-    bench/results/accuracy_esa_selection_diagnosis.md).
+    end of its prefill: "attention" (default) ranks them by the attention the last ``initial_queries`` prompt
+    tokens really pay to their keys (each layer's prompt K read once per request: on an H100 2.5 ms per layer at
+    128K, bench/results/score_topk_h100_attention.md; it keeps far more of full attention's answers,
+    bench/results/accuracy_smollm2_ruler_attn.md); "representations" scores the blocks' representations with the
+    last prompt token's query, as every later retrieval does.
     """
 
     init_window_sz: int = 1
@@ -40,7 +41,7 @@ class EsaConfig:
     sparse_ratio: float = 0.2
     retrieval_stride: int = 10
     repr_tokens: int = 16
-    initial_selection: str = "representations"
+    initial_selection: str = "attention"
     initial_queries: int = 8
 
     def __post_init__(self) -> None:

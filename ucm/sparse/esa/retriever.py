@@ -8,7 +8,7 @@ copied to a host buffer on that stream, so reading it never waits for the model'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import numpy as np
 import torch
@@ -71,6 +71,24 @@ def block_representations(
     bounds = [j * key_view.shape[1] // parts for j in range(parts + 1)]
     means = [backend.block_means(key_view[:, a:b], block_ids) for a, b in pairwise(bounds)]
     return torch.stack(means, 1).flatten(0, 1)
+
+
+#: bytes of representations packed into one selection launch (see `EsaRetriever.submit_batch`)
+PACK_BYTES = 256 << 20
+
+
+def _pack_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` groups of items whose sizes sum to at most `limit` (an item larger: alone)."""
+    groups: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        groups.append((start, len(sizes)))
+    return groups
 
 
 def select_blocks(
@@ -150,27 +168,36 @@ class EsaRetriever:
         self, queries: torch.Tensor, reps: list[torch.Tensor], ks: list[int], parts: int = 1
     ) -> BatchRetrieval:
         """`submit` for several requests of one layer at once: ``queries`` ``[B, num_q_heads, head_dim]``, request
-        b's representations ``reps[b]`` and its ``ks[b]``. Block counts and k stay on the host (no sync)."""
+        b's representations ``reps[b]`` and its ``ks[b]``. Block counts and k stay on the host (no sync).
+
+        The representations are packed into one tensor per launch, at most `PACK_BYTES` each (beyond one
+        request's): the copy is device memory outside the engine's KV budget (all layers of four 128K requests
+        would be 2 GiB)."""
         backend = self.backend
-        blocks = [r.shape[0] // parts for r in reps]
-        cu = [0]
-        for n in blocks:
-            cu.append(cu[-1] + n)
-        cu_blocks = torch.tensor(cu, dtype=torch.int64)
-        k_rows = torch.tensor(ks, dtype=torch.int64)
         if self.stream is not None:
             backend.wait_event(backend.record_event(), self.stream)
+        picked: list[torch.Tensor] = []
+        keep: list[tuple] = []
         with backend.use_stream(self.stream):
-            packed = reps[0] if len(reps) == 1 else torch.cat(reps)
-            indices, _ = select_blocks(backend, queries, packed, cu_blocks, k_rows, parts)
-            got = indices.shape[1]  # max(min(k_b, blocks_b)): known on the host, no sync
+            for start, end in _pack_groups([r.numel() * r.element_size() for r in reps], PACK_BYTES):
+                group = reps[start:end]
+                cu_blocks = torch.tensor([0, *accumulate(r.shape[0] // parts for r in group)],
+                                         dtype=torch.int64)
+                k_rows = torch.tensor(ks[start:end], dtype=torch.int64)
+                packed = group[0] if len(group) == 1 else torch.cat(group)
+                indices, _ = select_blocks(backend, queries[start:end], packed, cu_blocks, k_rows, parts)
+                picked.append(indices)
+                keep.append((indices, cu_blocks, k_rows, packed))
+            got = max(i.shape[1] for i in picked)  # max(min(k_b, blocks_b)): known on the host, no sync
             host = backend.alloc_pinned(8 * len(reps) * max(got, 1)).view(torch.int64).view(len(reps), max(got, 1))
             if got:
-                host.copy_(indices, non_blocking=True)
+                if len(picked) > 1:
+                    picked = [torch.nn.functional.pad(i, (0, got - i.shape[1]), value=-1) for i in picked]
+                host.copy_(picked[0] if len(picked) == 1 else torch.cat(picked), non_blocking=True)
             else:
                 host.fill_(-1)
             event = backend.record_event(self.stream)
-        return BatchRetrieval(CopyHandle(event, (indices, cu_blocks, k_rows)), host, (queries, packed, reps))
+        return BatchRetrieval(CopyHandle(event, (picked, keep)), host, (queries, reps))
 
     def submit_attention(
         self, queries: list[torch.Tensor], key_view: torch.Tensor | PackedKeys, block_ids: list[torch.Tensor],
