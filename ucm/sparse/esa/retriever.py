@@ -171,8 +171,8 @@ class EsaRetriever:
         b's representations ``reps[b]`` and its ``ks[b]``. Block counts and k stay on the host (no sync).
 
         The representations are packed into one tensor per launch, at most `PACK_BYTES` each (beyond one
-        request's): the copy is device memory outside the engine's KV budget (all layers of four 128K requests
-        would be 2 GiB)."""
+        request's), each freed once launched: the copy is device memory outside the engine's KV budget (all layers
+        of four 128K requests would be 2 GiB, held until the consume step)."""
         backend = self.backend
         if self.stream is not None:
             backend.wait_event(backend.record_event(), self.stream)
@@ -187,7 +187,11 @@ class EsaRetriever:
                 packed = group[0] if len(group) == 1 else torch.cat(group)
                 indices, _ = select_blocks(backend, queries[start:end], packed, cu_blocks, k_rows, parts)
                 picked.append(indices)
-                keep.append((indices, cu_blocks, k_rows, packed))
+                # `packed` is not kept: made on the side stream, its memory is reused only by later work on that
+                # stream (the next group's copy), after this launch; holding it until the consume step would keep
+                # every group's copy alive
+                keep.append((indices, cu_blocks, k_rows))
+                del packed
             got = max(i.shape[1] for i in picked)  # max(min(k_b, blocks_b)): known on the host, no sync
             host = backend.alloc_pinned(8 * len(reps) * max(got, 1)).view(torch.int64).view(len(reps), max(got, 1))
             if got:
