@@ -10,6 +10,7 @@ per chunk (`groups`), each its own part of the store's task, so a fault fails on
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -45,10 +46,11 @@ class PinnedArena:
             self.chunks.append(alloc(n * row_bytes).view(n, row_bytes))
         self._ends = np.cumsum([len(c) for c in self.chunks], dtype=np.int64)
         self._starts = self._ends - np.array([len(c) for c in self.chunks], dtype=np.int64)
+        self._end_list = self._ends.tolist()  # `chunk_of` runs per block under the store's lock: plain bisect
 
     def chunk_of(self, row: int) -> int:
         """The chunk holding global `row`."""
-        return int(np.searchsorted(self._ends, row, side="right"))
+        return bisect.bisect_right(self._end_list, row)
 
     def groups(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray | None]:
         """Positions in `rows` grouped by chunk (None: all of them, in one chunk)."""
