@@ -258,10 +258,11 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     dense = dense_baseline(root)
     requests = MIXED + [{"name": "long_a_again", "ids": LONG_A, "max_tokens": 24}]  # prefix-shared with long_a
     sparse = run_engine(root, connector=True, esa=ESA_02, requests=requests)
-    # the long requests shrank at their first decode step: sink 1 + k 6 + local 2 of 38 prompt blocks
+    # the long requests shrank at their first decode step: sink 1 + k 6 + 1 spare + local 2 of 38 prompt blocks,
+    # the partial tail and at times a generated block held until its store copy is confirmed: 12 of 39 at most
     assert sparse["budget"]["shrinks"] == 2
     for name in ("long_a", "long_a_again"):
-        assert sparse["share"][name] <= 0.30, sparse["share"]
+        assert sparse["share"][name] <= 12 / 39, sparse["share"]
         assert len(sparse["tokens"][name]) == 24
     # long_a_again hit long_a's blocks in vLLM's prefix cache: its work slots got private copies
     assert sparse["budget"]["work_blocks_copied"] > 0
@@ -323,7 +324,8 @@ def test_freed_blocks_let_a_second_long_request_run_concurrently(root: Engines) 
     sparse = run_engine(root, connector=True, esa=esa, requests=requests, num_gpu_blocks=48, max_model_len=1280)
     assert sparse["max_running"] == 3
     assert sparse["budget"]["shrinks"] == 2 and sparse["budget"]["blocks_freed"] > 35
-    assert sparse["share"]["long_a"] <= 0.30 and sparse["share"]["long_b"] <= 0.30
+    # long_b: sink 1 + k 6 + 1 spare + local 2 + tail of 36 blocks (+ a held one)
+    assert sparse["share"]["long_a"] <= 12 / 39 and sparse["share"]["long_b"] <= 12 / 36, sparse["share"]
     assert {n: len(t) for n, t in sparse["tokens"].items()} == {"short_1": 120, "long_a": 40, "long_b": 16}
     assert sparse["tokens"]["short_1"] == dense["tokens"]["short_1"]
     assert sparse["free_blocks_end"] == sparse["usable_blocks"]

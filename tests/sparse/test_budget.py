@@ -7,37 +7,49 @@ import pytest
 from ucm.sparse.budget import num_work_blocks, plan_blocks, window_layout
 from ucm.sparse.config import EsaConfig
 
-CFG = EsaConfig()  # init 1, local 2, min_blocks 4, ratio 0.2
+CFG = EsaConfig()  # init 1, local 2, min_blocks 4, ratio 0.2, prefetch 0.25 (k = 12 -> 3 spare slots)
 
 
 def test_block_aligned_prompt_first_decode_step():
-    # 64 blocks of 16: candidates [1, 62) = 61 -> k = 12; first decode token opens block 64
+    # 64 blocks of 16: candidates [1, 62) = 61 -> k = 12, 3 spare; first decode token opens block 64
     plan = plan_blocks(1024, 1024, 1025, 16, CFG)
     assert plan.sparse and plan.num_total_blocks == 65
     assert plan.sink_positions == (0,)
     assert plan.work_positions == tuple(range(1, 13))
-    assert plan.freed_positions == tuple(range(13, 62))
-    assert plan.kept_positions == (0, *range(1, 13), 62, 63, 64)
-    assert plan.num_blocks == 1 + 12 + 2 + 1 and plan.num_slots == 16 * 16
+    assert plan.spare_positions == (13, 14, 15)
+    assert plan.freed_positions == tuple(range(16, 62))
+    assert plan.kept_positions == (0, *range(1, 16), 62, 63, 64)
+    assert plan.num_blocks == 1 + 12 + 3 + 2 + 1 and plan.num_slots == 19 * 16
+
+
+def test_spare_slots_are_a_share_of_k_and_always_leave_a_candidate_to_free():
+    assert window_layout(1024, 16, EsaConfig(prefetch_ratio=0.0)).num_spare == 0
+    assert window_layout(1024, 16, EsaConfig(prefetch_ratio=1.0)).num_spare == 12
+    # 10 candidates, k = 8: 2 candidates beyond k, one of them must stay freeable
+    tight = EsaConfig(sparse_ratio=0.8, prefetch_ratio=1.0, local_window_sz=1)
+    plan = plan_blocks(12 * 16, 12 * 16, 12 * 16 + 1, 16, tight)
+    assert len(plan.work_positions) == 8 and plan.spare_positions == (9,) and plan.freed_positions == (10,)
+    assert window_layout(1024, 16, EsaConfig(sparse_ratio=1.0)).num_spare == 0  # nothing is ever loaded
+    assert plan_blocks(1024, 1024, 1025, 16, CFG, offload=False).spare_positions == ()  # resident: no loads
 
 
 def test_ragged_prompt_decode_fills_last_prompt_block_first():
     # 1000 tokens: 63 blocks, the last holds 8 tokens; decode writes there until token 1008
     plan = plan_blocks(1000, 1000, 1001, 16, CFG)
     assert plan.num_total_blocks == 63
-    assert plan.kept_positions == (0, *range(1, 13), 61, 62)  # 60 candidates -> k = 12
+    assert plan.kept_positions == (0, *range(1, 16), 61, 62)  # 60 candidates -> k = 12, 3 spare
     grown = plan_blocks(1000, 1008, 1009, 16, CFG)
-    assert grown.kept_positions == (0, *range(1, 13), 61, 62, 63)
+    assert grown.kept_positions == (0, *range(1, 16), 61, 62, 63)
     assert grown.freed_positions == plan.freed_positions
 
 
 def test_long_generation_keeps_the_budget_constant():
-    # 64 prompt blocks of 16, 40 blocks generated: sink 1 + k 12 + local 2 + tail 1 at every step
+    # 64 prompt blocks of 16, 40 blocks generated: sink 1 + k 12 + spare 3 + local 2 + tail 1 at every step
     for n in range(1025, 1025 + 16 * 40):
         plan = plan_blocks(1024, n - 1, n, 16, CFG)
-        assert plan.num_blocks == 16, n
+        assert plan.num_blocks == 19, n
         total = plan.num_total_blocks
-        assert plan.kept_positions == (0, *range(1, 13), total - 3, total - 2, total - 1)
+        assert plan.kept_positions == (0, *range(1, 16), total - 3, total - 2, total - 1)
         assert sorted(plan.kept_positions + plan.freed_positions) == list(range(total))
         assert plan.work_positions == tuple(range(1, 13))  # k is the prompt's, the slots never move
         assert plan.candidate_positions == tuple(range(1, total - 3))
@@ -56,9 +68,9 @@ def test_generated_block_becomes_a_candidate_local_blocks_after_it_fills():
 
 def test_ragged_prompt_budget_grows_by_the_tail_once_decode_leaves_the_last_prompt_block():
     counts = {plan_blocks(1000, n - 1, n, 16, CFG).num_blocks for n in range(1001, 1009)}
-    assert counts == {15}  # sink 1 + k 12 + local 2 (the last prompt block is the partial tail)
+    assert counts == {18}  # sink 1 + k 12 + spare 3 + local 2 (the last prompt block is the partial tail)
     counts = {plan_blocks(1000, n - 1, n, 16, CFG).num_blocks for n in range(1009, 1600)}
-    assert counts == {16}
+    assert counts == {19}
     assert plan_blocks(1000, 1500, 1501, 16, CFG).decode_blocks_from == 62  # the ragged block 62 fills in decode
 
 
@@ -105,6 +117,8 @@ def test_any_block_size_budget_formula(block_size):
     prompt = 50 * block_size + block_size // 2
     layout = window_layout(prompt, block_size, CFG)
     expected = CFG.init_window_sz + num_work_blocks(layout.num_candidates, 0.2) + CFG.local_window_sz
+    expected += min(num_work_blocks(num_work_blocks(layout.num_candidates, 0.2), CFG.prefetch_ratio),
+                    layout.num_candidates - layout.num_work - 1)
     plan = plan_blocks(prompt, prompt, prompt + 1, block_size, CFG)
     extra = plan.num_total_blocks - layout.prompt_blocks
     assert plan.num_blocks == expected + extra

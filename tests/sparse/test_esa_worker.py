@@ -43,12 +43,12 @@ def test_ratio_one_offload_equals_dense():
 def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=3)
     engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
-    req = engine.add("a", prompt=160)  # 40 blocks: sink 1, 37 candidates -> k = 7, local 2
+    req = engine.add("a", prompt=160)  # 40 blocks: sink 1, 37 candidates -> k = 7, 1 spare, local 2
     engine.step()
     prefill_blocks = len(req.block_ids)
     needles = engine.needles(req)
     for d, records in enumerate(decode_steps(engine, "a", 12)):
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget: sink, k, local, tail
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1  # the budget: sink, k, spare, local, tail
         for rec in records:  # MiniEngine already checked every attended block holds its true KV
             assert torch.isfinite(rec.output).all()
             assert len(rec.positions) <= 1 + 7 + 2 + 1
@@ -62,7 +62,7 @@ def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
 
 @pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
 def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
-    # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, local 2), 25 blocks generated; the needle at block
+    # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, 1 spare, local 2), 25 blocks generated; the needle at block
     # 45 is a generated block: dumped when it fills, freed once it leaves the local window, loaded back when chosen
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
     engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, needle_scale=6.0,
@@ -73,7 +73,7 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     freed_for = 0  # steps since block 45 left the local window (freed: its dump is confirmed)
     for _ in range(100):
         records = engine.step()["a"]
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget, whatever the output length
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1  # the budget, whatever the output length
         freed_for += len(req.block_ids) > 45 and req.block_ids[45] == 0
         for rec in records:  # MiniEngine checked every attended block holds its true KV
             assert len(rec.positions) == 1 + 7 + 2 + 1
@@ -91,7 +91,7 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     for _ in range(6):
         for rec in engine.step()["a"]:
             assert {13, 45} <= set(rec.positions) and len(rec.positions) == 11
-        assert sum(1 for b in req.block_ids if b) == 11
+        assert sum(1 for b in req.block_ids if b) == 12
 
 
 def test_failed_decode_dump_keeps_the_block_resident():
@@ -103,7 +103,7 @@ def test_failed_decode_dump_keeps_the_block_resident():
         records = engine.step()["a"]
         if req.num_computed_tokens > 46 * 4:
             assert req.held == {42} and req.block_ids[42] != 0
-            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1
+            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1 + 1
             for rec in records:  # attended where it lies, never loaded (it has no stored copy)
                 assert 42 in rec.positions and torch.isfinite(rec.output).all()
     assert not engine.store.lookup(engine.hashes(req, 43)[42:])[0]
@@ -130,8 +130,10 @@ def test_pipeline_order(stride, staged):
         st = engine.stats[-1]
         assert st.retrievals == (2 if schedule.is_submit(d) else 0), d
         assert st.retrievals_consumed == (2 if d == 0 or schedule.is_consume(d) else 0), d
-        if not (d == 0 or schedule.is_consume(d)):
-            assert st.blocks_loaded == 0, d
+        if not (d == 0 or schedule.is_consume(d)):  # only loads ahead (boundary, stride > 3) between them
+            assert st.blocks_loaded == st.blocks_prefetched, d
+        if not staged or schedule.lag < 2 or not 1 <= (d - 2) % stride < schedule.lag:
+            assert st.blocks_prefetched == 0, d
         tail = min(len(req.block_ids) - 48, 3)  # local window + partial tail (generated blocks become candidates)
         for rec in records:  # no slot is ever left out: all k work blocks are attended every step
             assert len(rec.positions) == 1 + 11 + tail
@@ -428,3 +430,81 @@ def test_initial_selection_by_attention_finds_planted_needles():
             assert set(needles) <= set(rec.positions)
             cos = torch.nn.functional.cosine_similarity(rec.output.flatten(), rec.dense_output.flatten(), dim=0)
             assert cos > 0.9
+
+
+def _run_stride10(prefetch_ratio: float, store, *, skip_dump=None, steps: int = 34):
+    """Two requests decoding in boundary mode at stride 10 (random queries: the selection churns every cycle);
+    per step, what each layer attended and the step's stats."""
+    config = EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=prefetch_ratio)
+    engine = MiniEngine(config, offload=True, store=store, num_layers=LAYERS, stage_queries=True,
+                        skip_dump=skip_dump)
+    engine.add("a", prompt=200, max_tokens=60)
+    engine.add("b", prompt=160, max_tokens=60)
+    engine.step()
+    attended = []
+    for _ in range(steps):
+        records = engine.step()
+        attended.append({rid: [(tuple(r.positions), r.output) for r in recs] for rid, recs in records.items()})
+    return engine, attended
+
+
+def test_loads_ahead_into_spare_slots_attend_exactly_what_consume_step_loads_do():
+    """The steps between a submit and its consume load the new blocks into spare slots; the consume step moves
+    them into the work slots on the device. The attention sees the same blocks, with their true KV (MiniEngine
+    checks every attended block), at the same steps as when everything loads at the consume step."""
+    plain, attended_plain = _run_stride10(0.0, dram_store())
+    ahead, attended_ahead = _run_stride10(1.0, dram_store())
+    assert plain.worker._requests["a"].layout.num_spare == 0
+    assert ahead.worker._requests["a"].layout.num_spare == 11  # k = int(47 * 0.25) = 11
+    for d, (one, other) in enumerate(zip(attended_plain, attended_ahead, strict=True)):
+        for rid in one:
+            assert [p for p, _ in one[rid]] == [p for p, _ in other[rid]], (d, rid)
+            for (_, x), (_, y) in zip(one[rid], other[rid], strict=True):
+                torch.testing.assert_close(x, y)
+    schedule = ahead.worker.schedule
+    consume_loads = {name: sum(st.blocks_loaded - st.blocks_prefetched for d, st in enumerate(engine.stats[1:])
+                               if schedule.is_consume(d)) for name, engine in (("plain", plain), ("ahead", ahead))}
+    prefetched = sum(st.blocks_prefetched for st in ahead.stats)
+    assert sum(st.blocks_prefetched for st in plain.stats) == 0
+    assert prefetched > 0 and consume_loads["plain"] > 0
+    # with k spare slots every new block of a selection fits: nothing is left for the consume steps to load
+    assert consume_loads["ahead"] == 0
+    assert sum(st.blocks_loaded for st in ahead.stats) == sum(st.blocks_loaded for st in plain.stats)
+
+
+def test_a_failed_load_ahead_is_loaded_again_at_the_consume_step_and_reported_once():
+    # blocks 13 and 20 have no stored copy: their loads fail ahead and again at the consume step; the slots keep
+    # their blocks, exactly as without loads ahead
+    plain, attended_plain = _run_stride10(0.0, dram_store(), skip_dump={13, 20})
+    ahead, attended_ahead = _run_stride10(1.0, dram_store(), skip_dump={13, 20})
+    for one, other in zip(attended_plain, attended_ahead, strict=True):
+        assert {r: [p for p, _ in v] for r, v in one.items()} == {r: [p for p, _ in v] for r, v in other.items()}
+    failures = [sum(st.load_failures for st in engine.stats) for engine in (plain, ahead)]
+    assert failures[0] > 0 and failures[0] == failures[1]
+
+
+def test_loads_ahead_for_a_request_left_out_of_a_step_are_waited_before_that_step():
+    # its spare slots may be handed to another request from that step on: no copy may still be writing them
+    row = LAYERS * 2 * BS * HKV * D * 4
+    backend = _GatedBackend()
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
+    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10), offload=True, store=store,
+                        stage_queries=True)
+    engine.add("a", prompt=200)
+    engine.add("b", prompt=160)
+    engine.step()
+    worker = engine.worker
+    while not worker._prefetch_layers(worker._phase + 1):
+        engine.step()
+    backend.gate.clear()
+    engine.step()  # both load ahead into their spare slots; the loads stay in flight
+    ahead = [ls for ls in worker._requests["a"].layers if ls.prefetch is not None]
+    assert ahead and not any(ls.prefetch[4].done() for ls in ahead)
+    opener = threading.Timer(0.4, backend.gate.set)
+    opener.start()
+    started = time.monotonic()
+    engine.step(["b"])
+    assert time.monotonic() - started >= 0.35  # the step began only once a's loads had landed
+    assert all(ls.prefetch is None for ls in worker._requests["a"].layers)
+    for _ in range(12):  # a's consume loads everything at the consume step (MiniEngine checks the KV)
+        engine.step()

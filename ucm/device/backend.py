@@ -157,6 +157,17 @@ class Backend:
             event = self.record_event(stream)
         return CopyHandle(event, (pages, block_ids, src, rows))
 
+    def copy_blocks(
+        self, cache: Cache, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: torch.Stream | None = None
+    ) -> CopyHandle:
+        """Copy block ``src_ids[i]`` of a paged cache onto its block ``dst_ids[i]`` (same device; the id sets
+        disjoint, ``dst_ids`` distinct), as one batched operation queued after the current stream's work."""
+        pages = reference.as_page_tensors(cache)
+        with self._ordered_side(stream):
+            reference.copy_blocks(pages, src_ids, dst_ids)
+            event = self.record_event(stream)
+        return CopyHandle(event, (pages, src_ids, dst_ids))
+
     def _gather(
         self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None
     ) -> None:

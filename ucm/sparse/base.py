@@ -88,7 +88,9 @@ class BlockPlan:
     ``sparse``: False -> keep every block (dense request or still in prefill). Positions are logical block
     positions, ascending. ``num_blocks`` = len(kept_positions) = blocks the request needs now;
     ``num_slots`` = num_blocks * block_size (KV token slots). ``work_positions`` (subset of kept) are the
-    positions whose physical blocks the worker reuses as work slots (slot j = work_positions[j]).
+    positions whose physical blocks the worker reuses as work slots (slot j = work_positions[j]);
+    ``spare_positions`` (subset of kept, never attended) those it loads blocks into ahead of their use. The worker
+    overwrites both, so the integration makes them exclusive to the request.
     ``decode_blocks_from``: freed positions at or after it hold blocks filled in decode, whose store copy is
     written then: the integration frees such a block only once that copy is confirmed (else it stays resident).
     """
@@ -102,6 +104,7 @@ class BlockPlan:
     sink_positions: tuple[int, ...] = ()
     candidate_positions: tuple[int, ...] = ()
     decode_blocks_from: int = 0
+    spare_positions: tuple[int, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -182,7 +185,8 @@ class SparseStepStats:
     full_blocks: int = 0  # the same with dense attention
     retrievals: int = 0  # (request, layer) retrievals submitted
     retrievals_consumed: int = 0  # (request, layer) retrievals whose selection was taken
-    blocks_loaded: int = 0
+    blocks_loaded: int = 0  # (request, layer) blocks loaded from the store, ahead or at a consume step
+    blocks_prefetched: int = 0  # of which loaded ahead into spare slots (ESA's `prefetch_ratio`)
     load_failures: int = 0
     failed_block_hashes: list[str] = field(default_factory=list)
     host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)

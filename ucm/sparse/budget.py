@@ -14,11 +14,14 @@ Layout of a sparse request in decode, T blocks after this step (logical block po
                               candidates [init, P - local) and every block that left the local window since
                               (prompt blocks of the prompt's local window, then generated blocks)
       [init, init + k)        work slots: k = int(prompt candidates * sparse_ratio) physical blocks the worker
-                              loads the selected candidates into; the other candidates are freed
+                              loads the selected candidates into and the attention reads
+      [init + k, init + k + s) spare slots: s = int(k * prefetch_ratio) (fewer than the prompt candidates beyond k)
+                              blocks the worker loads the next selection's new blocks into ahead of time, never
+                              attended; the other candidates are freed
     [L, T - 1)                local window: the last ``local`` full blocks, resident
     T - 1                     the partial tail (the block decode writes), resident
 
-so a request keeps sink + k + local + 1 blocks (sink + k + local while decode still fills a ragged last prompt
+so a request keeps sink + k + s + local + 1 blocks (sink + k + local while decode still fills a ragged last prompt
 block) whatever its output length. A generated block is dumped to the store by the connector when it fills
 (named like prompt blocks: the chained hash of the prompt + output tokens); it leaves the local window ``local``
 blocks later and is freed then, but only once its store copy is confirmed (`BlockPlan.decode_blocks_from`: the
@@ -59,6 +62,7 @@ class WindowLayout:
     local: int = 0  # local window in blocks (config.local_window_sz)
     #: first position whose store copy is written in decode (the ragged last prompt block, then generated blocks)
     decode_blocks_from: int = 0
+    num_spare: int = 0  # s: spare slots = candidates [sink_end + num_work, sink_end + num_work + num_spare)
 
     @property
     def num_candidates(self) -> int:
@@ -90,8 +94,12 @@ def window_layout(num_prompt_tokens: int, block_size: int, config: EsaConfig) ->
     num_candidates = local_start - sink_end
     sparse = prompt_blocks >= config.min_blocks and num_candidates > 0
     num_work = num_work_blocks(num_candidates, config.sparse_ratio) if sparse else num_candidates
+    # spare slots leave at least one candidate to free: a request that frees nothing is never shrunk (and its
+    # work slots never made exclusive)
+    num_spare = max(0, min(num_candidates - num_work - 1, num_work_blocks(num_work, config.prefetch_ratio)))
+    num_spare = num_spare if sparse else 0
     return WindowLayout(prompt_blocks, sink_end, local_start, num_work, sparse, block_size, config.local_window_sz,
-                        num_prompt_tokens // block_size)
+                        num_prompt_tokens // block_size, num_spare)
 
 
 def plan_blocks(
@@ -126,6 +134,8 @@ def plan_blocks(
         return BlockPlan(True, block_size, total, everything, (), work, sink, candidates)
     if not layout.frees_candidates:  # ratio 1.0: every candidate stays (k covers the prompt's)
         return BlockPlan(True, block_size, total, everything, (), work, sink, candidates)
-    freed = candidates[layout.num_work :]
-    kept = sink + work + tuple(range(local_start, total))
-    return BlockPlan(True, block_size, total, kept, freed, work, sink, candidates, layout.decode_blocks_from)
+    spare_end = layout.num_work + layout.num_spare
+    spare = candidates[layout.num_work : spare_end]
+    freed = candidates[spare_end:]
+    kept = sink + work + spare + tuple(range(local_start, total))
+    return BlockPlan(True, block_size, total, kept, freed, work, sink, candidates, layout.decode_blocks_from, spare)

@@ -32,7 +32,13 @@ class EsaConfig:
     tokens really pay to their keys (each layer's prompt K read once per request: on an H100 2.5 ms per layer at
     128K, bench/results/score_topk_h100_attention.md; it keeps far more of full attention's answers,
     bench/results/accuracy_smollm2_ruler_attn.md); "representations" scores the blocks' representations with the
-    last prompt token's query, as every later retrieval does.
+    last prompt token's query, as every later retrieval does. prefetch_ratio: spare blocks per sparse request, as a
+    share of its k work slots (at most its candidates beyond k): while the steps between a retrieval's submit and
+    its consume attend the current selection, the newly selected blocks are loaded into these spare blocks, a few
+    layers per step, and moved into the work slots on the device at the consume step, so the store's transfers
+    overlap decode instead of stalling one step per retrieval; blocks beyond the spare ones are loaded at the
+    consume step. 0 loads every new block at the consume step. Used when the retrieval cycle runs at step
+    boundaries (engines that stage queries; on other engines the spare blocks stay unused).
     """
 
     init_window_sz: int = 1
@@ -43,6 +49,7 @@ class EsaConfig:
     repr_tokens: int = 16
     initial_selection: str = "attention"
     initial_queries: int = 8
+    prefetch_ratio: float = 0.25
 
     def __post_init__(self) -> None:
         _check_int("init_window_sz", self.init_window_sz, 0)
@@ -57,6 +64,9 @@ class EsaConfig:
         ratio = self.sparse_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
             raise UcmConfigError("ucm_sparse_config.ESA.sparse_ratio", ratio, "a number in (0, 1]")
+        spare = self.prefetch_ratio
+        if isinstance(spare, bool) or not isinstance(spare, (int, float)) or not 0.0 <= float(spare) <= 1.0:
+            raise UcmConfigError("ucm_sparse_config.ESA.prefetch_ratio", spare, "a number in [0, 1]")
 
     def repr_parts(self, block_size: int) -> int:
         """Representations per block of ``block_size`` tokens: ceil(block_size / repr_tokens)."""

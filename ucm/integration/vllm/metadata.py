@@ -58,11 +58,12 @@ class UcmConnectorMetadata(KVConnectorMetadata):
 
 #: What the sparse hooks report per step for the whole engine (worker -> scheduler; each request's summary gets
 #: their change while it ran, under ``sparse["engine"]``): decode steps with a sparse request, (request, decode
-#: step) pairs attended sparsely, (request, layer) retrievals, blocks loaded from the store into work slots (summed
-#: over layers), those loads that failed, host milliseconds in the hooks and, of those, waiting for loads, and
-#: the decode steps that attended one view written into the engine's metadata (no layer hooks: full-graph steps).
-SPARSE_COUNTERS = ("steps", "sparse_steps", "retrievals", "blocks_loaded", "load_failures", "host_ms",
-                   "load_wait_ms", "view_steps")
+#: step) pairs attended sparsely, (request, layer) retrievals, blocks loaded from the store (summed over layers)
+#: and of those the ones loaded ahead into spare slots, those loads that failed, host milliseconds in the hooks
+#: and, of those, waiting for loads, and the decode steps that attended one view written into the engine's
+#: metadata (no layer hooks: full-graph steps).
+SPARSE_COUNTERS = ("steps", "sparse_steps", "retrievals", "blocks_loaded", "blocks_prefetched", "load_failures",
+                   "host_ms", "load_wait_ms", "view_steps")
 
 
 @dataclasses.dataclass

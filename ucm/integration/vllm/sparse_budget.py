@@ -13,8 +13,9 @@ time the request opens a new block, when its local window moves and a block leav
    (``plan.decode_blocks_from`` on) is freed only once the connector confirmed its store copy on every worker
    (``stored(req_id)``), else it is *held* resident (a failed dump never leaves a hole in the context) and
    checked again at the next steps;
-3. the work-slot blocks become exclusive to the request (the worker overwrites them with other logical blocks):
-   a block shared through the prefix cache is replaced by a private copy, a private one leaves the prefix index;
+3. the work-slot and spare-slot blocks become exclusive to the request (the worker overwrites them with other
+   logical blocks): a block shared through the prefix cache is replaced by a private copy, a private one leaves the
+   prefix index;
 4. the changed positions (position -> block id) are recorded for the workers: vLLM's worker block table only
    appends, it never hears about replaced or freed positions.
 
@@ -128,7 +129,7 @@ class SparseBudget:
         self.stats.blocks_freed += len(to_free)
         if shrunk:
             return  # the work slots were made exclusive at the first shrink
-        for p in plan.work_positions:
+        for p in plan.work_positions + plan.spare_positions:
             if p >= len(ids):
                 continue
             block_id, what = blocks.make_exclusive(req_id, p)

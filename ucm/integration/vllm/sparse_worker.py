@@ -147,6 +147,7 @@ class SparseWorkerRuntime:
         t.retrievals += stats.retrievals
         t.retrievals_consumed += stats.retrievals_consumed
         t.blocks_loaded += stats.blocks_loaded
+        t.blocks_prefetched += stats.blocks_prefetched
         t.load_failures += stats.load_failures
         t.host_s += stats.host_s
         t.load_wait_s += stats.load_wait_s

@@ -292,7 +292,8 @@ class ConnectorWorker:
             self.stats.sample("retrieval_durations", seconds)
         step = {
             "steps": 1 if stats.sparse_requests else 0, "sparse_steps": len(stats.request_blocks),
-            "retrievals": stats.retrievals, "blocks_loaded": stats.blocks_loaded, "load_failures": stats.load_failures,
+            "retrievals": stats.retrievals, "blocks_loaded": stats.blocks_loaded,
+            "blocks_prefetched": stats.blocks_prefetched, "load_failures": stats.load_failures,
             "host_ms": 1e3 * stats.host_s, "load_wait_ms": 1e3 * stats.load_wait_s,
             "view_steps": 1 if stats.sparse_requests and stats.view_step else 0,
         }

@@ -74,6 +74,9 @@ class _LayerState:
     #: loads in flight: (slots, new positions, old positions, the request's store ids by position)
     loading: tuple[np.ndarray, np.ndarray, np.ndarray, Any] | None = None
     load_task: Any = None  # the store task of `loading`
+    #: boundary mode: new blocks of the pending selection loaded ahead into the request's spare slots:
+    #: (the pick they serve, their positions, the spare slot of each, the request's store ids, the store task)
+    prefetch: tuple[Pick, np.ndarray, np.ndarray, Any, Any] | None = None
     prefill_query: torch.Tensor | None = None  # last prompt token's query, between attention begin and finished
     holes: bool = False  # a work slot was lost to a failed load of unknown blocks (stays empty)
     version: int = 0  # bumped whenever slots / selected change (invalidates `row`)
@@ -188,9 +191,10 @@ class Esa(UcmSparseBase):
             self.store.unpin(state.pinned)
 
     def _settle(self, state: _RequestState) -> None:
-        """Wait for the loads still in flight into a request's work slots."""
+        """Wait for the loads still in flight into a request's work and spare slots."""
         for layer_state in state.layers:
             self._wait_loads(layer_state)
+            self._drop_prefetch(layer_state)
 
     # ============================================================== worker side
     def register_kv_caches(
@@ -271,7 +275,8 @@ class Esa(UcmSparseBase):
         # to other requests from this step on
         scheduled = {step.req_id for step in batch.requests}
         for req_id, state in self._requests.items():
-            if req_id not in scheduled and any(ls.load_task is not None for ls in state.layers):
+            if req_id not in scheduled and any(ls.load_task is not None or ls.prefetch is not None
+                                               for ls in state.layers):
                 self._settle(state)
         self._consume_pending(initial)
         # a selected candidate attended where it lay until the scheduler freed it: load it into a work slot now
@@ -320,6 +325,11 @@ class Esa(UcmSparseBase):
             for _, st in due:  # every layer's loads in flight together; the step attends what they brought
                 for layer_state in st.layers:
                     self._wait_loads(layer_state)
+        ahead = self._prefetch_layers(phase)
+        if ahead:
+            due = [(step, st) for step, st in decoding if st.decode_step(step) > 0 and st.layout.num_spare]
+            for index in ahead if due else ():
+                self._prefetch(index, due)
         if not self.schedule.is_submit(phase):
             return False
         rows = self._stage.shape[1]
@@ -332,6 +342,59 @@ class Esa(UcmSparseBase):
             # poison the rows: if the engine's hook does not copy the queries, the submit sees NaN and falls back
             self._stage[:, [row for _, row in submits]] = float("nan")
         return False
+
+    def _prefetch_layers(self, phase: int) -> range:
+        """The layers whose pending selection step ``phase`` loads ahead: the steps strictly between a submit and
+        its consume share the layers in order, so each carries a part of the host work and of the transfers."""
+        lag = self.schedule.lag
+        since = (phase - 2) % self.schedule.stride if phase >= 2 else -1
+        if lag < 2 or not 1 <= since < lag:
+            return range(0)
+        layers, steps = len(self._caches), lag - 1
+        return range((since - 1) * layers // steps, since * layers // steps)
+
+    def _prefetch(self, index: int, due: list[tuple[SparseRequestStep, _RequestState]]) -> None:
+        """Load the first new blocks of each request's pending selection in layer ``index`` into its spare slots
+        (one store task for the layer), while the steps keep attending the work slots; the consume step moves
+        them into the work slots on the device (`_consume`)."""
+        loads = []
+        for step, state in due:
+            layer_state = state.layers[index]
+            pick = layer_state.pending
+            if pick is None:
+                continue
+            self._drop_prefetch(layer_state)  # an older selection's, never consumed: its copies end first
+            delta = self._delta(step, state, layer_state, pick)
+            if delta is None:
+                continue
+            needed = delta[1][: state.layout.num_spare]
+            spares = np.arange(needed.size)
+            loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
+        for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, self._load(index, loads),
+                                                                             strict=True):
+            layer_state.prefetch = (pick, needed, spares, step.block_hashes, task)
+            self._stats.blocks_loaded += int(needed.size)
+            self._stats.blocks_prefetched += int(needed.size)
+
+    def _drop_prefetch(self, layer_state: _LayerState) -> None:
+        record, layer_state.prefetch = layer_state.prefetch, None
+        if record is not None:
+            self._wait_task(record[4])
+
+    def _take_prefetch(self, layer_state: _LayerState, pick: Pick) -> tuple[np.ndarray, np.ndarray] | None:
+        """The positions loaded ahead for ``pick`` and their spare slots, once their loads ended (failed ones
+        left out: they are loaded again at the consume step); None when nothing was loaded ahead for it."""
+        record, layer_state.prefetch = layer_state.prefetch, None
+        if record is None:
+            return None
+        served, positions, spares, hashes, task = record
+        failed, unknown = self._wait_task(task)
+        if served is not pick or unknown:
+            return None
+        if failed:
+            ok = np.fromiter((hashes[p] not in failed for p in positions.tolist()), dtype=bool, count=positions.size)
+            positions, spares = positions[ok], spares[ok]
+        return positions, spares
 
     def _consume_pending(self, requests: list[tuple[SparseRequestStep, _RequestState]]) -> None:
         """Consume the pending selection of these requests in every layer (one store task per layer)."""
@@ -656,14 +719,11 @@ class Esa(UcmSparseBase):
         self, index: int, due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]],
         reload: bool = False,
     ) -> None:
-        """Take the finished retrievals of one layer; offload: load the newly selected blocks of every request
-        (delta) with one store task for the layer. ``reload``: the same selections again (their blocks freed)."""
-        ids: list[str] = []
-        slots: list[np.ndarray] = []
-        loading: list[tuple[_LayerState, np.ndarray, np.ndarray, Any]] = []
-        pinned_groups: list[tuple[Any, np.ndarray]] = []
-        pinned_slots: list[np.ndarray] = []
-        pinned_loading: list[tuple[_LayerState, np.ndarray, np.ndarray, Any]] = []
+        """Take the finished retrievals of one layer; offload: bring the newly selected blocks of every request
+        (delta) into the work slots: those loaded ahead into spare slots by a device copy, the rest with one store
+        task for the layer. ``reload``: the same selections again (their blocks freed)."""
+        loads = []
+        moves: list[tuple[np.ndarray, np.ndarray]] = []  # (spare block ids, work block ids)
         for step, state, layer_state, pick in due:
             if pick is None:
                 continue
@@ -676,56 +736,92 @@ class Esa(UcmSparseBase):
             if layer_state.load_task is not None:
                 self._wait_loads(layer_state)
             layer_state.last_pick = pick
-            selected = pick.array() + layout.sink_end
-            current = layer_state.slots
-            if not selected.size:
+            ahead = None if reload else self._take_prefetch(layer_state, pick)
+            delta = self._delta(step, state, layer_state, pick)
+            if delta is None:
                 continue
-            # membership through position masks (index -1, an empty slot, lands on the spare last entry): a few
-            # vector ops, several times cheaper than np.isin on these small arrays
-            size = int(max(selected.max(), current.max(initial=-1))) + 2
-            held = np.zeros(size, dtype=bool)
-            held[current] = True
-            needed = selected[~held[selected]]
-            if state.late_resident.size:  # attended where they lie
-                needed = needed[~np.isin(needed, state.late_resident)]
-            if not needed.size:
-                continue
-            wanted = np.zeros(size, dtype=bool)
-            wanted[selected] = True
-            free = np.flatnonzero(~wanted[current])  # |free| >= |needed|
-            count = min(free.size, needed.size)
-            free, needed = free[:count], needed[:count]
+            free, needed, unnamed = delta
+            self._stats.load_failures += unnamed
+            if ahead is not None and ahead[0].size:
+                positions, spares = ahead
+                spare_of = dict(zip(positions.tolist(), spares.tolist(), strict=True))
+                moved = np.fromiter((p in spare_of for p in needed.tolist()), dtype=bool, count=needed.size)
+                if moved.any():
+                    src = np.asarray([spare_of[p] for p in needed[moved].tolist()], dtype=np.int64)
+                    moves.append((self._spare_ids(step, state)[src], self._work_ids(step, state)[free[moved]]))
+                    layer_state.slots[free[moved]] = needed[moved]
+                    layer_state.version += 1
+                    free, needed = free[~moved], needed[~moved]
+            if needed.size:
+                loads.append((step, state, needed, self._work_ids(step, state)[free], (layer_state, free)))
+        if moves:  # queued before this step's forward, after the last one that attended the replaced blocks
+            src = torch.from_numpy(np.concatenate([m[0] for m in moves]))
+            dst = torch.from_numpy(np.concatenate([m[1] for m in moves]))
+            device = self._key_views[index].device
+            self.backend.copy_blocks(self._caches[index], src.to(device, non_blocking=True),
+                                     dst.to(device, non_blocking=True))
+        for (step, _, needed, _, (layer_state, free)), task in zip(loads, self._load(index, loads), strict=True):
+            self._mark_loading(layer_state, free, needed, step.block_hashes or (), task)
+
+    def _delta(
+        self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState, pick: Pick
+    ) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(free, needed, unnamed): the positions of ``pick`` not in the work slots (nor attended where they lie)
+        that have a stored copy named, paired with the work slots holding unselected blocks that take them, and
+        how many could not be loaded for want of a name (their slots keep their blocks). None: nothing new."""
+        selected = pick.array() + state.layout.sink_end
+        current = layer_state.slots
+        if not selected.size:
+            return None
+        # membership through position masks (index -1, an empty slot, lands on the spare last entry): a few
+        # vector ops, several times cheaper than np.isin on these small arrays
+        size = int(max(selected.max(), current.max(initial=-1))) + 2
+        held = np.zeros(size, dtype=bool)
+        held[current] = True
+        needed = selected[~held[selected]]
+        if state.late_resident.size:  # attended where they lie
+            needed = needed[~np.isin(needed, state.late_resident)]
+        if not needed.size:
+            return None
+        wanted = np.zeros(size, dtype=bool)
+        wanted[selected] = True
+        free = np.flatnonzero(~wanted[current])  # |free| >= |needed|
+        count = min(free.size, needed.size)
+        free, needed = free[:count], needed[:count]
+        # a position without a stored copy named cannot be loaded: its slot keeps its block
+        named = needed < len(step.block_hashes or ())
+        if named.all():
+            return free, needed, 0
+        return free[named], needed[named], int(count - named.sum())
+
+    def _load(self, index: int, loads: list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]]
+              ) -> list[Any]:
+        """Load positions ``needed`` of each request into physical blocks ``targets`` of layer ``index``, entries
+        (step, state, needed, targets, tag); one store task per kind of load (pinned / by id) for all of them.
+        Returns each entry's task."""
+        pinned_groups: list[tuple[Any, np.ndarray]] = []
+        pinned_slots: list[np.ndarray] = []
+        ids: list[str] = []
+        slots: list[np.ndarray] = []
+        kinds: list[bool] = []
+        for step, state, needed, targets, _ in loads:
             hashes = step.block_hashes or ()
-            # a position without a stored copy named cannot be loaded: its slot keeps its block
-            named = needed < len(hashes)
-            if not named.all():
-                self._stats.load_failures += int(count - named.sum())
-                free, needed = free[named], needed[named]
-                if not needed.size:
-                    continue
-            targets = self._work_ids(step, state)[free]
             if not state.pin_tried:
                 state.pin_tried = True
                 state.pinned = self.store.pin(hashes)
                 state.pin_len = len(hashes)
-            if state.pinned is not None and int(needed.max()) < state.pin_len:
+            pinned = state.pinned is not None and int(needed.max()) < state.pin_len
+            kinds.append(pinned)
+            if pinned:
                 # resolved once per request: no per-block lookup in the store (blocks named later: by id)
                 pinned_groups.append((state.pinned, needed))
                 pinned_slots.append(targets)
-                pinned_loading.append((layer_state, free, needed, hashes))
             else:
                 ids.extend(hashes[p] for p in needed.tolist())
                 slots.append(targets)
-                loading.append((layer_state, free, needed, hashes))
-        # one store task per layer for every request (and kind of load) of the step
-        if pinned_groups:
-            task = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots))
-            for layer_state, free, needed, hashes in pinned_loading:
-                self._mark_loading(layer_state, free, needed, hashes, task)
-        if ids:
-            task = self.store.load(ids, self._pages(index, slots))
-            for layer_state, free, needed, hashes in loading:
-                self._mark_loading(layer_state, free, needed, hashes, task)
+        by_pin = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots)) if pinned_groups else None
+        by_id = self.store.load(ids, self._pages(index, slots)) if ids else None
+        return [by_pin if pinned else by_id for pinned in kinds]
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
         """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
@@ -735,6 +831,11 @@ class Esa(UcmSparseBase):
             cached = (self._phase, np.asarray(step.block_ids[start : start + state.layout.num_work], dtype=np.int64))
             state.work_ids = cached
         return cached[1]
+
+    def _spare_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
+        """Physical block ids of the request's spare slots (the same in every layer)."""
+        start = state.layout.sink_end + state.layout.num_work
+        return np.asarray(step.block_ids[start : start + state.layout.num_spare], dtype=np.int64)
 
     def _pages(self, index: int, slots: list[np.ndarray]) -> Any:
         from ucm.store.base import BlockPages
@@ -758,15 +859,7 @@ class Esa(UcmSparseBase):
         if task is None:
             return
         layer_state.load_task = None
-        failed: set[str] = set()
-        unknown_failure = False
-        started = time.perf_counter()
-        try:
-            task.wait()
-        except Exception:  # the task names the failed ids; anything else: trust none of the slots
-            failed = set(getattr(task, "failed_ids", None) or ())
-            unknown_failure = not failed
-        self._stats.load_wait_s += time.perf_counter() - started
+        failed, unknown_failure = self._wait_task(task)
         loading, layer_state.loading = layer_state.loading, None
         if loading is not None:
             js, new, old, hashes = loading
@@ -785,6 +878,19 @@ class Esa(UcmSparseBase):
             # a slot lost earlier stays out of the attention until a later retrieval fills it again
             layer_state.holes = bool(slots.size) and int(slots.min()) < 0
         layer_state.version += 1
+
+    def _wait_task(self, task: Any) -> tuple[set[str], bool]:
+        """Wait for a store task: (the ids it failed, whether it failed without naming them: trust none)."""
+        failed: set[str] = set()
+        unknown = False
+        started = time.perf_counter()
+        try:
+            task.wait()
+        except Exception:  # the task names the failed ids; anything else: trust none of its blocks
+            failed = set(getattr(task, "failed_ids", None) or ())
+            unknown = not failed
+        self._stats.load_wait_s += time.perf_counter() - started
+        return failed, unknown
 
     def _sparse_row(
         self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState
