@@ -35,36 +35,38 @@ def _copy_blocks_kernel(
     buf,  # buffer row 0, in words from anchor
     buf_row_words,
     num_pages,
+    num_jobs,
     HAS_ROWS: tl.constexpr,
     TO_BUFFER: tl.constexpr,
     VEC: tl.constexpr,  # every offset and size is a multiple of VEC words: lets loads/stores be 16 bytes wide
     CHUNK: tl.constexpr,
 ):
-    job = tl.program_id(0)  # one (block, page tensor) pair
-    i = job // num_pages
-    p = job % num_pages
-    block = tl.load(ids + i)
-    if HAS_ROWS:
-        row = tl.load(rows + i)
-    else:
-        row = i.to(tl.int64)
-    page_base = tl.load(desc + p * 5)
-    block_stride = tl.load(desc + p * 5 + 1)
-    words = tl.multiple_of(tl.load(desc + p * 5 + 2), VEC)
-    row_offset = tl.load(desc + p * 5 + 3)
-    num_blocks = tl.load(desc + p * 5 + 4)
-    # Device-resident ids are not checked on the host (that would synchronize): out-of-range ids copy nothing.
-    if (block >= 0) & (block < num_blocks):
-        page = anchor + tl.multiple_of(page_base + block * block_stride, VEC)
-        row_ptr = anchor + tl.multiple_of(buf + row * buf_row_words + row_offset, VEC)
-        offsets = tl.arange(0, CHUNK)
-        for start in range(tl.program_id(1).to(tl.int64) * CHUNK, words, tl.num_programs(1) * CHUNK):
-            idx = start + offsets
-            mask = idx < words
-            if TO_BUFFER:
-                tl.store(row_ptr + idx, tl.load(page + idx, mask=mask), mask=mask)
-            else:
-                tl.store(page + idx, tl.load(row_ptr + idx, mask=mask), mask=mask)
+    # jobs are (block, page tensor) pairs; a program takes every num_programs(0)-th (one each on a full grid)
+    for job in range(tl.program_id(0), num_jobs, tl.num_programs(0)):
+        i = job // num_pages
+        p = job % num_pages
+        block = tl.load(ids + i)
+        if HAS_ROWS:
+            row = tl.load(rows + i)
+        else:
+            row = i.to(tl.int64)
+        page_base = tl.load(desc + p * 5)
+        block_stride = tl.load(desc + p * 5 + 1)
+        words = tl.multiple_of(tl.load(desc + p * 5 + 2), VEC)
+        row_offset = tl.load(desc + p * 5 + 3)
+        num_blocks = tl.load(desc + p * 5 + 4)
+        # Device-resident ids are not checked on the host (that would synchronize): out-of-range ids copy nothing.
+        if (block >= 0) & (block < num_blocks):
+            page = anchor + tl.multiple_of(page_base + block * block_stride, VEC)
+            row_ptr = anchor + tl.multiple_of(buf + row * buf_row_words + row_offset, VEC)
+            offsets = tl.arange(0, CHUNK)
+            for start in range(tl.program_id(1).to(tl.int64) * CHUNK, words, tl.num_programs(1) * CHUNK):
+                idx = start + offsets
+                mask = idx < words
+                if TO_BUFFER:
+                    tl.store(row_ptr + idx, tl.load(page + idx, mask=mask), mask=mask)
+                else:
+                    tl.store(page + idx, tl.load(row_ptr + idx, mask=mask), mask=mask)
 
 
 def _anchor(t: torch.Tensor, word: int) -> torch.Tensor:
@@ -106,11 +108,14 @@ def copy_blocks(
     rows: torch.Tensor | None = None,
     *,
     to_buffer: bool,
+    max_programs: int | None = None,
 ) -> None:
     """Gather (``to_buffer``) ``buf[rows[i]] = block block_ids[i] of every page tensor`` or scatter it back.
 
     All page tensors must live on one device; ``buf`` (uint8 ``[rows, bytes_per_block]``) on that device or in
-    pinned host memory. Queued on the current stream of the pages' device.
+    pinned host memory. Queued on the current stream of the pages' device. ``max_programs``: at most this many
+    programs along the (block, page) axis, each looping over its share: a copy that runs beside the engine's
+    kernels on a few SMs instead of flooding every SM with programs that wait on PCIe.
     """
     if not pages:
         raise UcmConfigError("page tensors", "an empty list", "at least one page tensor")
@@ -145,7 +150,9 @@ def copy_blocks(
     )
     chunk = _CHUNK_BYTES // word
     max_words = max(entry[2] for entry in table)
-    grid = (n * len(pages), min(cdiv(max_words, chunk), _MAX_CHUNK_PROGRAMS))
+    jobs = n * len(pages)
+    grid = (jobs if max_programs is None else max(1, min(jobs, max_programs)),
+            min(cdiv(max_words, chunk), _MAX_CHUNK_PROGRAMS))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _copy_blocks_kernel[grid](
             _anchor(pages[0], word),
@@ -155,6 +162,7 @@ def copy_blocks(
             (buf.data_ptr() - base) // word,
             buf_row_bytes // word,
             len(pages),
+            jobs,
             HAS_ROWS=rows is not None,
             TO_BUFFER=to_buffer,
             VEC=align // word,

@@ -31,6 +31,11 @@ def _on_cuda(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
+#: programs along the (block, page) axis of a background copy kernel (each also splits a page in 8 KiB chunks): on
+#: an H100 / H200 (132 SMs) a few of the SMs, plenty of loads in flight for PCIe
+BACKGROUND_PROGRAMS = 16
+
+
 class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
@@ -66,12 +71,16 @@ class CudaBackend(Backend):
             out.index_copy_(0, rows.cpu(), staging.cpu())
 
     def _scatter(
-        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
+        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None,
+        background: bool = False,
     ) -> None:
         if not _on_cuda(*pages):
             return super()._scatter(src, pages, block_ids, rows)
         if self._direct(src):
-            return _copy_blocks(pages, block_ids, src, rows, to_buffer=False)
+            # a background load reading host memory leaves most SMs to the engine's kernels (one program per
+            # block and page would occupy every SM for as long as PCIe takes)
+            limit = BACKGROUND_PROGRAMS if background else None
+            return _copy_blocks(pages, block_ids, src, rows, to_buffer=False, max_programs=limit)
         n = block_ids.numel()
         min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
         reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")

@@ -30,10 +30,10 @@ class TritonInterpretBackend(CpuBackend):
 
         copy_blocks(pages, block_ids, out, rows, to_buffer=True)
 
-    def _scatter(self, src, pages, block_ids, rows):  # noqa: ANN001
+    def _scatter(self, src, pages, block_ids, rows, background=False):  # noqa: ANN001
         from ucm.kernels.block_copy import copy_blocks
 
-        copy_blocks(pages, block_ids, src, rows, to_buffer=False)
+        copy_blocks(pages, block_ids, src, rows, to_buffer=False, max_programs=3 if background else None)
 
     def topk_masked(self, scores, k, lengths=None, exclude=None):  # noqa: ANN001
         from ucm.kernels.topk_masked import topk_masked

@@ -112,6 +112,40 @@ def test_scatter_matches_reference(impl: Backend, layout: str, dtype: torch.dtyp
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("with_rows", [False, True], ids=["rows=None", "rows"])
+def test_background_scatter_matches_reference(impl: Backend, with_rows: bool):
+    """A background load (on CUDA a few programs, each looping over its share of the blocks and pages) writes
+    exactly what a full grid does: every block of three layers (K and V pages), more jobs than programs."""
+    shape = (12, 2, 16, 64)
+    cache = make_cache("layers", shape, torch.bfloat16, impl.device)
+    pages = reference.as_page_tensors(cache)
+    width = reference.bytes_per_block(pages)
+    ids = pick(shape[0], shape[0], torch.device("cpu") if with_rows else impl.device)
+    n_rows = shape[0] + 2 if with_rows else shape[0]
+    rows = torch.randperm(n_rows)[: shape[0]] if with_rows else None
+    src = host_buffer(impl, "pinned", n_rows, width)
+    src.copy_(torch.randint(0, 256, (n_rows, width), dtype=torch.uint8))
+    expected = [p.cpu().clone() for p in pages]
+    reference.scatter_blocks(src.cpu(), expected, ids.cpu(), rows)
+    impl.scatter_blocks(src, cache, ids, rows, stream=impl.new_stream(), background=True).wait()
+    for got, want in zip(page_bytes(pages), page_bytes(expected), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_copy_blocks_moves_blocks_within_a_cache(impl: Backend):
+    """Blocks loaded ahead into spare pages move onto the pages the attention reads (ESA's consume step)."""
+    cache = make_cache("kv_tuple", (9, 2, 4, 8), torch.bfloat16, impl.device)
+    before = [p.cpu().clone() for p in reference.as_page_tensors(cache)]
+    src_ids, dst_ids = torch.tensor([4, 0, 8]), torch.tensor([1, 7, 3])
+    impl.copy_blocks(cache, src_ids.to(impl.device), dst_ids.to(impl.device), stream=impl.new_stream()).wait()
+    for got, old in zip(reference.as_page_tensors(cache), before, strict=True):
+        want = old.clone()
+        want[dst_ids] = old[src_ids]
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(UcmConfigError, match="dst_ids"):
+        impl.copy_blocks(cache, src_ids, dst_ids[:2])
+
+
 @pytest.mark.parametrize("buffer", ["pinned", "device"])
 def test_round_trip_through_buffer_moves_blocks_between_caches(impl: Backend, buffer: str):
     """Offload blocks of one cache and load them into other slots of a second cache (a store's life cycle)."""

@@ -101,9 +101,9 @@ class FaultyChunk(CpuBackend):
         self._check(out)
         return super().gather_blocks(cache, block_ids, out, rows, stream)
 
-    def scatter_blocks(self, src, cache, block_ids, rows=None, stream=None):
+    def scatter_blocks(self, src, cache, block_ids, rows=None, stream=None, background=False):
         self._check(src)
-        return super().scatter_blocks(src, cache, block_ids, rows, stream)
+        return super().scatter_blocks(src, cache, block_ids, rows, stream, background)
 
 
 def test_a_fault_in_one_chunk_fails_only_its_blocks_and_the_store_keeps_serving():

@@ -149,11 +149,15 @@ class Backend:
         block_ids: torch.Tensor,
         rows: torch.Tensor | None = None,
         stream: torch.Stream | None = None,
+        background: bool = False,
     ) -> CopyHandle:
-        """Copy row ``rows[i]`` (default i) of a block buffer into block ``block_ids[i]`` (ids distinct)."""
+        """Copy row ``rows[i]`` (default i) of a block buffer into block ``block_ids[i]`` (ids distinct).
+
+        ``background``: a copy that runs beside the engine's compute and may take its time (loads ahead of their
+        use): a backend keeps it from competing with that compute (CUDA: a copy kernel on a few SMs)."""
         pages = reference.as_page_tensors(cache)
         with self._ordered_side(stream):
-            self._scatter(src, pages, block_ids, rows)
+            self._scatter(src, pages, block_ids, rows, background)
             event = self.record_event(stream)
         return CopyHandle(event, (pages, block_ids, src, rows))
 
@@ -174,7 +178,8 @@ class Backend:
         reference.gather_blocks(pages, block_ids, out, rows)
 
     def _scatter(
-        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
+        self, src: torch.Tensor, pages: list[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None,
+        background: bool = False,
     ) -> None:
         reference.scatter_blocks(src, pages, block_ids, rows)
 

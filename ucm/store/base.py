@@ -51,12 +51,14 @@ class BlockPages:
     dim 0, one page contiguous. ``slots``: int64 tensor, ``slots[i]`` is the page index of the i-th block id.
     ``row_offset``: byte offset of these pages inside the stored row (loads only; dumps are always whole rows
     with offset 0). Example: to load only layer L of a model whose layers all have ``p`` bytes per page, pass
-    ``BlockPages(kv_caches[L], slots, row_offset=L * p)``.
+    ``BlockPages(kv_caches[L], slots, row_offset=L * p)``. ``background``: a load ahead of its use, running beside
+    the engine's compute: the store asks the device layer to keep it from competing with that compute.
     """
 
     cache: Cache
     slots: torch.Tensor
     row_offset: int = 0
+    background: bool = False
 
     @property
     def pages(self) -> list[torch.Tensor]:

@@ -434,7 +434,8 @@ class DramStore(KVStoreBase):
             start = destination.row_offset
             src = chunk[:, start : start + destination.row_bytes]
             local_t = torch.from_numpy(local)
-            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=self._stream)
+            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=self._stream,
+                                               background=destination.background)
         keep = []
         with self._issue_lock:
             staging = self._device_staging(destination.pages[0].device)

@@ -370,8 +370,8 @@ class Esa(UcmSparseBase):
             needed = delta[1][: state.layout.num_spare]
             spares = np.arange(needed.size)
             loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
-        for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, self._load(index, loads),
-                                                                             strict=True):
+        tasks = self._load(index, loads, background=True)
+        for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, tasks, strict=True):
             layer_state.prefetch = (pick, needed, spares, step.block_hashes, task)
             self._stats.blocks_loaded += int(needed.size)
             self._stats.blocks_prefetched += int(needed.size)
@@ -794,10 +794,11 @@ class Esa(UcmSparseBase):
             return free, needed, 0
         return free[named], needed[named], int(count - named.sum())
 
-    def _load(self, index: int, loads: list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]]
-              ) -> list[Any]:
+    def _load(self, index: int, loads: list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]],
+              background: bool = False) -> list[Any]:
         """Load positions ``needed`` of each request into physical blocks ``targets`` of layer ``index``, entries
         (step, state, needed, targets, tag); one store task per kind of load (pinned / by id) for all of them.
+        ``background``: loads ahead of their use (`BlockPages.background`).
         Returns each entry's task."""
         pinned_groups: list[tuple[Any, np.ndarray]] = []
         pinned_slots: list[np.ndarray] = []
@@ -819,8 +820,9 @@ class Esa(UcmSparseBase):
             else:
                 ids.extend(hashes[p] for p in needed.tolist())
                 slots.append(targets)
-        by_pin = self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots)) if pinned_groups else None
-        by_id = self.store.load(ids, self._pages(index, slots)) if ids else None
+        by_pin = (self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots, background))
+                  if pinned_groups else None)
+        by_id = self.store.load(ids, self._pages(index, slots, background)) if ids else None
         return [by_pin if pinned else by_id for pinned in kinds]
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
@@ -837,12 +839,12 @@ class Esa(UcmSparseBase):
         start = state.layout.sink_end + state.layout.num_work
         return np.asarray(step.block_ids[start : start + state.layout.num_spare], dtype=np.int64)
 
-    def _pages(self, index: int, slots: list[np.ndarray]) -> Any:
+    def _pages(self, index: int, slots: list[np.ndarray], background: bool = False) -> Any:
         from ucm.store.base import BlockPages
 
         device = self._key_views[index].device
         slots_t = torch.from_numpy(np.concatenate(slots)).to(device, non_blocking=True)
-        return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index])
+        return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index], background=background)
 
     def _mark_loading(
         self, layer_state: _LayerState, free: np.ndarray, needed: np.ndarray, hashes: Any, task: Any
