@@ -11,6 +11,7 @@
 #   e2e ARGS     bench/gpu_e2e.py ARGS (decode speed ESA vs dense) -> JSON/MD/PNG
 #   bench        bench/esa_step.py and bench/score_topk.py (kernel-level) -> JSON/MD
 #   score        bench/score_topk.py alone (retrieval and the initial selection by attention vs SDPA)
+#   parity ARGS  pytest tests/parity ARGS (the device layer's CUDA cases against the reference)
 # What comes back from the device is at most 8 files, 2 folders down: point OUT at a scratch folder and tar it into
 # the real $OUT on exit (trap), and give each e2e part its own --out (several parts with --merge share one JSON).
 # Measured on the H200 (2026-12-04): the first engine on a fresh machine takes ~80 s to start (compilation), later
@@ -56,6 +57,9 @@ case $stage in
   bench)
     python3 -P bench/esa_step.py --out "$OUT/esa_step_h200.json" "$@" 2>&1 | tail -40
     python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" 2>&1 | tail -40
+    ;;
+  parity)
+    python3 -P -m pytest -p no:cacheprovider -q tests/parity "$@" 2>&1 | tail -30 | tee "$OUT/gpu_parity.txt"
     ;;
   score)
     python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" "$@" 2>&1 | tail -40
