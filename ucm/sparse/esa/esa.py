@@ -772,13 +772,14 @@ class Esa(UcmSparseBase):
                 continue
             free, needed, unnamed = delta
             self._stats.load_failures += unnamed
-            if ahead is not None and ahead[0].size:
+            if ahead is not None and ahead[0].size and needed.size:
                 positions, spares = ahead
-                spare_of = dict(zip(positions.tolist(), spares.tolist(), strict=True))
-                moved = np.fromiter((p in spare_of for p in needed.tolist()), dtype=bool, count=needed.size)
+                spare_of = np.full(int(max(positions.max(), needed.max())) + 1, -1, dtype=np.int64)
+                spare_of[positions] = spares
+                src = spare_of[needed]
+                moved = src >= 0
                 if moved.any():
-                    src = np.asarray([spare_of[p] for p in needed[moved].tolist()], dtype=np.int64)
-                    moves.append((self._spare_ids(step, state)[src], self._work_ids(step, state)[free[moved]]))
+                    moves.append((self._spare_ids(step, state)[src[moved]], self._work_ids(step, state)[free[moved]]))
                     layer_state.slots[free[moved]] = needed[moved]
                     layer_state.version += 1
                     free, needed = free[~moved], needed[~moved]
