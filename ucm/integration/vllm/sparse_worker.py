@@ -17,8 +17,9 @@ as the null block) and the engine's block table and lengths as tensors.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,27 @@ from ucm.sparse.base import SparseAttentionView, SparseBatch, SparseRequestStep,
 
 class SparseViewMissingError(UcmError, RuntimeError):
     """A request whose blocks were freed by the budget would be attended densely (it would read freed blocks)."""
+
+
+class SparseDeviceMemoryError(UcmError, MemoryError):
+    """The sparse method ran out of device memory: its per-request device state (ESA: the block representations
+    of every running sparse request's whole context, about 1/32 of its K and V with 16-token blocks, and the
+    selection's buffers) is allocated outside the KV cache budget vLLM sizes with ``gpu_memory_utilization``."""
+
+    def __init__(self, method: str, hook: str, error: BaseException):
+        self.method, self.hook = method, hook
+        super().__init__(
+            f"sparse method {method} ran out of device memory in {hook}: its per-request device state lives "
+            f"outside vLLM's KV cache budget; leave it room with a lower gpu_memory_utilization (or fewer "
+            f"concurrent long requests, max_num_seqs). Device error: {str(error).splitlines()[0]}")
+
+
+@contextlib.contextmanager
+def _device_memory(sparse: UcmSparseBase, hook: str) -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise SparseDeviceMemoryError(getattr(sparse, "name", type(sparse).__name__), hook, exc) from exc
 
 
 @dataclass
@@ -106,7 +128,8 @@ class SparseWorkerRuntime:
         batch, self._shrunk_rows = self._batch(rows)
         self.last_step = StepCounters()
         self._view_in_metadata = False
-        self.sparse.execute_begin(batch)
+        with _device_memory(self.sparse, "execute_begin"):
+            self.sparse.execute_begin(batch)
         self.in_step = True
         self._step_host_s = elapsed = time.perf_counter() - started
         self.totals.begin_s += elapsed
@@ -115,7 +138,8 @@ class SparseWorkerRuntime:
         """The view the whole step attends (`UcmSparseBase.step_view`), for the bindings to write into the engine's
         metadata; from then on the layer hooks of this step only count layers. None: per-layer hooks."""
         started = time.perf_counter()
-        view = self.sparse.step_view(block_table, seq_lens) if self.in_step else None
+        with _device_memory(self.sparse, "step_view"):
+            view = self.sparse.step_view(block_table, seq_lens) if self.in_step else None
         self._view_in_metadata = view is not None
         self.last_step.step_view = self._view_in_metadata
         self.totals.view_steps += self._view_in_metadata
@@ -134,7 +158,8 @@ class SparseWorkerRuntime:
         started = time.perf_counter()
         self.in_step = False
         view_step, self._view_in_metadata = self._view_in_metadata, False
-        stats = self.sparse.execute_finished()
+        with _device_memory(self.sparse, "execute_finished"):
+            stats = self.sparse.execute_finished()
         stats.view_step = view_step
         elapsed = time.perf_counter() - started
         self.totals.end_s += elapsed
@@ -216,7 +241,8 @@ class SparseWorkerRuntime:
             self.last_step.layers_sparse += 1  # the engine's metadata already holds the step's view
             return None
         started = time.perf_counter()
-        view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
+        with _device_memory(self.sparse, "attention_begin"):
+            view = self.sparse.attention_begin(layer_name, query, key, value, kv_cache, block_table, seq_lens)
         elapsed = time.perf_counter() - started
         self.totals.attention_s += elapsed
         self._step_host_s += elapsed
@@ -236,7 +262,8 @@ class SparseWorkerRuntime:
         if self._view_in_metadata:
             return
         started = time.perf_counter()
-        self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
+        with _device_memory(self.sparse, "attention_finished"):
+            self.sparse.attention_finished(layer_name, query, key, value, output, kv_cache)
         elapsed = time.perf_counter() - started
         self.totals.attention_s += elapsed
         self._step_host_s += elapsed
