@@ -37,7 +37,9 @@ LONG_A = _ids(1, 1200)  # 37.5 blocks of 32: sink 1 + 34 candidates + local 2
 LONG_B = _ids(2, 1100)
 SHORT_1 = _ids(3, 40)
 SHORT_2 = _ids(4, 70)
-ESA_02 = {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.2, "retrieval_stride": 4}
+# loads ahead into spare slots (not ESA's default) so that the real engines run that path too
+ESA_02 = {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.2, "retrieval_stride": 4,
+          "prefetch_ratio": 0.25}
 ESA_10 = dict(ESA_02, sparse_ratio=1.0)
 
 

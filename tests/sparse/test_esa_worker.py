@@ -43,12 +43,12 @@ def test_ratio_one_offload_equals_dense():
 def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=3)
     engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
-    req = engine.add("a", prompt=160)  # 40 blocks: sink 1, 37 candidates -> k = 7, 1 spare, local 2
+    req = engine.add("a", prompt=160)  # 40 blocks: sink 1, 37 candidates -> k = 7, local 2
     engine.step()
     prefill_blocks = len(req.block_ids)
     needles = engine.needles(req)
     for d, records in enumerate(decode_steps(engine, "a", 12)):
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1  # the budget: sink, k, spare, local, tail
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget: sink, k, local, tail
         for rec in records:  # MiniEngine already checked every attended block holds its true KV
             assert torch.isfinite(rec.output).all()
             assert len(rec.positions) <= 1 + 7 + 2 + 1
@@ -62,7 +62,7 @@ def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
 
 @pytest.mark.parametrize("staged", [False, True], ids=["layer-hooks", "boundary"])
 def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
-    # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, 1 spare, local 2), 25 blocks generated; the needle at block
+    # 40 prompt blocks of 4 (sink 1, 37 candidates -> k = 7, local 2), 25 blocks generated; the needle at block
     # 45 is a generated block: dumped when it fills, freed once it leaves the local window, loaded back when chosen
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
     engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, needle_scale=6.0,
@@ -73,7 +73,7 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     freed_for = 0  # steps since block 45 left the local window (freed: its dump is confirmed)
     for _ in range(100):
         records = engine.step()["a"]
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1  # the budget, whatever the output length
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget, whatever the output length
         freed_for += len(req.block_ids) > 45 and req.block_ids[45] == 0
         for rec in records:  # MiniEngine checked every attended block holds its true KV
             assert len(rec.positions) == 1 + 7 + 2 + 1
@@ -91,7 +91,7 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     for _ in range(6):
         for rec in engine.step()["a"]:
             assert {13, 45} <= set(rec.positions) and len(rec.positions) == 11
-        assert sum(1 for b in req.block_ids if b) == 12
+        assert sum(1 for b in req.block_ids if b) == 11
 
 
 def test_failed_decode_dump_keeps_the_block_resident():
@@ -103,7 +103,7 @@ def test_failed_decode_dump_keeps_the_block_resident():
         records = engine.step()["a"]
         if req.num_computed_tokens > 46 * 4:
             assert req.held == {42} and req.block_ids[42] != 0
-            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 1 + 2 + 1 + 1
+            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1
             for rec in records:  # attended where it lies, never loaded (it has no stored copy)
                 assert 42 in rec.positions and torch.isfinite(rec.output).all()
     assert not engine.store.lookup(engine.hashes(req, 43)[42:])[0]
@@ -488,8 +488,8 @@ def test_loads_ahead_for_a_request_left_out_of_a_step_are_waited_before_that_ste
     row = LAYERS * 2 * BS * HKV * D * 4
     backend = _GatedBackend()
     store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
-    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10), offload=True, store=store,
-                        stage_queries=True)
+    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
+                        store=store, stage_queries=True)
     engine.add("a", prompt=200)
     engine.add("b", prompt=160)
     engine.step()

@@ -37,7 +37,9 @@ class EsaConfig:
     its consume attend the current selection, the newly selected blocks are loaded into these spare blocks, a few
     layers per step, and moved into the work slots on the device at the consume step, so the store's transfers
     overlap decode instead of stalling one step per retrieval; blocks beyond the spare ones are loaded at the
-    consume step. 0 loads every new block at the consume step. Used when the retrieval cycle runs at step
+    consume step. 0 (default) loads every new block at the consume step: on an H100 at 32K x 8 loading ahead
+    (0.25) decoded 0.96x as fast as not (the loads' copy kernel shares the SMs with the steps it overlaps, and the
+    consume step's host work remains; bench/results/gpu_e2e_notes.md). Used when the retrieval cycle runs at step
     boundaries (engines that stage queries; on other engines the spare blocks stay unused).
     """
 
@@ -49,7 +51,7 @@ class EsaConfig:
     repr_tokens: int = 16
     initial_selection: str = "attention"
     initial_queries: int = 8
-    prefetch_ratio: float = 0.25
+    prefetch_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("init_window_sz", self.init_window_sz, 0)
