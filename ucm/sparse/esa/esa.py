@@ -235,7 +235,7 @@ class Esa(UcmSparseBase):
     def _warm_up(self) -> None:
         """Run the retrieval cycle's device work once at engine start, on scratch data shaped like the engine's:
         kernels compiled on first use (Triton's JIT on CUDA) are then not compiled inside the first requests'
-        decode steps (on an H100 that first request decoded at a third of the speed of the next ones)."""
+        decode steps."""
         key_view, cache = self._key_views[0], self._caches[0]
         device = key_view.device
         for n in (1, 8):  # the copy kernel's int arguments specialise on multiples of 16 (n pages x 2)
@@ -402,7 +402,7 @@ class Esa(UcmSparseBase):
             loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
         tasks = self._load(index, loads, background=True)
         for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, tasks, strict=True):
-            layer_state.prefetch = (pick, needed, spares, step.block_hashes, task)
+            layer_state.prefetch = (pick, needed, spares, step.block_hashes or (), task)
             self._stats.blocks_loaded += int(needed.size)
             self._stats.blocks_prefetched += int(needed.size)
 
