@@ -473,7 +473,7 @@ def extra_config(setting: str, args: argparse.Namespace) -> dict | None:
         if setting == "esa-repr":
             esa["initial_selection"] = "representations"
         if setting in ("esa-noahead", "esa-ahead"):
-            esa["prefetch_ratio"] = 0.0 if setting == "esa-noahead" else 0.25
+            esa["prefetch_ratio"] = 0.0 if setting == "esa-noahead" else args.ahead_ratio
         extra.update(ucm_sparse_method="ESA", ucm_sparse_config={"ESA": esa})
     return extra
 
@@ -756,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="repetitions per case in one engine; the last is "
                         "reported")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--ahead-ratio", type=float, default=0.25, help="prefetch_ratio of the esa-ahead setting")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="vLLM token budget per step (default 16384, vLLM's default for the LLM class on "
                              "H100/H200; --smoke 2048)")

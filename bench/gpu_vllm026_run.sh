@@ -12,6 +12,7 @@
 #   bench        bench/esa_step.py and bench/score_topk.py (kernel-level) -> JSON/MD
 #   score        bench/score_topk.py alone (retrieval and the initial selection by attention vs SDPA)
 #   parity ARGS  pytest tests/parity ARGS (the device layer's CUDA cases against the reference)
+#   copy ARGS    bench/copy_overlap.py ARGS (loads beside a forward: copy kernel vs copy engines) -> JSON/MD
 # What comes back from the device is at most 8 files, 2 folders down: point OUT at a scratch folder and tar it into
 # the real $OUT on exit (trap), and give each e2e part its own --out (several parts with --merge share one JSON).
 # Measured on the H200 (2026-12-04): the first engine on a fresh machine takes ~80 s to start (compilation), later
@@ -60,6 +61,9 @@ case $stage in
     ;;
   parity)
     python3 -P -m pytest -p no:cacheprovider -q tests/parity "$@" 2>&1 | tail -30 | tee "$OUT/gpu_parity.txt"
+    ;;
+  copy)
+    python3 -P bench/copy_overlap.py --out-dir "$OUT" "$@" 2>&1 | tail -20
     ;;
   score)
     python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" "$@" 2>&1 | tail -40

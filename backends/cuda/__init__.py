@@ -5,8 +5,11 @@ Host <-> device block copies: the copy kernel reads/writes pinned host memory di
 list of blocks moves in one launch with no staging buffer and no per-block DMA. Pageable host buffers cannot be
 reached from a kernel: those are gathered into a device staging buffer and moved with one DMA. Setting
 ``host_copy = "staged"`` sends pinned buffers that way too: faster host-to-device on the H100 (50 vs 42 GB/s at
-16 KiB blocks, bench/results/block_copy.md) but it needs a device buffer as large as the transfer. Tensors that
-are not on a CUDA device fall back to the reference ops.
+16 KiB blocks, bench/results/block_copy.md) but it needs a device buffer as large as the transfer. ``host_copy =
+"dma"`` loads pinned buffers on the copy engines (`batch_dma`: the driver's batched memcpy, no SMs), and a
+background load (`Backend.scatter_blocks(background=True)`: ESA's loads ahead, beside the engine's forward) takes
+that path whenever the driver has it and the ids are on the host. Tensors that are not on a CUDA device fall back
+to the reference ops.
 """
 
 from __future__ import annotations
@@ -31,15 +34,22 @@ def _on_cuda(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
-#: programs along the (block, page) axis of a background copy kernel (each also splits a page in 8 KiB chunks): on
-#: an H100 / H200 (132 SMs) a few of the SMs, plenty of loads in flight for PCIe
+#: programs along the (block, page) axis of a background copy kernel, used when the copy engines cannot take the
+#: load (each also splits a page in 8 KiB chunks): on an H100 / H200 (132 SMs) a few of the SMs
 BACKGROUND_PROGRAMS = 16
+
+
+def _dma_reason() -> str | None:
+    from ucm.backends.cuda import batch_dma
+
+    return batch_dma.unavailable_reason()
 
 
 class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
-    # "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one DMA.
+    # "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one DMA;
+    # "dma": loads from pinned buffers on the copy engines (gathers stay on the kernel)
     host_copy: str = "zero_copy"
 
     @classmethod
@@ -52,6 +62,12 @@ class CudaBackend(Backend):
     def _direct(self, buf: torch.Tensor) -> bool:
         """True when the copy kernel can address `buf` itself (device memory, or pinned host in zero-copy mode)."""
         return buf.is_cuda or (self.host_copy == "zero_copy" and buf.is_pinned())
+
+    def _copy_engines(self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None) -> bool:
+        """Whether a load can go to the copy engines: a pinned source, host ids and rows, a driver that has the
+        batched memcpy (device-resident ids would have to be read back first: that waits for the device)."""
+        return (src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
+                and (rows is None or rows.device.type == "cpu") and _dma_reason() is None)
 
     def _gather(
         self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None
@@ -76,6 +92,10 @@ class CudaBackend(Backend):
     ) -> None:
         if not _on_cuda(*pages):
             return super()._scatter(src, pages, block_ids, rows)
+        if (background or self.host_copy == "dma") and self._copy_engines(src, block_ids, rows):
+            from ucm.backends.cuda import batch_dma
+
+            return batch_dma.scatter(src, pages, block_ids, rows, background)
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)

@@ -49,15 +49,26 @@ def pick(n_total: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def use_mode(impl: Backend, kind: str) -> str:
-    """'pinned-staged' runs the CUDA backend's staged path (device gather + one DMA) on a pinned buffer."""
+    """'pinned-staged' runs the CUDA backend's staged path (device gather + one DMA) on a pinned buffer;
+    'pinned-dma' its loads on the copy engines (the driver's batched memcpy; gathers stay on the kernel)."""
     if impl.device.type == "cpu" and kind in ("pageable", "device"):
         pytest.skip("on a CPU device every buffer is host memory: the 'pinned' case covers it")
-    if kind != "pinned-staged":
+    if kind not in ("pinned-staged", "pinned-dma"):
         return kind
     if not hasattr(impl, "host_copy"):
-        pytest.skip(f"{impl.name} has no staged host-copy mode")
-    impl.host_copy = "staged"
+        pytest.skip(f"{impl.name} has no host-copy modes")
+    if kind == "pinned-dma":
+        require_copy_engines()
+    impl.host_copy = kind.removeprefix("pinned-")
     return "pinned"
+
+
+def require_copy_engines() -> None:
+    """A CUDA run must take the copy-engine path it tests, not fall back to the kernel unnoticed."""
+    from ucm.backends.cuda import batch_dma
+
+    reason = batch_dma.unavailable_reason()
+    assert reason is None, f"the driver's batched memcpy is unavailable: {reason}"
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +103,7 @@ def test_gather_matches_reference(impl: Backend, layout: str, dtype: torch.dtype
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", COPY_DTYPES, ids=str)
-@pytest.mark.parametrize("buffer", ["pinned", "pageable", "device", "pinned-staged"])
+@pytest.mark.parametrize("buffer", ["pinned", "pageable", "device", "pinned-staged", "pinned-dma"])
 @pytest.mark.parametrize("with_rows", [False, True], ids=["rows=None", "rows"])
 def test_scatter_matches_reference(impl: Backend, layout: str, dtype: torch.dtype, buffer: str, with_rows: bool):
     shape = SHAPES[torch.randint(len(SHAPES), ()).item()]
@@ -100,7 +111,8 @@ def test_scatter_matches_reference(impl: Backend, layout: str, dtype: torch.dtyp
     pages = reference.as_page_tensors(cache)
     width = reference.bytes_per_block(pages)
     n = int(torch.randint(1, shape[0] + 1, ()))
-    ids = pick(shape[0], n, torch.device("cpu") if with_rows else impl.device)
+    host_ids = with_rows or buffer == "pinned-dma"  # the copy engines take host ids (device ids: the kernel)
+    ids = pick(shape[0], n, torch.device("cpu") if host_ids else impl.device)
     n_rows = n + 2 if with_rows else n
     rows = torch.randperm(n_rows)[:n] if with_rows else None
     src = host_buffer(impl, use_mode(impl, buffer), n_rows, width)
@@ -130,6 +142,30 @@ def test_background_scatter_matches_reference(impl: Backend, with_rows: bool):
     impl.scatter_blocks(src, cache, ids, rows, stream=impl.new_stream(), background=True).wait()
     for got, want in zip(page_bytes(pages), page_bytes(expected), strict=True):
         assert torch.equal(got, want)
+
+
+def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
+    """On CUDA, a load on the copy engines from one layer's sub-range of whole-model rows (strided rows, as a
+    store's arena holds them) into that layer's (k, v) pages, foreground and background, writes exactly what the
+    reference does; device-resident ids go to the kernel instead, with the same result."""
+    if not hasattr(impl, "host_copy"):
+        pytest.skip(f"{impl.name} has no copy-engine path")
+    require_copy_engines()
+    layers = [make_cache("kv_tuple", (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
+    layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[1]))
+    stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
+    stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
+    src = stored[:, layer_bytes : 2 * layer_bytes]  # layer 1 of every stored row
+    for background, ids_device in ((False, "cpu"), (True, "cpu"), (True, impl.device)):
+        ids, rows = torch.tensor([7, 2, 9, 0]), torch.tensor([11, 3, 0, 6])
+        expected = [p.cpu().clone() for p in reference.as_page_tensors(layers[1])]
+        reference.scatter_blocks(src.cpu().contiguous(), expected, ids, rows)
+        impl.host_copy = "dma" if not background else "zero_copy"
+        impl.scatter_blocks(src, layers[1], ids.to(ids_device), rows, stream=impl.new_stream(),
+                            background=background).wait()
+        for got, want in zip(page_bytes(reference.as_page_tensors(layers[1])), page_bytes(expected), strict=True):
+            assert torch.equal(got, want)
+        stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
 def test_copy_blocks_moves_blocks_within_a_cache(impl: Backend):

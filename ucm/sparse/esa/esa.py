@@ -873,8 +873,8 @@ class Esa(UcmSparseBase):
     def _pages(self, index: int, slots: list[np.ndarray], background: bool = False) -> Any:
         from ucm.store.base import BlockPages
 
-        device = self._key_views[index].device
-        slots_t = torch.from_numpy(np.concatenate(slots)).to(device, non_blocking=True)
+        # host slots: the store's device layer moves them with its copy (a load on the copy engines needs them there)
+        slots_t = torch.from_numpy(np.concatenate(slots))
         return BlockPages(self._caches[index], slots_t, row_offset=self._row_offsets[index], background=background)
 
     def _mark_loading(

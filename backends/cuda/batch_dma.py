@@ -1,0 +1,139 @@
+"""Host-to-device block loads on the GPU's copy engines: the CUDA driver's batched memcpy (``cuMemcpyBatchAsync``,
+CUDA 12.8 drivers and later), one driver call for every (block, page tensor) piece of a load.
+
+Why: the copy kernel (`ucm.kernels.block_copy`) reads pinned host memory from SMs and holds them for as long as
+PCIe takes, so a load that runs beside the engine's forward (ESA's loads ahead) slows that forward. The copy
+engines move the same bytes without SMs; one call takes the whole list of pieces (a ``cudaMemcpyAsync`` per piece
+would cost a few microseconds of host time each).
+
+The driver entry point is resolved once through ``cuGetProcAddress`` (ctypes on ``libcuda.so.1``, no extra Python
+package); without it `unavailable_reason` says why and the backend keeps its copy kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ucm.device import reference
+from ucm.errors import UcmConfigError
+
+_ABI_VERSION = 12080  # the cuMemcpyBatchAsync ABI asked for: CUDA 12.8's, with its failIdx argument
+_SRC_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: the source is read in stream order
+_FLAG_PREFER_OVERLAP = 1  # CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE: keep the copy off the SMs
+
+
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint), ("id", ctypes.c_int)]
+
+
+class _CopyAttributes(ctypes.Structure):
+    _fields_ = [
+        ("src_access_order", ctypes.c_uint),
+        ("src_loc_hint", _MemLocation),
+        ("dst_loc_hint", _MemLocation),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+_BATCH_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int,  # CUresult
+    ctypes.c_void_p,  # dsts
+    ctypes.c_void_p,  # srcs
+    ctypes.c_void_p,  # sizes
+    ctypes.c_size_t,  # count
+    ctypes.c_void_p,  # attrs
+    ctypes.c_void_p,  # attrsIdxs
+    ctypes.c_size_t,  # numAttrs
+    ctypes.c_void_p,  # failIdx
+    ctypes.c_void_p,  # stream
+)
+
+_resolved: tuple[object | None, str | None] | None = None
+
+
+def _resolve() -> tuple[object | None, str | None]:
+    global _resolved
+    if _resolved is None:
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+            get = driver.cuGetProcAddress_v2
+        except (OSError, AttributeError) as exc:
+            _resolved = (None, f"no CUDA driver entry point lookup (libcuda.so.1 cuGetProcAddress_v2): {exc}")
+            return _resolved
+        get.restype = ctypes.c_int
+        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
+                        ctypes.c_void_p]
+        pointer, status = ctypes.c_void_p(), ctypes.c_int(0)
+        err = get(b"cuMemcpyBatchAsync", ctypes.byref(pointer), _ABI_VERSION, 0, ctypes.byref(status))
+        if err != 0 or not pointer.value:
+            _resolved = (None, f"cuGetProcAddress(cuMemcpyBatchAsync) gave CUresult {err} (a CUDA 12.8+ driver has it)")
+        else:
+            _resolved = (_BATCH_FN(pointer.value), None)
+    return _resolved
+
+
+def unavailable_reason() -> str | None:
+    """None when the driver has the batched memcpy, else why not."""
+    if not torch.cuda.is_available():
+        return "torch reports no CUDA device"
+    return _resolve()[1]
+
+
+def _host_int64(t: torch.Tensor | None, name: str) -> np.ndarray | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise UcmConfigError(f"{name} device", str(t.device), "host (cpu) indices for a copy-engine load")
+    return t.reshape(-1).to(torch.int64).numpy()
+
+
+def scatter(
+    src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None,
+    background: bool,
+) -> None:
+    """Queue ``block block_ids[i] of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current
+    stream of the pages' device; ``src`` is pinned host memory, the ids and rows are host tensors.
+    ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels)."""
+    fn, reason = _resolve()
+    if fn is None:
+        raise RuntimeError(reason)
+    ids = _host_int64(block_ids, "block_ids")
+    src_rows = _host_int64(rows, "rows")
+    n = ids.size
+    min_rows = n if src_rows is None else (int(src_rows.max()) + 1 if n else 0)
+    reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
+    if not src.is_pinned():
+        raise UcmConfigError("scatter_blocks src", "pageable host memory", "pinned host memory for a copy-engine load")
+    if src_rows is not None and src_rows.size != n:
+        raise UcmConfigError("rows", f"{src_rows.size} entries", f"one row per block id ({n})")
+    if not n:
+        return
+    limit = min(p.shape[0] for p in pages)
+    if int(ids.min()) < 0 or int(ids.max()) >= limit:
+        raise UcmConfigError("block_ids", f"range [{int(ids.min())}, {int(ids.max())}]", f"ids in [0, {limit})")
+    if src_rows is not None and int(src_rows.min()) < 0:
+        raise UcmConfigError("rows", f"minimum {int(src_rows.min())}", "rows >= 0")
+    row_starts = src.data_ptr() + (src_rows if src_rows is not None else np.arange(n)).astype(np.uint64) * np.uint64(
+        src.stride(0) * src.element_size())
+    dsts, srcs, sizes = [], [], []
+    offset = 0
+    for page in pages:
+        nbytes = reference.page_nbytes(page)
+        stride = page.stride(0) * page.element_size()
+        dsts.append(np.uint64(page.data_ptr()) + ids.astype(np.uint64) * np.uint64(stride))
+        srcs.append(row_starts + np.uint64(offset))
+        sizes.append(np.full(n, nbytes, dtype=np.uint64))
+        offset += nbytes
+    dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
+    attrs = _CopyAttributes(src_access_order=_SRC_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP if background else 0)
+    attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    stream = torch.cuda.current_stream(pages[0].device).cuda_stream
+    # the driver reads the descriptor arrays during the call: they need not outlive it
+    err = fn(dst_all.ctypes.data, src_all.ctypes.data, size_all.ctypes.data, dst_all.size, ctypes.addressof(attrs),
+             ctypes.byref(attr_index), 1, ctypes.byref(fail_index), ctypes.c_void_p(stream))
+    if err != 0:
+        raise RuntimeError(f"cuMemcpyBatchAsync failed: CUresult {err} at copy {fail_index.value} of {dst_all.size}")
