@@ -64,10 +64,12 @@ class CudaBackend(Backend):
         return buf.is_cuda or (self.host_copy == "zero_copy" and buf.is_pinned())
 
     def _copy_engines(self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None) -> bool:
-        """Whether a load can go to the copy engines: a pinned source, host ids and rows, a driver that has the
-        batched memcpy (device-resident ids would have to be read back first: that waits for the device)."""
+        """Whether a load can go to the copy engines: a pinned source, host ids and rows (device-resident ids
+        would have to be read back first: that waits for the device), a driver that has the batched memcpy and a
+        stream other than the legacy default one (which the batched memcpy refuses)."""
         return (src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
-                and (rows is None or rows.device.type == "cpu") and _dma_reason() is None)
+                and (rows is None or rows.device.type == "cpu") and _dma_reason() is None
+                and torch.cuda.current_stream().cuda_stream != 0)
 
     def _gather(
         self, pages: list[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None
