@@ -63,6 +63,12 @@ def use_mode(impl: Backend, kind: str) -> str:
     return "pinned"
 
 
+def copy_engine_calls() -> int:
+    from ucm.backends.cuda import batch_dma
+
+    return batch_dma.calls
+
+
 def require_copy_engines() -> None:
     """A CUDA run must take the copy-engine path it tests, not fall back to the kernel unnoticed."""
     from ucm.backends.cuda import batch_dma
@@ -119,7 +125,10 @@ def test_scatter_matches_reference(impl: Backend, layout: str, dtype: torch.dtyp
     src.copy_(torch.randint(0, 256, (n_rows, width), dtype=torch.uint8))
     expected = [p.cpu().clone() for p in pages]
     reference.scatter_blocks(src.cpu(), expected, ids.cpu(), rows)
+    before = copy_engine_calls()
     impl.scatter_blocks(src, cache, ids, rows, stream=impl.new_stream()).wait()
+    if buffer == "pinned-dma":
+        assert copy_engine_calls() == before + 1, "the load did not go to the copy engines"
     for got, want in zip(page_bytes(pages), page_bytes(expected), strict=True):
         assert torch.equal(got, want)
 
@@ -161,8 +170,10 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         expected = [p.cpu().clone() for p in reference.as_page_tensors(layers[1])]
         reference.scatter_blocks(src.cpu().contiguous(), expected, ids, rows)
         impl.host_copy = "dma" if not background else "zero_copy"
+        before = copy_engine_calls()
         impl.scatter_blocks(src, layers[1], ids.to(ids_device), rows, stream=impl.new_stream(),
                             background=background).wait()
+        assert copy_engine_calls() == before + (ids_device == "cpu")
         for got, want in zip(page_bytes(reference.as_page_tensors(layers[1])), page_bytes(expected), strict=True):
             assert torch.equal(got, want)
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
