@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from ucm.backends.cuda import batch_dma
 
 from ucm.device import get_backend, reference
 
@@ -144,7 +145,8 @@ def main() -> None:
     meta = {"command": "python bench/copy_overlap.py " + " ".join(sys.argv[1:]),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "blocks_per_layer": args.blocks, "layer_block_bytes": layer_bytes, "layers": LAYERS,
-            "compute_proxy": "36 bf16 GEMMs [8, 4096] x [4096, 14336] (9 weight tensors, 1 GiB)"}
+            "compute_proxy": "36 bf16 GEMMs [8, 4096] x [4096, 14336] (9 weight tensors, 1 GiB)",
+            "copy_engines_unavailable": batch_dma.unavailable_reason(), "copy_engine_calls": batch_dma.calls}
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "copy_overlap.json"), "w") as f:
