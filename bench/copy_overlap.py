@@ -7,13 +7,14 @@ Llama-3-8B-shaped cache (32 layers, K and V pages of 16 tokens x 8 heads x 128, 
 (one row per block, every layer's pages concatenated), one load of ``--blocks`` blocks per layer from random rows
 into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
 
-- alone: GB/s and host ms to queue the load, per method;
-- beside a compute proxy on the default stream (bf16 GEMMs over ~1 GiB of weights, HBM-bound like a decode step):
-  the proxy's time with and without the load, and the load's end-to-end GB/s.
+- alone: GB/s on the device and host ms to queue the load, per method;
+- beside a compute proxy on the default stream (bf16 GEMMs over 1 GiB of weights, HBM-bound like a decode step)
+  started together with the load: the proxy's time with and without the load, and the load's GB/s.
 
 Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 programs, the background kernel),
 ``dma`` (copy engines), ``dma_bg`` (copy engines with the prefer-overlap flag). Every load is checked against the
-reference copy once.
+reference copy once. The default stream sleeps while a load is queued, so the device times are the copies' own
+(queuing a layer's load costs host time that would otherwise bound them: ``issue_ms``).
 
     python bench/copy_overlap.py --out-dir bench/results        # needs a CUDA GPU and an installed checkout
 """
@@ -33,8 +34,9 @@ from ucm.backends.cuda import batch_dma
 from ucm.device import get_backend, reference
 
 LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
-METHODS = {"kernel": ("zero_copy", False), "kernel_bg": ("zero_copy", True), "dma": ("dma", False),
-           "dma_bg": ("dma", True)}
+#: method -> (host_copy, background_copy, background)
+METHODS = {"kernel": ("zero_copy", "kernel", False), "kernel_bg": ("zero_copy", "kernel", True),
+           "dma": ("dma", "dma", False), "dma_bg": ("zero_copy", "dma", True)}
 
 
 def main() -> None:
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--cache-blocks", type=int, default=2048, help="blocks per layer cache")
     parser.add_argument("--arena-rows", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--compute-rounds", type=int, default=12, help="passes over the proxy's 9 weights")
+    parser.add_argument("--hold-ms", type=float, default=40, help="default-stream sleep while the load is queued")
     parser.add_argument("--out-dir", default="")
     args = parser.parse_args()
     backend = get_backend("cuda")
@@ -58,95 +62,83 @@ def main() -> None:
     nbytes = LAYERS * args.blocks * layer_bytes
     side = backend.new_stream()
 
-    def load(method: str) -> float:
-        mode, background = METHODS[method]
-        backend.host_copy = mode
+    def queue(method: str) -> tuple[float, list]:
+        """Queue every layer's load; (host seconds it took, the handles)."""
+        backend.host_copy, backend.background_copy, background = METHODS[method]
         started = time.perf_counter()
         handles = [backend.scatter_blocks(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids, rows,
                                           stream=side, background=background)
                    for i, (ids, rows) in enumerate(loads)]
-        issued = time.perf_counter() - started
-        for h in handles:
-            h.wait()
-        return issued
+        return time.perf_counter() - started, handles
 
-    # correctness of every method against the reference copy, on layer 0
+    # correctness of every method against the reference copy, on layer 0 (bytes: random bf16 bits hold NaNs)
     correct = {}
+    calls = {}
     for method in METHODS:
         for k, v in caches:
             k.zero_(), v.zero_()
-        load(method)
+        before = batch_dma.calls
+        for h in queue(method)[1]:
+            h.wait()
+        calls[method] = batch_dma.calls - before
         want = [p.cpu().clone().zero_() for p in reference.as_page_tensors(caches[0])]
         ids, rows = loads[0]
         reference.scatter_blocks(arena[:, :layer_bytes].contiguous(), want, ids, rows)
-        correct[method] = all(torch.equal(g.cpu(), w) for g, w in zip(reference.as_page_tensors(caches[0]), want,
-                                                                       strict=True))
+        correct[method] = all(torch.equal(g.cpu().view(torch.uint8), w.view(torch.uint8))
+                              for g, w in zip(reference.as_page_tensors(caches[0]), want, strict=True))
 
     weights = [torch.randn(4096, 14336, dtype=torch.bfloat16, device=device) for _ in range(9)]
     x = torch.randn(8, 4096, dtype=torch.bfloat16, device=device)
 
     def compute() -> None:
-        for w in weights:
-            for _ in range(4):
+        for _ in range(args.compute_rounds):
+            for w in weights:
                 torch.mm(x, w)
 
-    def timed(fn, reps: int) -> float:
-        fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        return statistics.median(samples)
+    def event() -> torch.Event:
+        return torch.Event(device=device, enable_timing=True)
 
-    compute_ms = timed(compute, args.reps)
+    def measure(method: str | None, with_compute: bool) -> tuple[float, float, float]:
+        """(host ms to queue the load, load ms on the device, compute ms): the default stream sleeps first so the
+        whole load is queued before the copies and the compute start together."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(args.hold_ms * 1.5e6))  # ~1.5 GHz clocks: longer than queuing takes
+        start, end, load_end = event(), event(), event()
+        start.record()
+        issue, handles = queue(method) if method else (0.0, [])
+        if with_compute:
+            compute()
+        end.record()
+        if handles:
+            load_end.record(side)
+        torch.cuda.synchronize()
+        load_ms = start.elapsed_time(load_end) if handles else 0.0
+        return 1000 * issue, load_ms, start.elapsed_time(end) if with_compute else 0.0
+
+    compute_ms = statistics.median(measure(None, True)[2] for _ in range(args.reps))
     rows_out = []
     for method in METHODS:
-        alone, issue = [], []
-        for _ in range(args.reps):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            issue.append(load(method))
-            alone.append(time.perf_counter() - started)
-        beside, load_wall = [], []
-        for _ in range(args.reps):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            mode, background = METHODS[method]
-            backend.host_copy = mode
-            handles = [backend.scatter_blocks(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids,
-                                              rows, stream=side, background=background)
-                       for i, (ids, rows) in enumerate(loads)]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            compute()
-            end.record()
-            for h in handles:
-                h.wait()
-            load_wall.append(time.perf_counter() - started)
-            end.synchronize()
-            beside.append(start.elapsed_time(end))
+        alone = [measure(method, False) for _ in range(args.reps)]
+        beside = [measure(method, True) for _ in range(args.reps)]
+        alone_ms = statistics.median(a[1] for a in alone)
+        beside_compute = statistics.median(b[2] for b in beside)
         row = {
-            "method": method, "correct": correct[method], "bytes": nbytes,
-            "alone_GBps": round(nbytes / statistics.median(alone) / 1e9, 2),
-            "issue_ms": round(1000 * statistics.median(issue), 3),
+            "method": method, "correct": correct[method], "copy_engine_calls": calls[method], "bytes": nbytes,
+            "alone_GBps": round(nbytes / alone_ms / 1e6, 2),
+            "issue_ms": round(statistics.median(a[0] for a in alone), 3),
             "compute_ms_alone": round(compute_ms, 3),
-            "compute_ms_beside_load": round(statistics.median(beside), 3),
-            "compute_slowdown": round(statistics.median(beside) / compute_ms, 3),
-            "load_GBps_beside_compute": round(nbytes / statistics.median(load_wall) / 1e9, 2),
+            "compute_ms_beside_load": round(beside_compute, 3),
+            "compute_slowdown": round(beside_compute / compute_ms, 3),
+            "load_GBps_beside_compute": round(nbytes / statistics.median(b[1] for b in beside) / 1e6, 2),
         }
         rows_out.append(row)
         print(json.dumps(row), flush=True)
-    backend.host_copy = "zero_copy"
+    backend.host_copy, backend.background_copy = "zero_copy", "dma"
     meta = {"command": "python bench/copy_overlap.py " + " ".join(sys.argv[1:]),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "blocks_per_layer": args.blocks, "layer_block_bytes": layer_bytes, "layers": LAYERS,
-            "compute_proxy": "36 bf16 GEMMs [8, 4096] x [4096, 14336] (9 weight tensors, 1 GiB)",
-            "copy_engines_unavailable": batch_dma.unavailable_reason(), "copy_engine_calls": batch_dma.calls}
+            "compute_proxy": f"{9 * args.compute_rounds} bf16 GEMMs [8, 4096] x [4096, 14336] (9 weights, 1 GiB)",
+            "copy_engines_unavailable": batch_dma.unavailable_reason()}
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "copy_overlap.json"), "w") as f:

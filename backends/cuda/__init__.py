@@ -51,6 +51,9 @@ class CudaBackend(Backend):
     # "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one DMA;
     # "dma": loads from pinned buffers on the copy engines (gathers stay on the kernel)
     host_copy: str = "zero_copy"
+    # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
+    # BACKGROUND_PROGRAMS programs
+    background_copy: str = "dma"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -94,7 +97,8 @@ class CudaBackend(Backend):
     ) -> None:
         if not _on_cuda(*pages):
             return super()._scatter(src, pages, block_ids, rows)
-        if (background or self.host_copy == "dma") and self._copy_engines(src, block_ids, rows):
+        dma = self.background_copy == "dma" if background else self.host_copy == "dma"
+        if dma and self._copy_engines(src, block_ids, rows):
             from ucm.backends.cuda import batch_dma
 
             return batch_dma.scatter(src, pages, block_ids, rows, background)
