@@ -1,15 +1,13 @@
 """NVIDIA CUDA backend: torch.cuda streams/events (via the generic `Backend`) plus Triton kernels from
 `ucm.kernels` for the block primitives. Importable without a GPU; constructing it then fails with the reason.
 
-Host <-> device block copies: the copy kernel reads/writes pinned host memory directly (zero-copy over PCIe), so a
-list of blocks moves in one launch with no staging buffer and no per-block DMA. Pageable host buffers cannot be
-reached from a kernel: those are gathered into a device staging buffer and moved with one DMA. Setting
-``host_copy = "staged"`` sends pinned buffers that way too: faster host-to-device on the H100 (50 vs 42 GB/s at
-16 KiB blocks, bench/results/block_copy.md) but it needs a device buffer as large as the transfer. ``host_copy =
-"dma"`` loads pinned buffers on the copy engines (`batch_dma`: the driver's batched memcpy, no SMs), and a
-background load (`Backend.scatter_blocks(background=True)`: ESA's loads ahead, beside the engine's forward) takes
-that path whenever the driver has it and the ids are on the host. Tensors that are not on a CUDA device fall back
-to the reference ops.
+Host <-> device block copies: loads from pinned host memory go to the copy engines by default (`batch_dma`: the
+driver's batched memcpy, one call per load, no SMs taken from the engine's kernels); the copy kernel reads/writes
+pinned host memory directly (zero-copy over PCIe, one launch) for gathers and for loads the copy engines cannot
+take (device-resident ids, no batched memcpy in the driver, ``host_copy = "zero_copy"``). Pageable host buffers
+cannot be reached from a kernel: those are gathered into a device staging buffer and moved with one DMA
+(``host_copy = "staged"`` sends pinned buffers that way too; it needs a device buffer as large as the transfer).
+Tensors that are not on a CUDA device fall back to the reference ops.
 """
 
 from __future__ import annotations
@@ -48,9 +46,11 @@ def _dma_reason() -> str | None:
 class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
-    # "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one DMA;
-    # "dma": loads from pinned buffers on the copy engines (gathers stay on the kernel)
-    host_copy: str = "zero_copy"
+    # "dma": loads from pinned buffers on the copy engines (where they can take them, else as "zero_copy"), gathers
+    # as "zero_copy"; "zero_copy": the kernel accesses pinned host buffers directly; "staged": device gather + one
+    # DMA. Loads default to the copy engines: 1.6x the kernel's rate and no SMs taken from a forward they overlap
+    # (bench/results/copy_overlap.md)
+    host_copy: str = "dma"
     # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
     # BACKGROUND_PROGRAMS programs
     background_copy: str = "dma"
@@ -64,7 +64,7 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ 4. batched block gather / scatter
     def _direct(self, buf: torch.Tensor) -> bool:
         """True when the copy kernel can address `buf` itself (device memory, or pinned host in zero-copy mode)."""
-        return buf.is_cuda or (self.host_copy == "zero_copy" and buf.is_pinned())
+        return buf.is_cuda or (self.host_copy in ("zero_copy", "dma") and buf.is_pinned())
 
     def _copy_engines(self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None) -> bool:
         """Whether a load can go to the copy engines: a pinned source, host ids and rows (device-resident ids

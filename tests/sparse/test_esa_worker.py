@@ -132,7 +132,7 @@ def test_pipeline_order(stride, staged):
         assert st.retrievals_consumed == (2 if d == 0 or schedule.is_consume(d) else 0), d
         if not (d == 0 or schedule.is_consume(d)):  # only loads ahead (boundary, stride > 3) between them
             assert st.blocks_loaded == st.blocks_prefetched, d
-        if not staged or schedule.lag < 2 or not 1 <= (d - 2) % stride < schedule.lag:
+        if not staged or schedule.lag < 3 or not 1 <= (d - 2) % stride < schedule.lag - 1:
             assert st.blocks_prefetched == 0, d
         tail = min(len(req.block_ids) - 48, 3)  # local window + partial tail (generated blocks become candidates)
         for rec in records:  # no slot is ever left out: all k work blocks are attended every step

@@ -161,6 +161,8 @@ class Esa(UcmSparseBase):
         self._stage: torch.Tensor | None = None
         self._stage_checked = False  # the first staged submit checks that the engine really copied the queries
         self._stage_submits: list[tuple[_RequestState, int]] = []  # this step's (request, query row) to submit
+        #: boundary mode: the layers this step loads ahead at its end, and the requests they load for
+        self._ahead: tuple[range, list[tuple[SparseRequestStep, _RequestState]]] | None = None
         self._layer_submits = False
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -269,6 +271,7 @@ class Esa(UcmSparseBase):
         self._batch = batch
         self._view_cache = None
         self._prompt_ids = {}
+        self._ahead = None
         if any(step.is_decode for step in batch.requests):
             self._phase += 1
         initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
@@ -358,8 +361,7 @@ class Esa(UcmSparseBase):
         ahead = self._prefetch_layers(phase)
         if ahead:
             due = [(step, st) for step, st in decoding if st.decode_step(step) > 0 and st.layout.num_spare]
-            for index in ahead if due else ():
-                self._prefetch(index, due)
+            self._ahead = (ahead, due) if due else None
         if not self.schedule.is_submit(phase):
             return False
         rows = self._stage.shape[1]
@@ -374,13 +376,15 @@ class Esa(UcmSparseBase):
         return False
 
     def _prefetch_layers(self, phase: int) -> range:
-        """The layers whose pending selection step ``phase`` loads ahead: the steps strictly between a submit and
-        its consume share the layers in order, so each carries a part of the host work and of the transfers."""
+        """The layers whose pending selection step ``phase`` loads ahead, queued at the end of the step (after its
+        forward is queued, so the host work hides behind it; the copies run beside the next step): the steps from
+        the one after a submit to the one two before its consume share the layers in order, each carrying a part
+        of the host work and of the transfers, and the step before the consume is left for the last copies."""
         lag = self.schedule.lag
         since = (phase - 2) % self.schedule.stride if phase >= 2 else -1
-        if lag < 2 or not 1 <= since < lag:
+        if lag < 3 or not 1 <= since < lag - 1:
             return range(0)
-        layers, steps = len(self._caches), lag - 1
+        layers, steps = len(self._caches), lag - 2
         return range((since - 1) * layers // steps, since * layers // steps)
 
     def _prefetch(self, index: int, due: list[tuple[SparseRequestStep, _RequestState]]) -> None:
@@ -729,6 +733,11 @@ class Esa(UcmSparseBase):
         layer_state.reps = new if layer_state.reps is None else torch.cat([layer_state.reps, new])
 
     def execute_finished(self) -> SparseStepStats:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            layers, due = ahead
+            for index in layers:
+                self._prefetch(index, due)
         if self._stage_submits:
             self._boundary_submit()
         if self._batch is not None:
