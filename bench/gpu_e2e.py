@@ -268,12 +268,20 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
                     note="no step in which every request decodes: raise --max-tokens")
     dt = steps[end][0] - steps[start][0]
     tokens = sum(n for _, n in steps[start + 1 : end + 1])
-    gaps = sorted(steps[i][0] - steps[i - 1][0] for i in range(start + 1, end + 1))
+    timeline = [steps[i][0] - steps[i - 1][0] for i in range(start + 1, end + 1)]
+    gaps = sorted(timeline)
+    # where the window's time goes: its slowest step intervals (position in the window, ms) and its time per tenth,
+    # which tell a stall (one slow stretch, e.g. work left from the prefill) from a uniformly slower step
+    slowest = sorted(range(len(timeline)), key=timeline.__getitem__, reverse=True)[:5]
+    tenths = [round(1e3 * sum(timeline[i * len(timeline) // 10 : (i + 1) * len(timeline) // 10]), 1)
+              for i in range(10)] if len(timeline) >= 10 else None
     res.update(
         decode_tok_s=round(tokens / dt, 2),
         tpot_ms_median=round(1e3 * statistics.median(gaps), 3),
         tpot_ms_p90=round(1e3 * gaps[max(0, math.ceil(0.9 * len(gaps)) - 1)], 3),
         steady_steps=end - start,
+        slowest_steps_ms=[[i, round(1e3 * timeline[i], 2)] for i in sorted(slowest)],
+        window_ms_per_tenth=tenths,
     )
     if note:
         res["note"] = note
@@ -397,6 +405,8 @@ def worker_main(spec: dict) -> int:
             row["decode_tok_s_reps"] = [r.get("decode_tok_s") for r in reps]
             row["triton_kernels_compiled_reps"] = [r.get("triton_kernels_compiled") for r in reps]
             row["host_ms_per_step_reps"] = [(r.get("split") or {}).get("host_ms_per_step") for r in reps]
+            row["window_ms_per_tenth_reps"] = [r.get("window_ms_per_tenth") for r in reps]
+            row["slowest_steps_ms_reps"] = [r.get("slowest_steps_ms") for r in reps]
         except Exception as exc:  # noqa: BLE001 - one failed case must not lose the others
             traceback.print_exc()
             row.setdefault("batch", case.get("batch"))
