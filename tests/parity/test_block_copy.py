@@ -179,18 +179,18 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
-def test_copy_blocks_moves_blocks_within_a_cache(impl: Backend):
+def test_move_blocks_within_a_cache(impl: Backend):
     """Blocks loaded ahead into spare pages move onto the pages the attention reads (ESA's consume step)."""
     cache = make_cache("kv_tuple", (9, 2, 4, 8), torch.bfloat16, impl.device)
     before = [p.cpu().clone() for p in reference.as_page_tensors(cache)]
     src_ids, dst_ids = torch.tensor([4, 0, 8]), torch.tensor([1, 7, 3])
-    impl.copy_blocks(cache, src_ids.to(impl.device), dst_ids.to(impl.device), stream=impl.new_stream()).wait()
+    impl.move_blocks(cache, src_ids.to(impl.device), dst_ids.to(impl.device), stream=impl.new_stream()).wait()
     for got, old in zip(reference.as_page_tensors(cache), before, strict=True):
         want = old.clone()
         want[dst_ids] = old[src_ids]
         assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
     with pytest.raises(UcmConfigError, match="dst_ids"):
-        impl.copy_blocks(cache, src_ids, dst_ids[:2])
+        impl.move_blocks(cache, src_ids, dst_ids[:2])
 
 
 @pytest.mark.parametrize("buffer", ["pinned", "device"])

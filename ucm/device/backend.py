@@ -161,14 +161,14 @@ class Backend:
             event = self.record_event(stream)
         return CopyHandle(event, (pages, block_ids, src, rows))
 
-    def copy_blocks(
+    def move_blocks(
         self, cache: Cache, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: torch.Stream | None = None
     ) -> CopyHandle:
         """Copy block ``src_ids[i]`` of a paged cache onto its block ``dst_ids[i]`` (same device; the id sets
         disjoint, ``dst_ids`` distinct), as one batched operation queued after the current stream's work."""
         pages = reference.as_page_tensors(cache)
         with self._ordered_side(stream):
-            reference.copy_blocks(pages, src_ids, dst_ids)
+            reference.move_blocks(pages, src_ids, dst_ids)
             event = self.record_event(stream)
         return CopyHandle(event, (pages, src_ids, dst_ids))
 

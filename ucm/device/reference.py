@@ -106,11 +106,11 @@ def scatter_blocks(
         offset += nbytes
 
 
-def copy_blocks(pages: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+def move_blocks(pages: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """Block ``dst_ids[i]`` of every page tensor = block ``src_ids[i]`` of the same page tensor (the two id sets
     disjoint, ``dst_ids`` distinct)."""
     if src_ids.numel() != dst_ids.numel():
-        raise UcmConfigError("copy_blocks dst_ids", tuple(dst_ids.shape), f"as many ids as src_ids ({src_ids.numel()})")
+        raise UcmConfigError("move_blocks dst_ids", tuple(dst_ids.shape), f"as many ids as src_ids ({src_ids.numel()})")
     if not src_ids.numel():
         return
     for page in pages:

@@ -260,7 +260,7 @@ class Esa(UcmSparseBase):
                     self.backend.scatter_blocks(buf, scratch, slots, rows=rows, stream=self.retriever.stream,
                                                 background=background).wait()
                 if n > 1:
-                    self.backend.copy_blocks(scratch, slots[:1], slots[-1:]).wait()
+                    self.backend.move_blocks(scratch, slots[:1], slots[-1:]).wait()
 
     def query_stage(self, layer_name: str) -> torch.Tensor | None:
         if self._stage is None or layer_name not in self._layer_index:
@@ -798,7 +798,7 @@ class Esa(UcmSparseBase):
             src = torch.from_numpy(np.concatenate([m[0] for m in moves]))
             dst = torch.from_numpy(np.concatenate([m[1] for m in moves]))
             device = self._key_views[index].device
-            self.backend.copy_blocks(self._caches[index], src.to(device, non_blocking=True),
+            self.backend.move_blocks(self._caches[index], src.to(device, non_blocking=True),
                                      dst.to(device, non_blocking=True))
         for (step, _, needed, _, (layer_state, free)), task in zip(loads, self._load(index, loads), strict=True):
             self._mark_loading(layer_state, free, needed, step.block_hashes or (), task)
