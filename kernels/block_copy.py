@@ -26,7 +26,9 @@ _MAX_CHUNK_PROGRAMS = 65535  # grid limit of axis 1
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit
+# the buffer offset, its row width and the job counts vary from call to call: not specialized, so one variant per
+# direction and layout serves every call (alignment is given by VEC)
+@triton.jit(do_not_specialize=["buf", "buf_row_words", "num_pages", "num_jobs"])
 def _copy_blocks_kernel(
     anchor,  # word pointer every address is expressed from (word offsets; pointers made from raw ints lose alignment)
     desc,  # int64 [num_pages, 5] in words from anchor: page tensor, block stride, page words, row offset; num blocks

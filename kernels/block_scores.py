@@ -19,7 +19,8 @@ from ._triton import cdiv, next_pow2, tl, triton
 _TILE = 8192  # elements of one program's representation tile: BLOCK_N blocks x all KV heads x head dim
 
 
-@triton.jit(do_not_specialize=["width"])
+# sizes and row strides vary from call to call (see topk_masked: no variant per value class)
+@triton.jit(do_not_specialize=["width", "stride_ob", "stride_eb"])
 def _block_scores_kernel(
     query,
     stride_qb,

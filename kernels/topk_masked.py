@@ -80,7 +80,9 @@ def _search_select(key, eligible, count):
     return above | (ties & (tie_rank < need))
 
 
-@triton.jit(do_not_specialize=["width", "out_width", "k_value"])
+# sizes and row strides vary from call to call: specialized, each new value class would compile another variant
+# inside an engine's decode steps (Triton specializes ints on == 1 and % 16)
+@triton.jit(do_not_specialize=["width", "out_width", "k_value", "stride_sb", "stride_eb", "stride_ob"])
 def _topk_masked_kernel(
     scores,
     stride_sb,

@@ -235,32 +235,47 @@ class Esa(UcmSparseBase):
             self._warm_up()
 
     def _warm_up(self) -> None:
-        """Run the retrieval cycle's device work once at engine start, on scratch data shaped like the engine's:
-        kernels compiled on first use (Triton's JIT on CUDA) are then not compiled inside the first requests'
-        decode steps."""
+        """Run the device work of the engine's steps once at engine start, on scratch data shaped like the
+        engine's, so that kernels compiled on first use (Triton's JIT on CUDA) compile here and not inside the first
+        requests' decode steps: the selection at every row width the caches allow (one width per power of two: the
+        kernels' tiles follow the width; sizes and strides are not specialized), the loads, block moves and the
+        dumps' gathers."""
         key_view, cache = self._key_views[0], self._caches[0]
         device = key_view.device
-        for n in (1, 8):  # the copy kernel's int arguments specialise on multiples of 16 (n pages x 2)
+        one = self.retriever.representations(key_view, torch.zeros(1, dtype=torch.int64, device=device), self.parts)
+        heads = self._stage.shape[2] if self._stage is not None else one.shape[1]
+        queries = torch.zeros(2, heads, one.shape[2], dtype=one.dtype, device=device)
+        width, limit = 1, key_view.shape[0]  # no request has more candidate blocks than the cache has blocks
+        while True:
+            reps = torch.zeros(width * self.parts, *one.shape[1:], dtype=one.dtype, device=device)
+            self.retriever.submit_batch(queries, [reps, reps], [1, min(width, 4)], self.parts).handle.wait()
+            if width >= limit:
+                break
+            width *= 2
+        for n in (1, 8):
             ids = torch.zeros(n, dtype=torch.int64, device=device)  # the null block: only read
-            reps = self.retriever.representations(key_view, ids, self.parts)
-            heads = self._stage.shape[2] if self._stage is not None else reps.shape[1]
-            queries = torch.zeros(2, heads, reps.shape[2], dtype=reps.dtype, device=device)
-            self.retriever.submit_batch(queries, [reps, reps], [1, 1], self.parts).handle.wait()
-            self.retriever.submit_batch(queries[:1], [reps], [1], self.parts).handle.wait()
             if self.config.initial_selection == "attention":
                 self.retriever.submit_attention([queries[:1]], key_view, [ids], [(0, n)], [1]).handle.wait()
-            if self.offload:
-                scratch = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=device)
-                           for p in as_page_tensors(cache)]
-                width = sum(page_nbytes(p) for p in scratch)
-                buf = self.backend.alloc_pinned(2 * n * width).view(2 * n, width)
-                rows = torch.arange(n, dtype=torch.int64) * 2
-                slots = torch.arange(n, dtype=torch.int64, device=device)
-                for background in (False, True):
-                    self.backend.scatter_blocks(buf, scratch, slots, rows=rows, stream=self.retriever.stream,
+            if not self.offload:
+                continue
+            scratch = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=device) for p in as_page_tensors(cache)]
+            width = sum(page_nbytes(p) for p in scratch)
+            buf = self.backend.alloc_pinned(2 * n * width).view(2 * n, width)
+            rows = torch.arange(n, dtype=torch.int64) * 2
+            slots = torch.arange(n, dtype=torch.int64)
+            for background in (False, True):  # host ids (the copy engines on CUDA), device ids (the kernel)
+                for where in (slots, slots.to(device)):
+                    self.backend.scatter_blocks(buf, scratch, where, rows=rows, stream=self.retriever.stream,
                                                 background=background).wait()
-                if n > 1:
-                    self.backend.move_blocks(scratch, slots[:1], slots[-1:]).wait()
+            staging = torch.empty(n, width, dtype=torch.uint8, device=device)
+            self.backend.gather_blocks(scratch, slots.to(device), staging).wait()
+            self.backend.scatter_blocks(staging, scratch, slots.to(device)).wait()
+            self.backend.gather_blocks(scratch, slots, buf, rows=rows).wait()
+            # the connector's dumps gather whole rows of every layer (into a device staging buffer or the arena)
+            row = sum(page_nbytes(p) for p in as_page_tensors(self._caches))
+            self.backend.gather_blocks(self._caches, ids, torch.empty(n, row, dtype=torch.uint8, device=device)).wait()
+            if n > 1:
+                self.backend.move_blocks(scratch, slots[:1].to(device), slots[-1:].to(device)).wait()
 
     def query_stage(self, layer_name: str) -> torch.Tensor | None:
         if self._stage is None or layer_name not in self._layer_index:
