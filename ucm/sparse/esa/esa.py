@@ -259,15 +259,15 @@ class Esa(UcmSparseBase):
             if not self.offload:
                 continue
             scratch = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=device) for p in as_page_tensors(cache)]
-            width = sum(page_nbytes(p) for p in scratch)
-            buf = self.backend.alloc_pinned(2 * n * width).view(2 * n, width)
+            nbytes = sum(page_nbytes(p) for p in scratch)
+            buf = self.backend.alloc_pinned(2 * n * nbytes).view(2 * n, nbytes)
             rows = torch.arange(n, dtype=torch.int64) * 2
             slots = torch.arange(n, dtype=torch.int64)
             for background in (False, True):  # host ids (the copy engines on CUDA), device ids (the kernel)
                 for where in (slots, slots.to(device)):
                     self.backend.scatter_blocks(buf, scratch, where, rows=rows, stream=self.retriever.stream,
                                                 background=background).wait()
-            staging = torch.empty(n, width, dtype=torch.uint8, device=device)
+            staging = torch.empty(n, nbytes, dtype=torch.uint8, device=device)
             self.backend.gather_blocks(scratch, slots.to(device), staging).wait()
             self.backend.scatter_blocks(staging, scratch, slots.to(device)).wait()
             self.backend.gather_blocks(scratch, slots, buf, rows=rows).wait()
