@@ -93,6 +93,27 @@ def _host_int64(t: torch.Tensor | None, name: str) -> np.ndarray | None:
     return t.reshape(-1).to(torch.int64).numpy()
 
 
+def descriptors(
+    src: torch.Tensor, pages: Sequence[torch.Tensor], ids: np.ndarray, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (destination address, source address, bytes) of every piece of ``scatter``: page tensor by page tensor,
+    block by block; row ``rows[i]`` (default i) of ``src`` holds block ``ids[i]``'s pages concatenated in order. Pure
+    address arithmetic on the tensors' pointers (tested on the host against the reference copy)."""
+    n = ids.size
+    row_starts = np.uint64(src.data_ptr()) + (rows if rows is not None else np.arange(n)).astype(np.uint64) * np.uint64(
+        src.stride(0) * src.element_size())
+    dsts, srcs, sizes = [], [], []
+    offset = 0
+    for page in pages:
+        nbytes = reference.page_nbytes(page)
+        stride = page.stride(0) * page.element_size()
+        dsts.append(np.uint64(page.data_ptr()) + ids.astype(np.uint64) * np.uint64(stride))
+        srcs.append(row_starts + np.uint64(offset))
+        sizes.append(np.full(n, nbytes, dtype=np.uint64))
+        offset += nbytes
+    return tuple(np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
+
+
 def scatter(
     src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None,
     background: bool,
@@ -119,18 +140,7 @@ def scatter(
         raise UcmConfigError("block_ids", f"range [{int(ids.min())}, {int(ids.max())}]", f"ids in [0, {limit})")
     if src_rows is not None and int(src_rows.min()) < 0:
         raise UcmConfigError("rows", f"minimum {int(src_rows.min())}", "rows >= 0")
-    row_starts = src.data_ptr() + (src_rows if src_rows is not None else np.arange(n)).astype(np.uint64) * np.uint64(
-        src.stride(0) * src.element_size())
-    dsts, srcs, sizes = [], [], []
-    offset = 0
-    for page in pages:
-        nbytes = reference.page_nbytes(page)
-        stride = page.stride(0) * page.element_size()
-        dsts.append(np.uint64(page.data_ptr()) + ids.astype(np.uint64) * np.uint64(stride))
-        srcs.append(row_starts + np.uint64(offset))
-        sizes.append(np.full(n, nbytes, dtype=np.uint64))
-        offset += nbytes
-    dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
+    dst_all, src_all, size_all = descriptors(src, pages, ids, src_rows)
     attrs = _CopyAttributes(src_access_order=_SRC_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP if background else 0)
     attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
     stream = torch.cuda.current_stream(pages[0].device).cuda_stream
