@@ -114,6 +114,18 @@ class CudaBackend(Backend):
         staging = chunk.to(pages[0].device, non_blocking=chunk.is_pinned())
         _copy_blocks(pages, block_ids, staging, to_buffer=False)
 
+    def _scatter_many(
+        self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
+    ) -> None:
+        """Every job on the copy engines in one driver call when each of them can go there, else one by one."""
+        dma = self.background_copy == "dma" if background else self.host_copy == "dma"
+        if dma and jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows)
+                                for src, pages, ids, rows in jobs):
+            from ucm.backends.cuda import batch_dma
+
+            return batch_dma.scatter_many(jobs, background)
+        return super()._scatter_many(jobs, background)
+
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
     def topk_masked(
         self,

@@ -121,29 +121,26 @@ def scatter(
     """Queue ``block block_ids[i] of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current
     stream of the pages' device; ``src`` is pinned host memory, the ids and rows are host tensors.
     ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels)."""
+    scatter_many([(src, pages, block_ids, rows)], background)
+
+
+def scatter_many(
+    jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
+) -> None:
+    """`scatter` of several (src, pages, block_ids, rows) jobs (e.g. every layer's load of a step) in one driver
+    call; every job is checked before anything is queued."""
     fn, reason = _resolve()
     if fn is None:
         raise RuntimeError(reason)
-    ids = _host_int64(block_ids, "block_ids")
-    src_rows = _host_int64(rows, "rows")
-    n = ids.size
-    min_rows = n if src_rows is None else (int(src_rows.max()) + 1 if n else 0)
-    reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
-    if not src.is_pinned():
-        raise UcmConfigError("scatter_blocks src", "pageable host memory", "pinned host memory for a copy-engine load")
-    if src_rows is not None and src_rows.size != n:
-        raise UcmConfigError("rows", f"{src_rows.size} entries", f"one row per block id ({n})")
-    if not n:
+    pieces = [_job_descriptors(*job) for job in jobs]
+    pieces = [p for p in pieces if p is not None]
+    if not pieces:
         return
-    limit = min(p.shape[0] for p in pages)
-    if int(ids.min()) < 0 or int(ids.max()) >= limit:
-        raise UcmConfigError("block_ids", f"range [{int(ids.min())}, {int(ids.max())}]", f"ids in [0, {limit})")
-    if src_rows is not None and int(src_rows.min()) < 0:
-        raise UcmConfigError("rows", f"minimum {int(src_rows.min())}", "rows >= 0")
-    dst_all, src_all, size_all = descriptors(src, pages, ids, src_rows)
+    dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) if len(pieces) > 1 else a[0]
+                                  for a in zip(*pieces, strict=True))
     attrs = _CopyAttributes(src_access_order=_SRC_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP if background else 0)
     attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
-    stream = torch.cuda.current_stream(pages[0].device).cuda_stream
+    stream = torch.cuda.current_stream(jobs[0][1][0].device).cuda_stream
     # the driver reads the descriptor arrays during the call: they need not outlive it
     err = fn(dst_all.ctypes.data, src_all.ctypes.data, size_all.ctypes.data, dst_all.size, ctypes.addressof(attrs),
              ctypes.byref(attr_index), 1, ctypes.byref(fail_index), ctypes.c_void_p(stream))
@@ -151,3 +148,26 @@ def scatter(
     calls += 1
     if err != 0:
         raise RuntimeError(f"cuMemcpyBatchAsync failed: CUresult {err} at copy {fail_index.value} of {dst_all.size}")
+
+
+def _job_descriptors(
+    src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One job's descriptors after its checks (None: nothing to copy)."""
+    ids = _host_int64(block_ids, "block_ids")
+    src_rows = _host_int64(rows, "rows")
+    n = ids.size
+    if src_rows is not None and src_rows.size != n:
+        raise UcmConfigError("rows", f"{src_rows.size} entries", f"one row per block id ({n})")
+    min_rows = n if src_rows is None else (int(src_rows.max()) + 1 if n else 0)
+    reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
+    if not src.is_pinned():
+        raise UcmConfigError("scatter_blocks src", "pageable host memory", "pinned host memory for a copy-engine load")
+    if not n:
+        return None
+    limit = min(p.shape[0] for p in pages)
+    if int(ids.min()) < 0 or int(ids.max()) >= limit:
+        raise UcmConfigError("block_ids", f"range [{int(ids.min())}, {int(ids.max())}]", f"ids in [0, {limit})")
+    if src_rows is not None and int(src_rows.min()) < 0:
+        raise UcmConfigError("rows", f"minimum {int(src_rows.min())}", "rows >= 0")
+    return descriptors(src, pages, ids, src_rows)

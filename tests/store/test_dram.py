@@ -237,6 +237,48 @@ def test_pinned_blocks_load_by_index_and_survive_eviction_until_unpinned(backend
             store.load_pinned([(pin, [0])], BlockPages(make_cache(), torch.tensor([0])))
 
 
+class CountingBackend(CpuBackend):
+    """The CPU backend, counting the device calls of loads."""
+
+    def __init__(self):
+        super().__init__()
+        self.many_calls: list[int] = []  # jobs per scatter_blocks_many call
+
+    def scatter_blocks_many(self, jobs, stream=None, background=False):
+        self.many_calls.append(len(jobs))
+        return super().scatter_blocks_many(jobs, stream, background)
+
+
+def test_pinned_loads_into_several_layers_are_one_task_and_one_device_call():
+    """Every layer's loads of a step (each layer its own blocks, pages and row sub-range) in one task and one
+    device call; a block that was not stored when pinned fails in the layers that asked for it, the rest load."""
+    backend = CountingBackend()
+    src = make_cache(7)
+    ids = ids_for(7, 6)
+    layer_bytes = row_bytes([src[0]])
+    with dram(backend, 8) as store:
+        store.dump(ids[:5], BlockPages(src, torch.arange(5))).wait()
+        pin = store.pin(ids)  # ids[5] is not stored
+        dst = make_cache()
+        wanted = {0: [4, 1], 1: [0, 5, 2], 2: [3]}
+        items = [([(pin, positions)], BlockPages(dst[layer], torch.arange(len(positions)) + 10 * layer,
+                                                  row_offset=layer * layer_bytes))
+                 for layer, positions in wanted.items()]
+        task = store.load_pinned_layers(items)
+        with pytest.raises(StoreLoadError) as info:
+            task.wait()
+        assert info.value.failed_ids == [ids[5]] and backend.many_calls == [3]
+        for layer, positions in wanted.items():
+            for j, position in enumerate(positions):
+                got = [t[10 * layer + j] for t in dst[layer]]
+                want = [t[position] for t in src[layer]] if position < 5 else [torch.zeros_like(got[0])] * 2
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (layer, position)
+        for other, layer in ((dst[0], 1), (dst[1], 0)):  # nothing written outside each layer's own slots
+            assert not other[0][10 * layer : 10 * layer + 3].any()
+        assert store.stats().blocks_loaded == 5
+        store.unpin(pin)
+
+
 class HeldCopyBackend(CpuBackend):
     """The CPU backend, but the first `gather_blocks` (a dump's device copy) signals `entered`, waits for
     `release`, then raises when `fail` is set (a device fault, e.g. no memory for the DMA staging buffer): other

@@ -105,6 +105,11 @@ class FaultyChunk(CpuBackend):
         self._check(src)
         return super().scatter_blocks(src, cache, block_ids, rows, stream, background)
 
+    def scatter_blocks_many(self, jobs, stream=None, background=False):
+        for src, *_ in jobs:
+            self._check(src)
+        return super().scatter_blocks_many(jobs, stream, background)
+
 
 def test_a_fault_in_one_chunk_fails_only_its_blocks_and_the_store_keeps_serving():
     backend = FaultyChunk()
@@ -131,6 +136,20 @@ def test_a_fault_in_one_chunk_fails_only_its_blocks_and_the_store_keeps_serving(
         assert set(info.value.failed_ids) == bad and bad
         for i, block_id in enumerate(ids):  # loaded blocks exact, failed ones untouched
             assert page_bytes(dst, i) == (page_bytes(make_cache(), 0) if block_id in bad else page_bytes(src, i))
+        # pinned loads of two layers at once (one device call per chunk): the faulty chunk's blocks fail in both
+        pin = store.pin(ids)
+        dst = make_cache()
+        layer_bytes = WIDTH // 3
+        items = [([(pin, list(range(blocks)))], BlockPages(dst[layer], torch.arange(blocks),
+                                                           row_offset=layer * layer_bytes)) for layer in (0, 2)]
+        with pytest.raises(StoreLoadError) as info:
+            store.load_pinned_layers(items).wait()
+        assert set(info.value.failed_ids) == bad
+        for layer in (0, 2):
+            for i, block_id in enumerate(ids):
+                want = torch.zeros_like(dst[layer][0][i]) if block_id in bad else src[layer][0][i]
+                assert torch.equal(dst[layer][0][i], want)
+        store.unpin(pin)
         backend.armed = False
         dst = make_cache()
         store.load(ids, BlockPages(dst, torch.arange(blocks))).wait()

@@ -161,6 +161,27 @@ class Backend:
             event = self.record_event(stream)
         return CopyHandle(event, (pages, block_ids, src, rows))
 
+    def scatter_blocks_many(
+        self,
+        jobs: Sequence[tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor | None]],
+        stream: torch.Stream | None = None,
+        background: bool = False,
+    ) -> CopyHandle:
+        """`scatter_blocks` of several (src, cache, block_ids, rows) jobs as one operation (e.g. every layer's load
+        of a step: each layer's cache and its own ids and rows), queued on `stream` after the current stream's
+        work; a backend may issue them in one call."""
+        flat = [(src, reference.as_page_tensors(cache), ids, rows) for src, cache, ids, rows in jobs]
+        with self._ordered_side(stream):
+            self._scatter_many(flat, background)
+            event = self.record_event(stream)
+        return CopyHandle(event, (flat,))
+
+    def _scatter_many(
+        self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
+    ) -> None:
+        for src, pages, ids, rows in jobs:
+            self._scatter(src, pages, ids, rows, background)
+
     def move_blocks(
         self, cache: Cache, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: torch.Stream | None = None
     ) -> CopyHandle:

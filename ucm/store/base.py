@@ -249,6 +249,13 @@ class KVStoreBase(abc.ABC):
         list, in order, into ``destination``'s slots (one task and one copy for all groups)."""
         raise NotImplementedError(f"{self.name} cannot pin blocks")
 
+    def load_pinned_layers(
+        self, items: Sequence[tuple[Sequence[tuple[Any, Sequence[int]]], BlockPages]]
+    ) -> StoreTask:
+        """`load_pinned` into several destinations at once, (groups, destination) each (e.g. every layer's loads of
+        a step, each into its own layer's pages): one task for all of them."""
+        raise NotImplementedError(f"{self.name} cannot pin blocks")
+
     def unpin(self, pinned: Any) -> None:
         """End a `pin` (idempotent): its blocks may be evicted again."""
         return None

@@ -318,54 +318,99 @@ class DramStore(KVStoreBase):
                     entry.pins -= 1
 
     def load_pinned(self, groups: Sequence[tuple[_Pinned, Sequence[int]]], destination: BlockPages) -> StoreTask:
+        return self.load_pinned_layers([(groups, destination)])
+
+    def load_pinned_layers(
+        self, items: Sequence[tuple[Sequence[tuple[_Pinned, Sequence[int]]], BlockPages]]
+    ) -> StoreTask:
+        """One task for every destination; per arena chunk one device call for all destinations' blocks."""
         block_ids: list[str] = []
-        parts: list[np.ndarray] = []
-        for pinned, indices in groups:
-            if pinned.released:
-                raise ValueError("load_pinned: a pin of these groups was released")
-            indices = np.asarray(indices, dtype=np.int64)
-            ids = pinned.block_ids
-            block_ids.extend([ids[i] for i in indices.tolist()])
-            parts.append(pinned.rows[indices])
-        rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        destination.check(len(rows), self.kv_block_size, whole_row=False, block_ids=block_ids)
+        plans: list[tuple[BlockPages, int, np.ndarray]] = []  # (destination, its first id in block_ids, rows)
+        for groups, destination in items:
+            first = len(block_ids)
+            parts: list[np.ndarray] = []
+            for pinned, indices in groups:
+                if pinned.released:
+                    raise ValueError("load_pinned: a pin of these groups was released")
+                indices = np.asarray(indices, dtype=np.int64)
+                ids = pinned.block_ids
+                block_ids.extend([ids[i] for i in indices.tolist()])
+                parts.append(pinned.rows[indices])
+            rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            destination.check(len(rows), self.kv_block_size, whole_row=False, block_ids=block_ids[first:])
+            plans.append((destination, first, rows))
         task = CopyTask("load", block_ids)
         with self._lock:
             self._begin()
         try:
-            ok = rows >= 0
-            picks = np.flatnonzero(ok)
-            if picks.size < rows.size:
-                missing = [block_ids[j] for j in np.flatnonzero(~ok).tolist()]
-                task.fail(missing, "not in UcmDram when the reader pinned its blocks")
-                with self._lock:
-                    self._stats.load_failures += len(missing)
-            if picks.size:
-                slots, rows = destination.slots, rows[picks]
-                if picks.size < len(block_ids):
+            by_chunk: dict[int, list[tuple[BlockPages, torch.Tensor, np.ndarray, np.ndarray]]] = {}
+            for destination, first, rows in plans:
+                ok = rows >= 0
+                picks = np.flatnonzero(ok)
+                if picks.size < rows.size:
+                    missing = [block_ids[first + j] for j in np.flatnonzero(~ok).tolist()]
+                    task.fail(missing, "not in UcmDram when the reader pinned its blocks")
+                    with self._lock:
+                        self._stats.load_failures += len(missing)
+                if not picks.size:
+                    continue
+                slots, good = destination.slots, rows[picks]
+                if picks.size < rows.size:
                     slots = slots.index_select(0, torch.from_numpy(picks).to(slots.device))
-                for group in self._arena.groups(rows):
-                    self._queue_pinned_load(task, destination, block_ids, picks, slots, rows, group)
+                for group in self._arena.groups(good):
+                    g_slots, g_rows, g_picks = slots, good, picks
+                    if group is not None:
+                        g_slots = slots.index_select(0, torch.from_numpy(group).to(slots.device))
+                        g_rows, g_picks = good[group], picks[group]
+                    chunk = self._arena.chunk_of(int(g_rows[0]))
+                    by_chunk.setdefault(chunk, []).append((destination, g_slots, g_rows, g_picks + first))
+            for jobs in by_chunk.values():
+                self._queue_pinned_loads(task, block_ids, jobs)
         finally:
             self._end(task)
         return task
 
-    def _queue_pinned_load(
-        self, task: CopyTask, destination: BlockPages, block_ids: list[str], picks: np.ndarray,
-        slots: torch.Tensor, rows: np.ndarray, group: np.ndarray | None,
+    def _queue_pinned_loads(
+        self, task: CopyTask, block_ids: list[str],
+        jobs: list[tuple[BlockPages, torch.Tensor, np.ndarray, np.ndarray]],
     ) -> None:
-        """Queue the load of the pinned rows at positions `group` (None: all) of `picks`; one arena chunk."""
-        if group is not None:
-            picks, rows = picks[group], rows[group]
-            slots = slots.index_select(0, torch.from_numpy(group).to(slots.device))
+        """Queue the loads of one arena chunk's rows into each job's (destination, slots) as one device call; jobs
+        are (destination, slots, global rows, positions of their ids in `block_ids`). A whole-row destination that
+        goes through the device staging is queued on its own."""
+        copies, counted = [], []
+        for destination, slots, rows, picks in jobs:
+            whole = destination.row_offset == 0 and destination.row_bytes == self.kv_block_size
+            if self._uses_dma(destination, whole_row=whole):
+                self._queue_copy(task, block_ids, picks, destination, lambda d=destination, s=slots, r=rows:
+                                 self._from_arena(d, s, r), int(rows.size))
+                continue
+            chunk, local = self._arena.locate(rows)
+            start = destination.row_offset
+            copies.append((chunk[:, start : start + destination.row_bytes], destination.cache, slots,
+                           torch.from_numpy(local)))
+            counted.append((destination, int(rows.size), picks))
+        if not copies:
+            return
+        picks = np.concatenate([c[2] for c in counted])
+        background = any(destination.background for destination, _, _ in counted)
+        nbytes = sum(destination.row_bytes * n for destination, n, _ in counted)
+        self._queue_copy(task, block_ids, picks, None, lambda: self.backend.scatter_blocks_many(
+            copies, stream=self._stream, background=background), int(picks.size), nbytes)
+
+    def _queue_copy(
+        self, task: CopyTask, block_ids: list[str], picks: np.ndarray, destination: BlockPages | None,
+        queue: Any, blocks: int, nbytes: int | None = None,
+    ) -> None:
+        """Run `queue()` (queues a device copy, returns its handle) as one part of `task` moving the blocks at
+        positions `picks` of `block_ids`; a copy that cannot be queued fails those blocks."""
         try:
-            handle = self._from_arena(destination, slots, rows)
+            handle = queue()
         except Exception as exc:
             task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
-        else:
-            blocks, nbytes = int(picks.size), destination.row_bytes * int(picks.size)
-            task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
-                          lambda: [block_ids[j] for j in picks.tolist()])
+            return
+        nbytes = nbytes if nbytes is not None else destination.row_bytes * blocks
+        task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
+                      lambda: [block_ids[j] for j in picks.tolist()])
 
     def _count_loaded(self, blocks: int, nbytes: int, error: str | None) -> None:
         if error is not None:
