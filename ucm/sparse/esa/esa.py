@@ -402,28 +402,31 @@ class Esa(UcmSparseBase):
         layers, steps = len(self._caches), lag - 2
         return range((since - 1) * layers // steps, since * layers // steps)
 
-    def _prefetch(self, index: int, due: list[tuple[SparseRequestStep, _RequestState]]) -> None:
-        """Load the first new blocks of each request's pending selection in layer ``index`` into its spare slots
-        (one store task for the layer), while the steps keep attending the work slots; the consume step moves
+    def _prefetch(self, layers: range, due: list[tuple[SparseRequestStep, _RequestState]]) -> None:
+        """Load the first new blocks of each request's pending selection in these layers into its spare slots
+        (one store task for all of them), while the steps keep attending the work slots; the consume step moves
         them into the work slots on the device (`_consume`)."""
-        loads = []
-        for step, state in due:
-            layer_state = state.layers[index]
-            pick = layer_state.pending
-            if pick is None:
-                continue
-            self._drop_prefetch(layer_state)  # an older selection's, never consumed: its copies end first
-            delta = self._delta(step, state, layer_state, pick)
-            if delta is None:
-                continue
-            needed = delta[1][: state.layout.num_spare]
-            spares = np.arange(needed.size)
-            loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
-        tasks = self._load(index, loads, background=True)
-        for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, tasks, strict=True):
-            layer_state.prefetch = (pick, needed, spares, step.block_hashes or (), task)
-            self._stats.blocks_loaded += int(needed.size)
-            self._stats.blocks_prefetched += int(needed.size)
+        planned = []
+        for index in layers:
+            loads = []
+            for step, state in due:
+                layer_state = state.layers[index]
+                pick = layer_state.pending
+                if pick is None:
+                    continue
+                self._drop_prefetch(layer_state)  # an older selection's, never consumed: its copies end first
+                delta = self._delta(step, state, layer_state, pick)
+                if delta is None:
+                    continue
+                needed = delta[1][: state.layout.num_spare]
+                spares = np.arange(needed.size)
+                loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
+            planned.append((index, loads))
+        for (_, loads), tasks in zip(planned, self._load_layers(planned, background=True), strict=True):
+            for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, tasks, strict=True):
+                layer_state.prefetch = (pick, needed, spares, step.block_hashes or (), task)
+                self._stats.blocks_loaded += int(needed.size)
+                self._stats.blocks_prefetched += int(needed.size)
 
     def _drop_prefetch(self, layer_state: _LayerState) -> None:
         record, layer_state.prefetch = layer_state.prefetch, None
@@ -446,14 +449,16 @@ class Esa(UcmSparseBase):
         return positions, spares
 
     def _consume_pending(self, requests: list[tuple[SparseRequestStep, _RequestState]]) -> None:
-        """Consume the pending selection of these requests in every layer (one store task per layer)."""
+        """Consume the pending selection of these requests in every layer (one store task for all layers)."""
+        planned = []
         for index in range(len(self._caches)) if requests else ():
             due = []
             for step, state in requests:
                 layer_state = state.layers[index]
                 pick, layer_state.pending = layer_state.pending, None
                 due.append((step, state, layer_state, pick))
-            self._consume(index, due)
+            planned.append((index, self._consume_plan(index, due)))
+        self._issue_loads(planned)
 
     def _boundary_reps(self, decoding: list[tuple[SparseRequestStep, _RequestState]]) -> None:
         """Representations of the blocks full before this step (their K is in the cache) that have none yet."""
@@ -750,9 +755,7 @@ class Esa(UcmSparseBase):
     def execute_finished(self) -> SparseStepStats:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            layers, due = ahead
-            for index in layers:
-                self._prefetch(index, due)
+            self._prefetch(*ahead)
         if self._stage_submits:
             self._boundary_submit()
         if self._batch is not None:
@@ -776,6 +779,14 @@ class Esa(UcmSparseBase):
         """Take the finished retrievals of one layer; offload: bring the newly selected blocks of every request
         (delta) into the work slots: those loaded ahead into spare slots by a device copy, the rest with one store
         task for the layer. ``reload``: the same selections again (their blocks freed)."""
+        self._issue_loads([(index, self._consume_plan(index, due, reload))])
+
+    def _consume_plan(
+        self, index: int, due: list[tuple[SparseRequestStep, _RequestState, _LayerState, Pick | None]],
+        reload: bool = False,
+    ) -> list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]]:
+        """`_consume` up to its loads: the selections taken and the device moves queued; returns the loads the
+        layer still needs (`_issue_loads` queues them)."""
         loads = []
         moves: list[tuple[np.ndarray, np.ndarray]] = []  # (spare block ids, work block ids)
         for step, state, layer_state, pick in due:
@@ -815,8 +826,13 @@ class Esa(UcmSparseBase):
             device = self._key_views[index].device
             self.backend.move_blocks(self._caches[index], src.to(device, non_blocking=True),
                                      dst.to(device, non_blocking=True))
-        for (step, _, needed, _, (layer_state, free)), task in zip(loads, self._load(index, loads), strict=True):
-            self._mark_loading(layer_state, free, needed, step.block_hashes or (), task)
+        return loads
+
+    def _issue_loads(self, planned: list[tuple[int, list]]) -> None:
+        """Queue the loads `_consume_plan` left, (layer index, loads) each, as one store task for all layers."""
+        for (_, loads), tasks in zip(planned, self._load_layers(planned), strict=True):
+            for (step, _, needed, _, (layer_state, free)), task in zip(loads, tasks, strict=True):
+                self._mark_loading(layer_state, free, needed, step.block_hashes or (), task)
 
     def _delta(
         self, step: SparseRequestStep, state: _RequestState, layer_state: _LayerState, pick: Pick
@@ -849,36 +865,47 @@ class Esa(UcmSparseBase):
             return free, needed, 0
         return free[named], needed[named], int(count - named.sum())
 
-    def _load(self, index: int, loads: list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]],
-              background: bool = False) -> list[Any]:
-        """Load positions ``needed`` of each request into physical blocks ``targets`` of layer ``index``, entries
-        (step, state, needed, targets, tag); one store task per kind of load (pinned / by id) for all of them.
-        ``background``: loads ahead of their use (`BlockPages.background`).
-        Returns each entry's task."""
-        pinned_groups: list[tuple[Any, np.ndarray]] = []
-        pinned_slots: list[np.ndarray] = []
-        ids: list[str] = []
-        slots: list[np.ndarray] = []
-        kinds: list[bool] = []
-        for step, state, needed, targets, _ in loads:
-            hashes = step.block_hashes or ()
-            if not state.pin_tried:
-                state.pin_tried = True
-                state.pinned = self.store.pin(hashes)
-                state.pin_len = len(hashes)
-            pinned = state.pinned is not None and int(needed.max()) < state.pin_len
-            kinds.append(pinned)
-            if pinned:
-                # resolved once per request: no per-block lookup in the store (blocks named later: by id)
-                pinned_groups.append((state.pinned, needed))
-                pinned_slots.append(targets)
-            else:
-                ids.extend(hashes[p] for p in needed.tolist())
-                slots.append(targets)
-        by_pin = (self.store.load_pinned(pinned_groups, self._pages(index, pinned_slots, background))
-                  if pinned_groups else None)
-        by_id = self.store.load(ids, self._pages(index, slots, background)) if ids else None
-        return [by_pin if pinned else by_id for pinned in kinds]
+    def _load_layers(
+        self, planned: list[tuple[int, list[tuple[SparseRequestStep, _RequestState, np.ndarray, np.ndarray, Any]]]],
+        background: bool = False,
+    ) -> list[list[Any]]:
+        """Load positions ``needed`` of each request into physical blocks ``targets`` of layer ``index``, for
+        (index, entries (step, state, needed, targets, tag)) pairs: one store task for every layer's loads of
+        pinned blocks (`load_pinned_layers`), one per layer for blocks loaded by id. ``background``: loads ahead of
+        their use (`BlockPages.background`). Returns each layer's tasks, one per entry."""
+        pinned_items: list[tuple[list[tuple[Any, np.ndarray]], Any]] = []
+        layer_kinds: list[tuple[list[bool], Any]] = []
+        for index, loads in planned:
+            pinned_groups: list[tuple[Any, np.ndarray]] = []
+            pinned_slots: list[np.ndarray] = []
+            ids: list[str] = []
+            slots: list[np.ndarray] = []
+            kinds: list[bool] = []
+            for step, state, needed, targets, _ in loads:
+                hashes = step.block_hashes or ()
+                if not state.pin_tried:
+                    state.pin_tried = True
+                    state.pinned = self.store.pin(hashes)
+                    state.pin_len = len(hashes)
+                pinned = state.pinned is not None and int(needed.max()) < state.pin_len
+                kinds.append(pinned)
+                if pinned:
+                    # resolved once per request: no per-block lookup in the store (blocks named later: by id)
+                    pinned_groups.append((state.pinned, needed))
+                    pinned_slots.append(targets)
+                else:
+                    ids.extend(hashes[p] for p in needed.tolist())
+                    slots.append(targets)
+            if pinned_groups:
+                pinned_items.append((pinned_groups, self._pages(index, pinned_slots, background)))
+            by_id = self.store.load(ids, self._pages(index, slots, background)) if ids else None
+            layer_kinds.append((kinds, by_id))
+        by_pin = None
+        if len(pinned_items) == 1:
+            by_pin = self.store.load_pinned(*pinned_items[0])
+        elif pinned_items:
+            by_pin = self.store.load_pinned_layers(pinned_items)
+        return [[by_pin if pinned else by_id for pinned in kinds] for kinds, by_id in layer_kinds]
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
         """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
