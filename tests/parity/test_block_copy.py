@@ -179,6 +179,31 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool):
+    """Every layer's load of a step as one call: each layer its own ids, rows and sub-range of whole-model rows;
+    on CUDA one copy-engine call for all of them (host ids)."""
+    layers = [make_cache("kv_tuple", (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
+    layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
+    stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
+    stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
+    plan = {0: ([7, 2], [11, 3]), 1: ([0, 9, 4], [1, 0, 6]), 2: ([5], [8])}
+    jobs, expected = [], []
+    for layer, (ids, rows) in plan.items():
+        src = stored[:, layer * layer_bytes : (layer + 1) * layer_bytes]
+        want = [p.cpu().clone() for p in reference.as_page_tensors(layers[layer])]
+        reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
+        expected.append(want)
+        jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
+    before = copy_engine_calls()
+    impl.scatter_blocks_many(jobs, stream=impl.new_stream(), background=background).wait()
+    if impl.device.type == "cuda":
+        assert copy_engine_calls() == before + 1
+    for layer, want in enumerate(expected):
+        got = page_bytes(reference.as_page_tensors(layers[layer]))
+        assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), layer
+
+
 def test_move_blocks_within_a_cache(impl: Backend):
     """Blocks loaded ahead into spare pages move onto the pages the attention reads (ESA's consume step)."""
     cache = make_cache("kv_tuple", (9, 2, 4, 8), torch.bfloat16, impl.device)
