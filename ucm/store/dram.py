@@ -101,7 +101,8 @@ class DramStore(KVStoreBase):
     config_fields = {
         "max_cache_size": "int bytes of pinned host memory, >= kv_block_size (required)",
         "kv_block_size": "int bytes of one stored block = one vLLM block of all layers of the worker (required)",
-        "transfer": "how blocks cross PCIe: 'kernel' (one copy kernel reading/writing pinned memory directly), "
+        "transfer": "how whole blocks cross PCIe: 'kernel' (the device layer's copy reading/writing pinned memory "
+        "directly), "
         "'dma' (a copy kernel into device staging + DMA on the copy engines, leaves the SMs to compute) or "
         "'auto' (dma for device caches; default)",
     }
