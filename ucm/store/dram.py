@@ -382,8 +382,8 @@ class DramStore(KVStoreBase):
         for destination, slots, rows, picks in jobs:
             whole = destination.row_offset == 0 and destination.row_bytes == self.kv_block_size
             if self._uses_dma(destination, whole_row=whole):
-                self._queue_copy(task, block_ids, picks, destination, lambda d=destination, s=slots, r=rows:
-                                 self._from_arena(d, s, r), int(rows.size))
+                self._queue_copy(task, block_ids, picks, destination.row_bytes * int(rows.size),
+                                 lambda d=destination, s=slots, r=rows: self._from_arena(d, s, r))
                 continue
             chunk, local = self._arena.locate(rows)
             start = destination.row_offset
@@ -395,21 +395,20 @@ class DramStore(KVStoreBase):
         picks = np.concatenate([c[2] for c in counted])
         background = any(destination.background for destination, _, _ in counted)
         nbytes = sum(destination.row_bytes * n for destination, n, _ in counted)
-        self._queue_copy(task, block_ids, picks, None, lambda: self.backend.scatter_blocks_many(
-            copies, stream=self._stream, background=background), int(picks.size), nbytes)
+        self._queue_copy(task, block_ids, picks, nbytes, lambda: self.backend.scatter_blocks_many(
+            copies, stream=self._stream, background=background))
 
     def _queue_copy(
-        self, task: CopyTask, block_ids: list[str], picks: np.ndarray, destination: BlockPages | None,
-        queue: Any, blocks: int, nbytes: int | None = None,
+        self, task: CopyTask, block_ids: list[str], picks: np.ndarray, nbytes: int, queue: Any
     ) -> None:
-        """Run `queue()` (queues a device copy, returns its handle) as one part of `task` moving the blocks at
-        positions `picks` of `block_ids`; a copy that cannot be queued fails those blocks."""
+        """Run `queue()` (queues a device copy of `nbytes`, returns its handle) as one part of `task` moving the
+        blocks at positions `picks` of `block_ids`; a copy that cannot be queued fails those blocks."""
         try:
             handle = queue()
         except Exception as exc:
             task.fail([block_ids[j] for j in picks.tolist()], f"device scatter failed: {error_line(exc)}")
             return
-        nbytes = nbytes if nbytes is not None else destination.row_bytes * blocks
+        blocks = int(picks.size)
         task.add_part(handle, lambda error: self._count_loaded(blocks, nbytes, error),
                       lambda: [block_ids[j] for j in picks.tolist()])
 
