@@ -66,11 +66,15 @@ class CudaBackend(Backend):
         """True when the copy kernel can address `buf` itself (device memory, or pinned host in zero-copy mode)."""
         return buf.is_cuda or (self.host_copy in ("zero_copy", "dma") and buf.is_pinned())
 
-    def _copy_engines(self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None) -> bool:
-        """Whether a load can go to the copy engines: a pinned source, host ids and rows (device-resident ids
-        would have to be read back first: that waits for the device), a driver that has the batched memcpy and a
-        stream other than the legacy default one (which the batched memcpy refuses)."""
-        return (src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
+    def _copy_engines(
+        self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None, background: bool
+    ) -> bool:
+        """Whether a load goes to the copy engines: asked for (``background_copy`` for loads ahead, else
+        ``host_copy``) and possible: a pinned source, host ids and rows (device-resident ids would have to be read
+        back first: that waits for the device), a driver that has the batched memcpy and a stream other than the
+        legacy default one (which the batched memcpy refuses)."""
+        wanted = (self.background_copy if background else self.host_copy) == "dma"
+        return (wanted and src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
                 and (rows is None or rows.device.type == "cpu") and _dma_reason() is None
                 and torch.cuda.current_stream().cuda_stream != 0)
 
@@ -97,11 +101,10 @@ class CudaBackend(Backend):
     ) -> None:
         if not _on_cuda(*pages):
             return super()._scatter(src, pages, block_ids, rows)
-        dma = self.background_copy == "dma" if background else self.host_copy == "dma"
-        if dma and self._copy_engines(src, block_ids, rows):
+        if self._copy_engines(src, block_ids, rows, background):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter(src, pages, block_ids, rows, background)
+            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background)
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)
@@ -117,10 +120,10 @@ class CudaBackend(Backend):
     def _scatter_many(
         self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
     ) -> None:
-        """Every job on the copy engines in one driver call when each of them can go there, else one by one."""
-        dma = self.background_copy == "dma" if background else self.host_copy == "dma"
-        if dma and jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows)
-                                for src, pages, ids, rows in jobs):
+        """Every job on the copy engines together (batched-memcpy calls of at most `batch_dma.MAX_COPIES_PER_CALL`
+        copies) when each of them can go there, else one by one."""
+        if jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows, background)
+                        for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
             return batch_dma.scatter_many(jobs, background)

@@ -100,9 +100,9 @@ def _host_int64(t: torch.Tensor | None, name: str) -> np.ndarray | None:
 def descriptors(
     src: torch.Tensor, pages: Sequence[torch.Tensor], ids: np.ndarray, rows: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (destination address, source address, bytes) of every piece of ``scatter``: page tensor by page tensor,
-    block by block; row ``rows[i]`` (default i) of ``src`` holds block ``ids[i]``'s pages concatenated in order. Pure
-    address arithmetic on the tensors' pointers (tested on the host against the reference copy)."""
+    """The (destination address, source address, bytes) of every piece of a `scatter_many` job: page tensor by
+    page tensor, block by block; row ``rows[i]`` (default i) of ``src`` holds block ``ids[i]``'s pages concatenated
+    in order. Pure address arithmetic on the tensors' pointers (tested on the host against the reference copy)."""
     n = ids.size
     row_starts = np.uint64(src.data_ptr()) + (rows if rows is not None else np.arange(n)).astype(np.uint64) * np.uint64(
         src.stride(0) * src.element_size())
@@ -118,21 +118,14 @@ def descriptors(
     return tuple(np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
 
 
-def scatter(
-    src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None,
-    background: bool,
-) -> None:
-    """Queue ``block block_ids[i] of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current
-    stream of the pages' device; ``src`` is pinned host memory, the ids and rows are host tensors.
-    ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels)."""
-    scatter_many([(src, pages, block_ids, rows)], background)
-
-
 def scatter_many(
     jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
 ) -> None:
-    """`scatter` of several (src, pages, block_ids, rows) jobs (e.g. every layer's load of a step) in one driver
-    call; every job is checked before anything is queued."""
+    """Queue, for each (src, pages, block_ids, rows) job (e.g. every layer's load of a step), ``block block_ids[i]
+    of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current stream of the pages' device:
+    ``src`` pinned host memory, the ids and rows host tensors; calls of at most `MAX_COPIES_PER_CALL` copies.
+    ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels). Every job is
+    checked before anything is queued."""
     fn, reason = _resolve()
     if fn is None:
         raise RuntimeError(reason)

@@ -253,8 +253,11 @@ class KVStoreBase(abc.ABC):
         self, items: Sequence[tuple[Sequence[tuple[Any, Sequence[int]]], BlockPages]]
     ) -> StoreTask:
         """`load_pinned` into several destinations at once, (groups, destination) each (e.g. every layer's loads of
-        a step, each into its own layer's pages): one task for all of them."""
-        raise NotImplementedError(f"{self.name} cannot pin blocks")
+        a step, each into its own layer's pages): one task for all of them. This default takes one destination
+        through `load_pinned`; a store that loads several at once overrides it."""
+        if len(items) == 1:
+            return self.load_pinned(*items[0])
+        raise NotImplementedError(f"{self.name} loads pinned blocks into one destination per call")
 
     def unpin(self, pinned: Any) -> None:
         """End a `pin` (idempotent): its blocks may be evicted again."""

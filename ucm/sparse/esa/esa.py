@@ -245,6 +245,7 @@ class Esa(UcmSparseBase):
         one = self.retriever.representations(key_view, torch.zeros(1, dtype=torch.int64, device=device), self.parts)
         heads = self._stage.shape[2] if self._stage is not None else one.shape[1]
         queries = torch.zeros(2, heads, one.shape[2], dtype=one.dtype, device=device)
+        row = sum(page_nbytes(p) for p in as_page_tensors(self._caches))  # a stored block: every layer's pages
         width, limit = 1, key_view.shape[0]  # no request has more candidate blocks than the cache has blocks
         while True:
             reps = torch.zeros(width * self.parts, *one.shape[1:], dtype=one.dtype, device=device)
@@ -272,7 +273,6 @@ class Esa(UcmSparseBase):
             self.backend.scatter_blocks(staging, scratch, slots.to(device)).wait()
             self.backend.gather_blocks(scratch, slots, buf, rows=rows).wait()
             # the connector's dumps gather whole rows of every layer (into a device staging buffer or the arena)
-            row = sum(page_nbytes(p) for p in as_page_tensors(self._caches))
             self.backend.gather_blocks(self._caches, ids, torch.empty(n, row, dtype=torch.uint8, device=device)).wait()
             if n > 1:
                 self.backend.move_blocks(scratch, slots[:1].to(device), slots[-1:].to(device)).wait()
@@ -900,11 +900,7 @@ class Esa(UcmSparseBase):
                 pinned_items.append((pinned_groups, self._pages(index, pinned_slots, background)))
             by_id = self.store.load(ids, self._pages(index, slots, background)) if ids else None
             layer_kinds.append((kinds, by_id))
-        by_pin = None
-        if len(pinned_items) == 1:
-            by_pin = self.store.load_pinned(*pinned_items[0])
-        elif pinned_items:
-            by_pin = self.store.load_pinned_layers(pinned_items)
+        by_pin = self.store.load_pinned_layers(pinned_items) if pinned_items else None
         return [[by_pin if pinned else by_id for pinned in kinds] for kinds, by_id in layer_kinds]
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
