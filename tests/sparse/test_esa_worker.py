@@ -68,6 +68,9 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, needle_scale=6.0,
                         needle_blocks=[13, 45], stage_queries=staged)
     req = engine.add("a", prompt=160, max_tokens=200)
+    by_id: list[str] = []  # ids loaded one by one (not through a pin of the request's blocks)
+    load = engine.store.load
+    engine.store.load = lambda ids, destination: (by_id.extend(ids), load(ids, destination))[1]
     engine.step()
     attended_after_freed = 0
     freed_for = 0  # steps since block 45 left the local window (freed: its dump is confirmed)
@@ -82,6 +85,9 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
                 assert 45 in rec.positions, freed_for
                 attended_after_freed += 1
     assert attended_after_freed > 0
+    # generated blocks are pinned once their stored copies are confirmed, as the prompt's: none loaded by id
+    assert by_id == []
+    assert engine.worker._requests["a"].pin_len > 45
     assert req.held == set()
     generated = engine.hashes(req, req.num_computed_tokens // 4)[40:]
     assert len(generated) == 25 and all(engine.store.lookup(generated))  # every generated block is stored

@@ -58,6 +58,10 @@ from ucm.sparse.esa.schedule import EsaSchedule
 
 _log = logging.getLogger(__name__)
 
+#: layers whose consume-step loads go to the store as one task (a model's layers in a few tasks: one call per layer
+#: costs host time per call, one call for all layers leaves the copies idle until every layer is planned)
+_LOAD_GROUP = 8
+
 
 @dataclass
 class _LayerState:
@@ -105,12 +109,15 @@ class _RequestState:
     first_decode_computed: int | None = None  # num_computed_tokens at the first decode step (d = 0)
     #: offload rows shared by every layer whose work slots all hold a block: (blocks of the request) -> row
     full_rows: dict[int, torch.Tensor] = field(default_factory=dict)
-    #: the store's pin of the request's prompt blocks (`KVStoreBase.pin`): every layer's loads at every retrieval
-    #: come from this one fixed set, resolved once; None until the first load or when the store cannot pin
-    pinned: Any = None
-    pin_tried: bool = False
+    #: the store's pins of the request's blocks (`KVStoreBase.pin`), in position order, pin i covering positions
+    #: [pin_starts[i], pin_starts[i + 1]) and the last one up to pin_len: every layer's loads at every retrieval
+    #: come from these fixed sets, resolved once (the prompt's at the first load, later blocks once their stored
+    #: copies are confirmed); blocks past pin_len are loaded by id; can_pin False: the store cannot pin
+    pins: list[Any] = field(default_factory=list)
+    pin_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pin_len: int = 0
+    can_pin: bool = True
     work_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the work slots)
-    pin_len: int = 0  # ids covered by `pinned` (blocks named later are loaded by id)
     #: this step's candidates [sink_end, cand_end) and, among those after the prompt's, the positions that still
     #: hold their block (offload mode; attended where they lie)
     cand_end: int = 0
@@ -189,8 +196,8 @@ class Esa(UcmSparseBase):
         if state is None:
             return
         self._settle(state)  # its blocks go back to vLLM: no copy may still be writing them
-        if state.pinned is not None:
-            self.store.unpin(state.pinned)
+        for pin in state.pins:
+            self.store.unpin(pin)
 
     def _settle(self, state: _RequestState) -> None:
         """Wait for the loads still in flight into a request's work and spare slots."""
@@ -449,7 +456,9 @@ class Esa(UcmSparseBase):
         return positions, spares
 
     def _consume_pending(self, requests: list[tuple[SparseRequestStep, _RequestState]]) -> None:
-        """Consume the pending selection of these requests in every layer (one store task for all layers)."""
+        """Consume the pending selection of these requests in every layer: one store task per `_LOAD_GROUP`
+        layers, queued as soon as their deltas are planned, so the first copies move while the host plans the
+        next layers."""
         planned = []
         for index in range(len(self._caches)) if requests else ():
             due = []
@@ -458,6 +467,9 @@ class Esa(UcmSparseBase):
                 pick, layer_state.pending = layer_state.pending, None
                 due.append((step, state, layer_state, pick))
             planned.append((index, self._consume_plan(index, due)))
+            if len(planned) == _LOAD_GROUP:
+                self._issue_loads(planned)
+                planned = []
         self._issue_loads(planned)
 
     def _boundary_reps(self, decoding: list[tuple[SparseRequestStep, _RequestState]]) -> None:
@@ -872,36 +884,75 @@ class Esa(UcmSparseBase):
         """Load positions ``needed`` of each request into physical blocks ``targets`` of layer ``index``, for
         (index, entries (step, state, needed, targets, tag)) pairs: one store task for every layer's loads of
         pinned blocks (`load_pinned_layers`), one per layer for blocks loaded by id. ``background``: loads ahead of
-        their use (`BlockPages.background`). Returns each layer's tasks, one per entry."""
+        their use (`BlockPages.background`). Returns each layer's tasks, one per entry (a tuple where an entry's
+        blocks went both ways)."""
         pinned_items: list[tuple[list[tuple[Any, np.ndarray]], Any]] = []
-        layer_kinds: list[tuple[list[bool], Any]] = []
+        layer_kinds: list[tuple[list[tuple[bool, bool]], Any]] = []
         for index, loads in planned:
             pinned_groups: list[tuple[Any, np.ndarray]] = []
             pinned_slots: list[np.ndarray] = []
             ids: list[str] = []
             slots: list[np.ndarray] = []
-            kinds: list[bool] = []
+            kinds: list[tuple[bool, bool]] = []
             for step, state, needed, targets, _ in loads:
                 hashes = step.block_hashes or ()
-                if not state.pin_tried:
-                    state.pin_tried = True
-                    state.pinned = self.store.pin(hashes)
-                    state.pin_len = len(hashes)
-                pinned = state.pinned is not None and int(needed.max()) < state.pin_len
-                kinds.append(pinned)
-                if pinned:
-                    # resolved once per request: no per-block lookup in the store (blocks named later: by id)
-                    pinned_groups.append((state.pinned, needed))
-                    pinned_slots.append(targets)
-                else:
-                    ids.extend(hashes[p] for p in needed.tolist())
-                    slots.append(targets)
+                self._extend_pins(step, state, int(needed.max()) + 1)
+                by_pin = needed < state.pin_len
+                by_id = None if by_pin.all() else ~by_pin
+                groups: list[tuple[Any, np.ndarray]] = []
+                if by_id is None or by_pin.any():
+                    positions, pin_targets = (needed, targets) if by_id is None else (needed[by_pin], targets[by_pin])
+                    groups, order = self._pin_groups(state, positions)
+                    pinned_groups.extend(groups)
+                    pinned_slots.append(pin_targets if order is None else pin_targets[order])
+                if by_id is not None:
+                    ids.extend(hashes[p] for p in needed[by_id].tolist())
+                    slots.append(targets[by_id])
+                kinds.append((bool(groups), by_id is not None))
             if pinned_groups:
                 pinned_items.append((pinned_groups, self._pages(index, pinned_slots, background)))
-            by_id = self.store.load(ids, self._pages(index, slots, background)) if ids else None
-            layer_kinds.append((kinds, by_id))
-        by_pin = self.store.load_pinned_layers(pinned_items) if pinned_items else None
-        return [[by_pin if pinned else by_id for pinned in kinds] for kinds, by_id in layer_kinds]
+            by_id_task = self.store.load(ids, self._pages(index, slots, background)) if ids else None
+            layer_kinds.append((kinds, by_id_task))
+        by_pin_task = self.store.load_pinned_layers(pinned_items) if pinned_items else None
+        return [[(by_pin_task, by_id) if pin and ident else by_pin_task if pin else by_id
+                 for pin, ident in kinds] for kinds, by_id in layer_kinds]
+
+    def _extend_pins(self, step: SparseRequestStep, state: _RequestState, upto: int) -> None:
+        """Pin the request's stored blocks from ``pin_len`` on when a load reaches position ``upto``: the prompt's
+        at the first load (dumped before its first decode step), later ones up to the first position whose
+        stored copy is not confirmed yet (a late candidate still holding its block) or this step's candidates'
+        end. Each extension is one more pin: a request pins a few times over its decode, not once per load."""
+        if not state.can_pin or upto <= state.pin_len:
+            return
+        hashes = step.block_hashes or ()
+        start = state.pin_len
+        end = len(hashes)
+        if start:
+            end = min(end, state.cand_end)
+            late = state.late_resident[state.late_resident >= start]
+            if late.size:
+                end = min(end, int(late.min()))
+        if end <= start:
+            return
+        pin = self.store.pin(list(hashes[start:end]))
+        if pin is None:
+            state.can_pin = False
+            return
+        state.pins.append(pin)
+        state.pin_starts = np.append(state.pin_starts, start)
+        state.pin_len = end
+
+    @staticmethod
+    def _pin_groups(
+        state: _RequestState, positions: np.ndarray
+    ) -> tuple[list[tuple[Any, np.ndarray]], np.ndarray | None]:
+        """(pin, indices in it) groups of ``positions`` (all below ``pin_len``) in pin order, and the order that
+        puts ``positions`` (and so their targets) in the groups' order (None: already in it)."""
+        if len(state.pins) == 1:
+            return [(state.pins[0], positions)], None
+        which = np.searchsorted(state.pin_starts, positions, side="right") - 1
+        groups = [(state.pins[w], positions[which == w] - state.pin_starts[w]) for w in np.unique(which).tolist()]
+        return groups, (None if len(groups) == 1 else np.argsort(which, kind="stable"))
 
     def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
         """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
@@ -960,15 +1011,18 @@ class Esa(UcmSparseBase):
         layer_state.version += 1
 
     def _wait_task(self, task: Any) -> tuple[set[str], bool]:
-        """Wait for a store task: (the ids it failed, whether it failed without naming them: trust none)."""
+        """Wait for a store task (or a tuple of them: blocks loaded both pinned and by id): (the ids they failed,
+        whether one failed without naming them: trust none)."""
         failed: set[str] = set()
         unknown = False
         started = time.perf_counter()
-        try:
-            task.wait()
-        except Exception:  # the task names the failed ids; anything else: trust none of its blocks
-            failed = set(getattr(task, "failed_ids", None) or ())
-            unknown = not failed
+        for part in task if isinstance(task, tuple) else (task,):
+            try:
+                part.wait()
+            except Exception:  # the task names the failed ids; anything else: trust none of its blocks
+                named = set(getattr(part, "failed_ids", None) or ())
+                failed |= named
+                unknown = unknown or not named
         self._stats.load_wait_s += time.perf_counter() - started
         return failed, unknown
 
