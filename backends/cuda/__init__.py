@@ -12,15 +12,12 @@ Tensors that are not on a CUDA device fall back to the reference ops.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ucm import kernels
 from ucm.device import reference
-from ucm.device.backend import Backend, CopyHandle
+from ucm.device.backend import Backend
 from ucm.device.selection import BlockSelection
-from ucm.errors import UcmConfigError
 
 # The kernel modules import triton; load them on first use so this module imports anywhere.
 
@@ -57,17 +54,6 @@ class CudaBackend(Backend):
     # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
     # BACKGROUND_PROGRAMS programs
     background_copy: str = "dma"
-    # a store's multi-layer loads on the copy engines: the driver calls (host time per copy) made by a thread of
-    # the backend's (`batch_dma.submit_many`), so the engine's step goes on meanwhile; UCM_DMA_SUBMIT_THREAD=0 in
-    # the environment makes them on the caller's thread
-    submit_thread: bool = True
-
-    def __init__(self, device_index: int | None = None):
-        super().__init__(device_index)
-        flag = os.environ.get("UCM_DMA_SUBMIT_THREAD", "1")
-        if flag not in ("0", "1"):
-            raise UcmConfigError("UCM_DMA_SUBMIT_THREAD", flag, '"1" (default: a submit thread) or "0"')
-        self.submit_thread = flag == "1"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -133,18 +119,14 @@ class CudaBackend(Backend):
 
     def _scatter_many(
         self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
-    ) -> CopyHandle | None:
+    ) -> None:
         """Every job on the copy engines together (batched-memcpy calls of at most `batch_dma.MAX_COPIES_PER_CALL`
-        copies) when each of them can go there, the driver calls made by the device's submit thread unless
-        ``submit_thread`` is off; else one by one on the current stream."""
+        copies) when each of them can go there, else one by one."""
         if jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows, background)
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
-            if self.submit_thread:
-                return batch_dma.submit_many(jobs, background)
-            batch_dma.scatter_many(jobs, background)
-            return None
+            return batch_dma.scatter_many(jobs, background)
         return super()._scatter_many(jobs, background)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring

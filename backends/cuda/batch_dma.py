@@ -13,15 +13,12 @@ package); without it `unavailable_reason` says why and the backend keeps its cop
 from __future__ import annotations
 
 import ctypes
-import queue
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ucm.device import reference
-from ucm.device.backend import CopyHandle
 from ucm.errors import UcmConfigError
 
 _ABI_VERSION = 12080  # the cuMemcpyBatchAsync ABI asked for: CUDA 12.8's, with its failIdx argument
@@ -121,132 +118,36 @@ def descriptors(
     return tuple(np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
 
 
-Job = tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]
-
-
-def scatter_many(jobs: Sequence[Job], background: bool) -> None:
+def scatter_many(
+    jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
+) -> None:
     """Queue, for each (src, pages, block_ids, rows) job (e.g. every layer's load of a step), ``block block_ids[i]
     of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current stream of the pages' device:
     ``src`` pinned host memory, the ids and rows host tensors; calls of at most `MAX_COPIES_PER_CALL` copies.
     ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels). Every job is
     checked before anything is queued."""
-    pieces = _descriptors_of(jobs)
-    if pieces is not None:
-        _call(pieces, background, torch.cuda.current_stream(jobs[0][1][0].device).cuda_stream)
-
-
-def submit_many(jobs: Sequence[Job], background: bool) -> CopyHandle | None:
-    """`scatter_many`, with the driver calls made by the device's submit thread (`_Submitter`) instead of the
-    caller: the caller only checks the jobs and builds their descriptors, and goes on while the driver takes the
-    copies (its per-copy host time is the larger part of a load's). The copies run after the work queued so far on
-    the current stream; the returned handle (None: nothing to copy) ends once they have, and raises a driver error
-    from `done`/`wait`."""
-    pieces = _descriptors_of(jobs)
-    if pieces is None:
-        return None
-    device = jobs[0][1][0].device
-    handle = _QueuedCopy(jobs, pieces, background, torch.cuda.current_stream(device))
-    _submitter(device).put(handle)
-    return handle
-
-
-def _descriptors_of(jobs: Sequence[Job]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     fn, reason = _resolve()
     if fn is None:
         raise RuntimeError(reason)
     pieces = [_job_descriptors(*job) for job in jobs]
     pieces = [p for p in pieces if p is not None]
     if not pieces:
-        return None
-    return tuple(np.ascontiguousarray(np.concatenate(a)) if len(pieces) > 1 else a[0]
-                 for a in zip(*pieces, strict=True))
-
-
-def _call(pieces: tuple[np.ndarray, np.ndarray, np.ndarray], background: bool, stream: int) -> None:
-    """The driver calls of one load's descriptors on ``stream`` (a raw CUDA stream handle)."""
-    fn, _ = _resolve()
-    dst_all, src_all, size_all = pieces
+        return
+    dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) if len(pieces) > 1 else a[0]
+                                  for a in zip(*pieces, strict=True))
     attrs = _CopyAttributes(src_access_order=_SRC_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP if background else 0)
     attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    stream = ctypes.c_void_p(torch.cuda.current_stream(jobs[0][1][0].device).cuda_stream)
     global calls
     for start in range(0, dst_all.size, MAX_COPIES_PER_CALL):
         end = min(start + MAX_COPIES_PER_CALL, dst_all.size)
-        # the driver reads the descriptor arrays during the call (ctypes lets other threads run meanwhile)
+        # the driver reads the descriptor arrays during the call: they need not outlive it
         err = fn(dst_all[start:].ctypes.data, src_all[start:].ctypes.data, size_all[start:].ctypes.data, end - start,
-                 ctypes.addressof(attrs), ctypes.byref(attr_index), 1, ctypes.byref(fail_index),
-                 ctypes.c_void_p(stream))
+                 ctypes.addressof(attrs), ctypes.byref(attr_index), 1, ctypes.byref(fail_index), stream)
         calls += 1
         if err != 0:
             raise RuntimeError(
                 f"cuMemcpyBatchAsync failed: CUresult {err} at copy {start + fail_index.value} of {dst_all.size}")
-
-
-class _QueuedCopy(CopyHandle):
-    """A load handed to a submit thread: ends once the thread has made its driver calls and they have run."""
-
-    def __init__(self, jobs: Sequence[Job], pieces: tuple[np.ndarray, np.ndarray, np.ndarray], background: bool,
-                 after: torch.cuda.Stream):
-        super().__init__(None, (jobs,))
-        self.pieces: tuple[np.ndarray, np.ndarray, np.ndarray] | None = pieces
-        self.background = background
-        self.after = torch.cuda.Event()
-        self.after.record(after)  # the copies follow what the caller queued before them
-        self.queued = threading.Event()
-        self.error: BaseException | None = None
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"copy-engine load failed on the submit thread: {self.error}") from self.error
-
-    def done(self) -> bool:
-        if not self.queued.is_set():
-            return False
-        self._check()
-        return super().done()
-
-    def wait(self) -> None:
-        self.queued.wait()
-        self._check()
-        super().wait()
-
-
-class _Submitter:
-    """One daemon thread per device making the driver calls of queued loads in order, on its own stream."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.queue: queue.SimpleQueue[_QueuedCopy] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=f"ucm-dma-{device}", daemon=True).start()
-
-    def put(self, handle: _QueuedCopy) -> None:
-        self.queue.put(handle)
-
-    def _run(self) -> None:
-        torch.cuda.set_device(self.device)  # the driver calls need the device's context current on this thread
-        while True:
-            handle = self.queue.get()
-            try:
-                self.stream.wait_event(handle.after)
-                _call(handle.pieces, handle.background, self.stream.cuda_stream)
-            except BaseException as exc:  # reported to whoever waits on the handle
-                handle.error = exc
-            finally:
-                done = torch.cuda.Event()
-                done.record(self.stream)
-                handle._event, handle.pieces = done, None
-                handle.queued.set()
-
-
-_submitters: dict[torch.device, _Submitter] = {}
-_submitters_lock = threading.Lock()
-
-
-def _submitter(device: torch.device) -> _Submitter:
-    with _submitters_lock:
-        if device not in _submitters:
-            _submitters[device] = _Submitter(device)
-        return _submitters[device]
 
 
 def _job_descriptors(

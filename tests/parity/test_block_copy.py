@@ -79,12 +79,9 @@ def require_copy_engines() -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_host_copy(impl: Backend):
-    submit_thread = getattr(impl, "submit_thread", None)
     yield
     if "host_copy" in vars(impl):
         del impl.host_copy
-    if submit_thread is not None:
-        impl.submit_thread = submit_thread
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -182,15 +179,10 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("submit_thread", [True, False], ids=["submit-thread", "caller"])
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
-def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool, submit_thread: bool):
+def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool):
     """Every layer's load of a step as one call: each layer its own ids, rows and sub-range of whole-model rows;
-    on CUDA one copy-engine call for all of them (host ids), made by the backend's submit thread or the caller."""
-    if hasattr(impl, "submit_thread"):
-        impl.submit_thread = submit_thread
-    elif not submit_thread:
-        pytest.skip(f"{impl.name} has no submit thread")
+    on CUDA one copy-engine call for all of them (host ids)."""
     layers = [make_cache("kv_tuple", (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
     layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
     stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
@@ -271,31 +263,3 @@ def test_bad_arguments_raise_typed_errors(impl: Backend):
     transposed = random_tensor((4, 3, SHAPES[1][0], 8), torch.float16, impl.device).transpose(0, 2)
     with pytest.raises(UcmConfigError, match="page tensor strides"):
         impl.gather_blocks(transposed, torch.tensor([0]), out).wait()
-
-
-def test_submit_thread_load_follows_the_callers_queued_work(impl: Backend):
-    """A load handed to the CUDA submit thread runs after what the caller queued before it on its current stream
-    (here: a long sleep, then a device write of the source rows), and its handle ends only after the copies."""
-    if impl.device.type != "cuda":
-        pytest.skip("the submit thread belongs to the CUDA backend")
-    require_copy_engines()
-    assert impl.submit_thread, "the CUDA backend's loads go through the submit thread by default"
-    layer = make_cache("kv_tuple", (6, 2, 16, 64), torch.bfloat16, impl.device)
-    for page in reference.as_page_tensors(layer):
-        page.zero_()
-    nbytes = reference.bytes_per_block(reference.as_page_tensors(layer))
-    stored = host_buffer(impl, "pinned", 4, nbytes)
-    stored.zero_()
-    fresh = torch.randint(0, 256, (4, nbytes), dtype=torch.uint8, device=impl.device)
-    caller = torch.cuda.Stream(impl.device)
-    with torch.cuda.stream(caller):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of device time before the rows are written
-        stored.copy_(fresh, non_blocking=True)
-        handle = impl.scatter_blocks_many([(stored, layer, torch.tensor([5, 1, 3]), torch.tensor([0, 2, 3]))],
-                                          stream=impl.new_stream())
-    assert not handle.done()
-    handle.wait()
-    want = [p.cpu().clone().zero_() for p in reference.as_page_tensors(layer)]
-    reference.scatter_blocks(fresh.cpu(), want, torch.tensor([5, 1, 3]), torch.tensor([0, 2, 3]))
-    got = page_bytes(reference.as_page_tensors(layer))
-    assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True))

@@ -172,18 +172,15 @@ class Backend:
         work; a backend may issue them in one call."""
         flat = [(src, reference.as_page_tensors(cache), ids, rows) for src, cache, ids, rows in jobs]
         with self._ordered_side(stream):
-            queued = self._scatter_many(flat, background)
-            event = None if queued is not None else self.record_event(stream)
-        return queued if queued is not None else CopyHandle(event, (flat,))
+            self._scatter_many(flat, background)
+            event = self.record_event(stream)
+        return CopyHandle(event, (flat,))
 
     def _scatter_many(
         self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
-    ) -> CopyHandle | None:
-        """Queue the jobs on the current stream (returns None), or hand them to a queue of the backend's own (e.g.
-        a thread that issues them) and return their handle."""
+    ) -> None:
         for src, pages, ids, rows in jobs:
             self._scatter(src, pages, ids, rows, background)
-        return None
 
     def move_blocks(
         self, cache: Cache, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: torch.Stream | None = None
