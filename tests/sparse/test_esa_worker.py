@@ -102,16 +102,23 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
 
 def test_failed_decode_dump_keeps_the_block_resident():
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=2)
-    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, skip_dump={42})
+    # a needle in generated block 45, after the unstored 42: the request's pins stop before 42 (a pin resolves
+    # its blocks once), so 45 is loaded by id when selected
+    engine = MiniEngine(config, offload=True, store=dram_store(2), num_layers=2, skip_dump={42},
+                        needle_scale=6.0, needle_blocks=[13, 45])
     req = engine.add("a", prompt=160, max_tokens=100)
     engine.step()
-    for _ in range(40):  # 10 blocks generated: block 42 left the local window long ago
+    needle_attended = 0
+    for _ in range(50):  # 12 blocks generated: block 42 left the local window long ago
         records = engine.step()["a"]
         if req.num_computed_tokens > 46 * 4:
             assert req.held == {42} and req.block_ids[42] != 0
             assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1
             for rec in records:  # attended where it lies, never loaded (it has no stored copy)
                 assert 42 in rec.positions and torch.isfinite(rec.output).all()
+                needle_attended += 45 in rec.positions and req.block_ids[45] == 0  # freed, so loaded
+    assert needle_attended > 0
+    assert engine.worker._requests["a"].pin_len <= 42
     assert not engine.store.lookup(engine.hashes(req, 43)[42:])[0]
     assert sum(s.load_failures for s in engine.stats) == 0
 
