@@ -87,7 +87,8 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     assert attended_after_freed > 0
     # generated blocks are pinned once their stored copies are confirmed, as the prompt's: none loaded by id
     assert by_id == []
-    assert engine.worker._requests["a"].pin_len > 45
+    state = engine.worker._requests["a"]
+    assert state.pin_len > 45 and 1 < len(state.pins) <= 8  # extended as blocks were generated, merged past 8
     assert req.held == set()
     generated = engine.hashes(req, req.num_computed_tokens // 4)[40:]
     assert len(generated) == 25 and all(engine.store.lookup(generated))  # every generated block is stored

@@ -61,6 +61,8 @@ _log = logging.getLogger(__name__)
 #: layers whose consume-step loads go to the store as one task (a model's layers in a few tasks: one call per layer
 #: costs host time per call, one call for all layers leaves the copies idle until every layer is planned)
 _LOAD_GROUP = 8
+#: pins a request holds at most before its pins after the prompt's are merged (`Esa._extend_pins`)
+_MAX_PINS = 8
 
 
 @dataclass
@@ -886,6 +888,16 @@ class Esa(UcmSparseBase):
         pinned blocks (`load_pinned_layers`), one per layer for blocks loaded by id. ``background``: loads ahead of
         their use (`BlockPages.background`). Returns each layer's tasks, one per entry (a tuple where an entry's
         blocks went both ways)."""
+        # pins extended first, for the furthest position each request loads in any layer: an extension may merge
+        # (release) pins, which the groups of this call must not refer to
+        furthest: dict[int, tuple[SparseRequestStep, _RequestState, int]] = {}
+        for _, loads in planned:
+            for step, state, needed, _, _ in loads:
+                seen = furthest.get(id(state))
+                if seen is None or int(needed.max()) >= seen[2]:
+                    furthest[id(state)] = (step, state, int(needed.max()) + 1)
+        for step, state, upto in furthest.values():
+            self._extend_pins(step, state, upto)
         pinned_items: list[tuple[list[tuple[Any, np.ndarray]], Any]] = []
         layer_kinds: list[tuple[list[tuple[bool, bool]], Any]] = []
         for index, loads in planned:
@@ -896,7 +908,6 @@ class Esa(UcmSparseBase):
             kinds: list[tuple[bool, bool]] = []
             for step, state, needed, targets, _ in loads:
                 hashes = step.block_hashes or ()
-                self._extend_pins(step, state, int(needed.max()) + 1)
                 by_pin = needed < state.pin_len
                 by_id = None if by_pin.all() else ~by_pin
                 groups: list[tuple[Any, np.ndarray]] = []
@@ -921,11 +932,14 @@ class Esa(UcmSparseBase):
         """Pin the request's stored blocks from ``pin_len`` on when a load reaches position ``upto``: the prompt's
         at the first load (dumped before its first decode step), later ones up to the first position whose
         stored copy is not confirmed yet (a late candidate still holding its block) or this step's candidates'
-        end. Each extension is one more pin: a request pins a few times over its decode, not once per load."""
+        end. Each extension is one more pin; once a request holds `_MAX_PINS`, its pins after the prompt's are
+        merged into one (a pin is resolved block by block: merging costs the generated blocks, not the prompt)."""
         if not state.can_pin or upto <= state.pin_len:
             return
         hashes = step.block_hashes or ()
         start = state.pin_len
+        if len(state.pins) >= _MAX_PINS:
+            start = int(state.pin_starts[1])
         end = len(hashes)
         if start:
             end = min(end, state.cand_end)
@@ -938,6 +952,11 @@ class Esa(UcmSparseBase):
         if pin is None:
             state.can_pin = False
             return
+        if start < state.pin_len:  # the merge: the new pin covers the later ones (pinned before they are let go)
+            for old in state.pins[1:]:
+                self.store.unpin(old)
+            del state.pins[1:]
+            state.pin_starts = state.pin_starts[:1]
         state.pins.append(pin)
         state.pin_starts = np.append(state.pin_starts, start)
         state.pin_len = end
