@@ -20,6 +20,11 @@
 # A fresh machine's start counts against the device budget; the run that starts a stage must carry
 # .carry/vllm026-3 (its install.sh), also after a failed call. An e2e part of dense + esa-full at 32Kx1, 32Kx8 and
 # 128Kx1 (4 engines) took 462 s (bench/results/gpu_runs/e2e_boundary_e24f0dd.log).
+# Measured on the H100 (2026-12-06, fourth session): calls 1 and 2 cost ~30 s of device time together (the machine's
+# start included); the first ESA engine of a fresh machine ~75 s to start (17 s of compilation), a 32Kx8 part of
+# 2 repetitions ~170 s with it and ~85 s per later engine; an e2e part skips an engine unless --time-budget-s
+# leaves --case-reserve-s (default 150) + 90 s: pass --case-reserve-s 5-15 for 32K cases, and give a capacity part
+# >= 300 s. Outside a stage, python needs the stage's PYTHONPATH: run a test file through `parity FILE -k ...`.
 set -u
 stage=${1:-hooks}; shift || true
 OUT=${OUT:-/tmp/ucm-gpu-out}
