@@ -9,10 +9,14 @@ into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
 
 - alone: GB/s on the device and host ms to queue the load, per method;
 - beside a compute proxy on the default stream (bf16 GEMMs over 1 GiB of weights, HBM-bound like a decode step)
-  started together with the load: the proxy's time with and without the load, and the load's GB/s.
+  started together with the load: the proxy's time with and without the load, and the load's GB/s;
+- beside the host work of a step: the host time the main thread takes to launch 256 small kernels while another
+  thread queues the load (and that thread's queuing time): whether queuing holds up a step's launches (the
+  driver's lock or the GIL), which a thread of its own would not hide.
 
 Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 programs, the background kernel),
-``dma`` (copy engines), ``dma_bg`` (copy engines with the prefer-overlap flag). Every load is checked against the
+``dma`` (copy engines), ``dma_bg`` (copy engines with the prefer-overlap flag), ``dma_any`` (copy engines, source
+access order "any"). Every load is checked against the
 reference copy once. The default stream sleeps while a load is queued, so the device times are the copies' own
 (queuing a layer's load costs host time that would otherwise bound them: ``issue_ms``).
 
@@ -26,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -34,9 +39,12 @@ from ucm.backends.cuda import batch_dma
 from ucm.device import get_backend, reference
 
 LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
-#: method -> (host_copy, background_copy, background)
-METHODS = {"kernel": ("zero_copy", "kernel", False), "kernel_bg": ("zero_copy", "kernel", True),
-           "dma": ("dma", "dma", False), "dma_bg": ("zero_copy", "dma", True)}
+#: method -> (host_copy, background_copy, background, copy engines' source access order)
+METHODS = {"kernel": ("zero_copy", "kernel", False, "stream"), "kernel_bg": ("zero_copy", "kernel", True, "stream"),
+           "dma": ("dma", "dma", False, "stream"), "dma_bg": ("zero_copy", "dma", True, "stream"),
+           "dma_any": ("dma", "dma", False, "any")}
+#: small kernels the main thread launches while another thread queues a load (`launch_ms`)
+LAUNCHES = 256
 
 
 def main() -> None:
@@ -64,7 +72,7 @@ def main() -> None:
 
     def queue(method: str) -> tuple[float, list]:
         """Queue every layer's load; (host seconds it took, the handles)."""
-        backend.host_copy, backend.background_copy, background = METHODS[method]
+        backend.host_copy, backend.background_copy, background, backend.dma_source_order = METHODS[method]
         started = time.perf_counter()
         handles = [backend.scatter_blocks(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids, rows,
                                           stream=side, background=background)
@@ -115,17 +123,47 @@ def main() -> None:
         load_ms = start.elapsed_time(load_end) if handles else 0.0
         return 1000 * issue, load_ms, start.elapsed_time(end) if with_compute else 0.0
 
+    tiny = torch.zeros(16, device=device)
+
+    def launch_ms(method: str | None) -> tuple[float, float]:
+        """(host ms the main thread takes to launch `LAUNCHES` small kernels, host ms another thread takes to queue
+        the load meanwhile): whether queuing a load holds up the launches of a step running beside it (the
+        driver's lock and the GIL, not the device: both wait behind a sleep)."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(args.hold_ms * 1.5e6))
+        took = [0.0]
+        worker = None
+        if method:
+            def run() -> None:
+                took[0] = queue(method)[0]
+
+            worker = threading.Thread(target=run)
+            worker.start()
+        started = time.perf_counter()
+        for _ in range(LAUNCHES):
+            tiny.add_(1)
+        launched = time.perf_counter() - started
+        if worker is not None:
+            worker.join()
+        torch.cuda.synchronize()
+        return 1000 * launched, 1000 * took[0]
+
     compute_ms = statistics.median(measure(None, True)[2] for _ in range(args.reps))
+    launches_alone = statistics.median(launch_ms(None)[0] for _ in range(args.reps))
     rows_out = []
     for method in METHODS:
         alone = [measure(method, False) for _ in range(args.reps)]
         beside = [measure(method, True) for _ in range(args.reps)]
         alone_ms = statistics.median(a[1] for a in alone)
+        threaded = [launch_ms(method) for _ in range(args.reps)]
         beside_compute = statistics.median(b[2] for b in beside)
         row = {
             "method": method, "correct": correct[method], "copy_engine_calls": calls[method], "bytes": nbytes,
             "alone_GBps": round(nbytes / alone_ms / 1e6, 2),
             "issue_ms": round(statistics.median(a[0] for a in alone), 3),
+            "launch_ms_alone": round(launches_alone, 3),
+            "launch_ms_beside_queue": round(statistics.median(t[0] for t in threaded), 3),
+            "queue_ms_on_a_thread": round(statistics.median(t[1] for t in threaded), 3),
             "compute_ms_alone": round(compute_ms, 3),
             "compute_ms_beside_load": round(beside_compute, 3),
             "compute_slowdown": round(beside_compute / compute_ms, 3),
@@ -133,7 +171,7 @@ def main() -> None:
         }
         rows_out.append(row)
         print(json.dumps(row), flush=True)
-    backend.host_copy, backend.background_copy = "zero_copy", "dma"
+    backend.host_copy, backend.background_copy, backend.dma_source_order = "zero_copy", "dma", "stream"
     meta = {"command": "python bench/copy_overlap.py " + " ".join(sys.argv[1:]),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "blocks_per_layer": args.blocks, "layer_block_bytes": layer_bytes, "layers": LAYERS,
@@ -148,11 +186,13 @@ def main() -> None:
                  f"({nbytes / 2**20:.0f} MiB) from a pinned arena; proxy: {meta['compute_proxy']}.", "",
                  f"Command: `{meta['command']}`", "",
                  "| method | correct | alone GB/s | host ms to queue | proxy ms alone | proxy ms beside the load | "
-                 "proxy slowdown | load GB/s beside the proxy |", "|---|---|---|---|---|---|---|---|"]
+                 "proxy slowdown | load GB/s beside the proxy | host ms for 256 launches, alone / while a thread "
+                 "queues the load | that thread's ms to queue |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows_out:
             lines.append(f"| {r['method']} | {r['correct']} | {r['alone_GBps']} | {r['issue_ms']} | "
                          f"{r['compute_ms_alone']} | {r['compute_ms_beside_load']} | {r['compute_slowdown']} | "
-                         f"{r['load_GBps_beside_compute']} |")
+                         f"{r['load_GBps_beside_compute']} | {r['launch_ms_alone']} / {r['launch_ms_beside_queue']} | "
+                         f"{r['queue_ms_on_a_thread']} |")
         with open(os.path.join(args.out_dir, "copy_overlap.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 

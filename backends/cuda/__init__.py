@@ -12,12 +12,15 @@ Tensors that are not on a CUDA device fall back to the reference ops.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ucm import kernels
 from ucm.device import reference
 from ucm.device.backend import Backend
 from ucm.device.selection import BlockSelection
+from ucm.errors import UcmConfigError
 
 # The kernel modules import triton; load them on first use so this module imports anywhere.
 
@@ -54,6 +57,17 @@ class CudaBackend(Backend):
     # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
     # BACKGROUND_PROGRAMS programs
     background_copy: str = "dma"
+    # the copy engines' source access order (`batch_dma.SOURCE_ORDERS`): "stream", or "any" (the driver may read the
+    # pinned rows at any time after the call: they do not change while a load is pending); UCM_DMA_SOURCE_ORDER in
+    # the environment sets it, for comparing the two in an engine
+    dma_source_order: str = "stream"
+
+    def __init__(self, device_index: int | None = None):
+        super().__init__(device_index)
+        order = os.environ.get("UCM_DMA_SOURCE_ORDER", type(self).dma_source_order)
+        if order not in ("stream", "any"):
+            raise UcmConfigError("UCM_DMA_SOURCE_ORDER", order, ["stream", "any"])
+        self.dma_source_order = order
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -104,7 +118,7 @@ class CudaBackend(Backend):
         if self._copy_engines(src, block_ids, rows, background):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background)
+            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background, self.dma_source_order)
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)
@@ -126,7 +140,7 @@ class CudaBackend(Backend):
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many(jobs, background)
+            return batch_dma.scatter_many(jobs, background, self.dma_source_order)
         return super()._scatter_many(jobs, background)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring

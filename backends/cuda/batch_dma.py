@@ -22,7 +22,9 @@ from ucm.device import reference
 from ucm.errors import UcmConfigError
 
 _ABI_VERSION = 12080  # the cuMemcpyBatchAsync ABI asked for: CUDA 12.8's, with its failIdx argument
-_SRC_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: the source is read in stream order
+#: CUmemcpySrcAccessOrder by name: "stream" reads the source in stream order; "any" lets the driver read it at any
+#: time after the call (valid for a source nothing writes while the copy is pending: UcmDram's pinned rows)
+SOURCE_ORDERS = {"stream": 1, "any": 3}
 _FLAG_PREFER_OVERLAP = 1  # CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE: keep the copy off the SMs
 
 
@@ -119,13 +121,16 @@ def descriptors(
 
 
 def scatter_many(
-    jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
+    jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool,
+    source_order: str = "stream",
 ) -> None:
     """Queue, for each (src, pages, block_ids, rows) job (e.g. every layer's load of a step), ``block block_ids[i]
     of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current stream of the pages' device:
     ``src`` pinned host memory, the ids and rows host tensors; calls of at most `MAX_COPIES_PER_CALL` copies.
-    ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels). Every job is
-    checked before anything is queued."""
+    ``background``: ask the driver to keep the copies off the SMs (they overlap the engine's kernels);
+    ``source_order``: a key of `SOURCE_ORDERS`. Every job is checked before anything is queued."""
+    if source_order not in SOURCE_ORDERS:
+        raise UcmConfigError("source_order", source_order, sorted(SOURCE_ORDERS))
     fn, reason = _resolve()
     if fn is None:
         raise RuntimeError(reason)
@@ -135,7 +140,8 @@ def scatter_many(
         return
     dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) if len(pieces) > 1 else a[0]
                                   for a in zip(*pieces, strict=True))
-    attrs = _CopyAttributes(src_access_order=_SRC_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP if background else 0)
+    attrs = _CopyAttributes(src_access_order=SOURCE_ORDERS[source_order],
+                            flags=_FLAG_PREFER_OVERLAP if background else 0)
     attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
     stream = ctypes.c_void_p(torch.cuda.current_stream(jobs[0][1][0].device).cuda_stream)
     global calls

@@ -79,9 +79,12 @@ def require_copy_engines() -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_host_copy(impl: Backend):
+    source_order = getattr(impl, "dma_source_order", None)
     yield
     if "host_copy" in vars(impl):
         del impl.host_copy
+    if source_order is not None:
+        impl.dma_source_order = source_order
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -179,10 +182,15 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("source_order", ["stream", "any"])
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
-def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool):
+def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool, source_order: str):
     """Every layer's load of a step as one call: each layer its own ids, rows and sub-range of whole-model rows;
-    on CUDA one copy-engine call for all of them (host ids)."""
+    on CUDA one copy-engine call for all of them (host ids), with either source access order."""
+    if hasattr(impl, "dma_source_order"):
+        impl.dma_source_order = source_order
+    elif source_order != "stream":
+        pytest.skip(f"{impl.name} has no copy-engine source order")
     layers = [make_cache("kv_tuple", (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
     layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
     stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
