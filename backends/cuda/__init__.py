@@ -64,9 +64,11 @@ class CudaBackend(Backend):
 
     def __init__(self, device_index: int | None = None):
         super().__init__(device_index)
+        from ucm.backends.cuda import batch_dma
+
         order = os.environ.get("UCM_DMA_SOURCE_ORDER", type(self).dma_source_order)
-        if order not in ("stream", "any"):
-            raise UcmConfigError("UCM_DMA_SOURCE_ORDER", order, ["stream", "any"])
+        if order not in batch_dma.SOURCE_ORDERS:
+            raise UcmConfigError("UCM_DMA_SOURCE_ORDER", order, sorted(batch_dma.SOURCE_ORDERS))
         self.dma_source_order = order
 
     @classmethod

@@ -893,9 +893,10 @@ class Esa(UcmSparseBase):
         furthest: dict[int, tuple[SparseRequestStep, _RequestState, int]] = {}
         for _, loads in planned:
             for step, state, needed, _, _ in loads:
+                upto = int(needed.max()) + 1
                 seen = furthest.get(id(state))
-                if seen is None or int(needed.max()) >= seen[2]:
-                    furthest[id(state)] = (step, state, int(needed.max()) + 1)
+                if seen is None or upto > seen[2]:
+                    furthest[id(state)] = (step, state, upto)
         for step, state, upto in furthest.values():
             self._extend_pins(step, state, upto)
         pinned_items: list[tuple[list[tuple[Any, np.ndarray]], Any]] = []
@@ -909,17 +910,16 @@ class Esa(UcmSparseBase):
             for step, state, needed, targets, _ in loads:
                 hashes = step.block_hashes or ()
                 by_pin = needed < state.pin_len
-                by_id = None if by_pin.all() else ~by_pin
-                groups: list[tuple[Any, np.ndarray]] = []
-                if by_id is None or by_pin.any():
-                    positions, pin_targets = (needed, targets) if by_id is None else (needed[by_pin], targets[by_pin])
-                    groups, order = self._pin_groups(state, positions)
+                pinned, by_id = bool(by_pin.any()), not by_pin.all()
+                if pinned:
+                    groups, order = self._pin_groups(state, needed[by_pin])
                     pinned_groups.extend(groups)
+                    pin_targets = targets[by_pin]
                     pinned_slots.append(pin_targets if order is None else pin_targets[order])
-                if by_id is not None:
-                    ids.extend(hashes[p] for p in needed[by_id].tolist())
-                    slots.append(targets[by_id])
-                kinds.append((bool(groups), by_id is not None))
+                if by_id:
+                    ids.extend(hashes[p] for p in needed[~by_pin].tolist())
+                    slots.append(targets[~by_pin])
+                kinds.append((pinned, by_id))
             if pinned_groups:
                 pinned_items.append((pinned_groups, self._pages(index, pinned_slots, background)))
             by_id_task = self.store.load(ids, self._pages(index, slots, background)) if ids else None
