@@ -452,8 +452,10 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, max_model_len: int)
           "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": "bfloat16"}
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if args.block_size:
+        kw["block_size"] = args.block_size
     if args.smoke:
-        kw.update(enforce_eager=True, block_size=32, kv_cache_memory_bytes=args.kv_cache_bytes)
+        kw.update(enforce_eager=True, block_size=args.block_size or 32, kv_cache_memory_bytes=args.kv_cache_bytes)
     else:
         kw.update(load_format="dummy", gpu_memory_utilization=args.gpu_memory_utilization)
         if args.capture_sizes:
@@ -770,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="vLLM token budget per step (default 16384, vLLM's default for the LLM class on "
                              "H100/H200; --smoke 2048)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vLLM block_size for every setting (default: vLLM's, 16 on CUDA; --smoke: 32); ESA "
+                             "selects, stores and loads whole blocks, so it sets the copy count per retrieval")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (default: vLLM's)")
     parser.add_argument("--capture-sizes", default="1,2,4,8,16,24,32",
                         help="CUDA-graph capture sizes for every setting ('' = vLLM's default list)")
@@ -839,15 +844,17 @@ def main(argv: list[str] | None = None) -> int:
         "model_name": "tiny random Llama (make_tiny_llama, 2 layers, bf16)" if smoke else
         "Llama-3-8B shape, dummy weights, bf16",
         "model": model,
-        "engine": ("vLLM-CPU in-process, enforce_eager, block 32, kv_cache_memory_bytes "
+        "engine": (f"vLLM-CPU in-process, enforce_eager, block {args.block_size or 32}, kv_cache_memory_bytes "
                    f"{args.kv_cache_bytes}, OMP bind {env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}") if smoke else
-        f"CUDA graphs (vLLM default mode), gpu_memory_utilization {args.gpu_memory_utilization}",
+        f"CUDA graphs (vLLM default mode), gpu_memory_utilization {args.gpu_memory_utilization}"
+        + (f", block_size {args.block_size}" if args.block_size else ""),
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_tokens_base": args.max_tokens,
         "warmup_steps": args.warmup_steps,
         "reps": args.reps,
         "dram_gib": args.dram_gib,
         "esa_config": ESA_CONFIG,
+        "dma_source_order": os.environ.get("UCM_DMA_SOURCE_ORDER", "stream"),
         "esa_capacity_batch": args.esa_capacity_batch,
         "commit": git_commit(repo),
         "gpu": None,
