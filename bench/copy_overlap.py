@@ -10,6 +10,9 @@ into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
 - alone: GB/s on the device and host ms to queue the load, per method;
 - beside a compute proxy on the default stream (bf16 GEMMs over 1 GiB of weights, HBM-bound like a decode step)
   started together with the load: the proxy's time with and without the load, and the load's GB/s;
+- the same proxy started by a small H2D copy of its input from pinned memory (as a vLLM step starts by copying its
+  input ids, positions and block tables), queued once the load is already moving: whether the step's own input
+  copy waits behind the load on the copy engines (it would not with the copy kernel);
 - beside the host work of a step: the host time the main thread takes to launch 256 small kernels while another
   thread queues the load (and that thread's queuing time): whether queuing holds up a step's launches (the
   driver's lock or the GIL), which a thread of its own would not hide.
@@ -98,7 +101,11 @@ def main() -> None:
     weights = [torch.randn(4096, 14336, dtype=torch.bfloat16, device=device) for _ in range(9)]
     x = torch.randn(8, 4096, dtype=torch.bfloat16, device=device)
 
-    def compute() -> None:
+    x_host = torch.randn(8, 4096, dtype=torch.bfloat16).pin_memory()
+
+    def compute(with_input: bool = False) -> None:
+        if with_input:
+            x.copy_(x_host, non_blocking=True)
         for _ in range(args.compute_rounds):
             for w in weights:
                 torch.mm(x, w)
@@ -106,16 +113,21 @@ def main() -> None:
     def event() -> torch.Event:
         return torch.Event(device=device, enable_timing=True)
 
-    def measure(method: str | None, with_compute: bool) -> tuple[float, float, float]:
+    def measure(method: str | None, with_compute: bool, with_input: bool = False) -> tuple[float, float, float]:
         """(host ms to queue the load, load ms on the device, compute ms): the default stream sleeps first so the
-        whole load is queued before the copies and the compute start together."""
+        whole load is queued before the copies and the compute start together; ``with_input``: the compute starts
+        0.5 ms later with its input copy (the load is moving by then) and is timed from there."""
         torch.cuda.synchronize()
         torch.cuda._sleep(int(args.hold_ms * 1.5e6))  # ~1.5 GHz clocks: longer than queuing takes
         start, end, load_end = event(), event(), event()
         start.record()
         issue, handles = queue(method) if method else (0.0, [])
+        if with_input:
+            torch.cuda._sleep(int(0.5 * 1.5e6))
+            start = event()
+            start.record()
         if with_compute:
-            compute()
+            compute(with_input)
         end.record()
         if handles:
             load_end.record(side)
@@ -149,6 +161,7 @@ def main() -> None:
         return 1000 * launched, 1000 * took[0]
 
     compute_ms = statistics.median(measure(None, True)[2] for _ in range(args.reps))
+    input_ms = statistics.median(measure(None, True, True)[2] for _ in range(args.reps))
     launches_alone = statistics.median(launch_ms(None)[0] for _ in range(args.reps))
     rows_out = []
     for method in METHODS:
@@ -157,6 +170,7 @@ def main() -> None:
         alone_ms = statistics.median(a[1] for a in alone)
         threaded = [launch_ms(method) for _ in range(args.reps)]
         beside_compute = statistics.median(b[2] for b in beside)
+        beside_input = statistics.median(measure(method, True, True)[2] for _ in range(args.reps))
         row = {
             "method": method, "correct": correct[method], "copy_engine_calls": calls[method], "bytes": nbytes,
             "alone_GBps": round(nbytes / alone_ms / 1e6, 2),
@@ -168,6 +182,8 @@ def main() -> None:
             "compute_ms_beside_load": round(beside_compute, 3),
             "compute_slowdown": round(beside_compute / compute_ms, 3),
             "load_GBps_beside_compute": round(nbytes / statistics.median(b[1] for b in beside) / 1e6, 2),
+            "input_compute_ms_alone": round(input_ms, 3),
+            "input_compute_ms_beside_load": round(beside_input, 3),
         }
         rows_out.append(row)
         print(json.dumps(row), flush=True)
@@ -187,12 +203,15 @@ def main() -> None:
                  f"Command: `{meta['command']}`", "",
                  "| method | correct | alone GB/s | host ms to queue | proxy ms alone | proxy ms beside the load | "
                  "proxy slowdown | load GB/s beside the proxy | host ms for 256 launches, alone / while a thread "
-                 "queues the load | that thread's ms to queue |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "queues the load | that thread's ms to queue | proxy with its input copy, ms alone / beside the "
+                 "load |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows_out:
             lines.append(f"| {r['method']} | {r['correct']} | {r['alone_GBps']} | {r['issue_ms']} | "
                          f"{r['compute_ms_alone']} | {r['compute_ms_beside_load']} | {r['compute_slowdown']} | "
                          f"{r['load_GBps_beside_compute']} | {r['launch_ms_alone']} / {r['launch_ms_beside_queue']} | "
-                         f"{r['queue_ms_on_a_thread']} |")
+                         f"{r['queue_ms_on_a_thread']} | {r['input_compute_ms_alone']} / "
+                         f"{r['input_compute_ms_beside_load']} |")
         with open(os.path.join(args.out_dir, "copy_overlap.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 

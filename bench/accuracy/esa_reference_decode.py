@@ -83,7 +83,7 @@ class EsaEmulation:
             nb = -(-n // bs)
             if scoring == "needle":  # the task's truth: the needle blocks first, the rest by attention mass
                 score = score.clone()
-                score[..., self.needle_blocks] += 1e6
+                score[..., [b for b in self.needle_blocks if b < score.shape[-1]]] += 1e6  # a needle may end the prompt
             if union:
                 score = union_of_heads(score[:, self.init : nb - self.local])
             else:
