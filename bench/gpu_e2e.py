@@ -35,8 +35,10 @@ steps the prefill needs (about batch x context / max_num_batched_tokens), so tha
 ``--max-tokens``-ish steps long. Random prompt token ids (seeded per case), greedy, ``ignore_eos``.
 
 Results: ``--out`` (JSON, rewritten after every case), the same name with ``.md`` (table with ESA/dense ratios)
-and ``.png`` (tok/s vs context, when matplotlib is importable). ``--time-budget-s`` stops cleanly before a limit
-(no engine or case is started that cannot finish in time; a running one is killed at the deadline).
+and ``.png`` (tok/s vs context, when matplotlib is importable); `bench/gpu_e2e_summary.py` makes the report of every
+case's current standing, ``bench/results/gpu_e2e.{json,md,png}``, from such files. ``--time-budget-s`` stops
+cleanly before a limit (no engine or case is started that cannot finish in time; a running one is killed at the
+deadline).
 
 UcmDram must hold every prompt block of a case (Llama-3-8B: 128 KiB per token, 4 GiB per 32K request, 64 GiB
 for 128K x 4): ``--dram-gib`` (default 40 GiB) bounds the esa capacity case at 9 requests of 32K, fewer than
@@ -48,7 +50,7 @@ On the H200 (vLLM 0.26, CUDA graphs on, FA3). The default cases and settings tak
 starts; every case is prefilled twice, 32K x ~26 and 128K x 4 take ~30-40 s per repetition). In one go, or, under
 a 10-minute limit per command, one context per command (``--merge`` keeps the rows of the other)::
 
-    VLLM_USE_FLASHINFER_SAMPLER=0 python bench/gpu_e2e.py --out bench/results/gpu_e2e.json --time-budget-s 1700
+    VLLM_USE_FLASHINFER_SAMPLER=0 python bench/gpu_e2e.py --out bench/results/gpu_runs/e2e.json --time-budget-s 1700
     VLLM_USE_FLASHINFER_SAMPLER=0 python bench/gpu_e2e.py --cases 32Kx1,32Kx8,capacity --time-budget-s 560
     VLLM_USE_FLASHINFER_SAMPLER=0 python bench/gpu_e2e.py --cases 128Kx1,128Kx4 --merge --time-budget-s 560
 
@@ -795,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="host profile (cProfile) of each case's last repetition, engine core in-process; "
                              "rows then time an in-process engine (the earlier repetitions' tok/s are kept)")
     parser.add_argument("--merge", action="store_true", help="keep rows of other cases/settings already in --out")
-    parser.add_argument("--out", default="bench/results/gpu_e2e.json")
+    # one file per run; bench/gpu_e2e_summary.py gathers the current row of each case into bench/results/gpu_e2e.*
+    parser.add_argument("--out", default="bench/results/gpu_runs/e2e.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
