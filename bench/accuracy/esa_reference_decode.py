@@ -221,10 +221,14 @@ def main() -> None:
     p.add_argument("--scorings", default="mean", help=f"comma-separated, from {', '.join(SCORINGS)}")
     p.add_argument("--gen-tokens", type=int, default=32, help="the harness's value (sets the prompt length)")
     p.add_argument("--decode-tokens", type=int, default=10, help="tokens decoded here (the answer comes first)")
-    p.add_argument("--log", default=None, help="the harness's JSONL log, to compare with vLLM + ucm ESA")
+    p.add_argument("--log", default=None, help="the harness's JSONL log(s), comma-separated, to compare with vLLM + "
+                   "ucm ESA")
     p.add_argument("--dense-layers", type=int, default=0, help="the first N layers attend every block in decode")
     p.add_argument("--reselect-at", default="", help="comma-separated decode steps (0 = the first) whose query "
                    "re-scores the candidates, attended from the next step (an early retrieval with a decode query)")
+    p.add_argument("--only", default="", help="comma-separated case ids of the grid to run (default: all)")
+    p.add_argument("--engine-setting", default=None, help="the harness setting to compare with (default "
+                   "esa-r<ratio>-s10), e.g. esa-r0.2-s10-a8 (initial selection by attention)")
     p.add_argument("--out", default="bench/results/accuracy_esa_reference")
     args = p.parse_args()
     for scoring in args.scorings.split(","):  # a misspelt name would silently score as headsoftmax
@@ -241,11 +245,18 @@ def main() -> None:
     # Plain-text prompts, as the harness builds them by default (its --chat-template off).
     grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
     cases = build_cases(tok, *grid, args.gen_tokens, samples=args.samples, use_chat_template=False)
+    if args.only:
+        wanted = [c.strip() for c in args.only.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - {c.case_id for c in cases})
+        if unknown:
+            p.error(f"--only: {unknown} are not cases of this grid (task/context/depth/sample ids)")
+        cases = [c for c in cases if c.case_id in wanted]
     ratios = [float(r) for r in args.ratios.split(",")]
     engine: dict[tuple[str, str], bool] = {}
     if args.log:
         digests = {c.case_id: c.prompt_digest for c in cases}
-        for line in Path(args.log).read_text().splitlines():
+        log_lines = [line for log in args.log.split(",") for line in Path(log).read_text().splitlines()]
+        for line in log_lines:
             r = json.loads(line)
             if r.get("kind") == "case" and digests.get(r["case_id"]) == r["prompt_digest"]:
                 engine[(r["setting"], r["case_id"])] = r["correct"]
@@ -272,10 +283,14 @@ def main() -> None:
                     tokens.append(int(nxt))
                 eos = tok.eos_token_id
                 text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
-                setting = f"esa-r{ratio:g}-s10"
+                setting = args.engine_setting or f"esa-r{ratio:g}-s10"
+                k = int((-(-len(case.prompt_token_ids) // args.block_size) - emu.init - emu.local) * ratio)
+                ranks = [emu.needle_ranks.get(i) for i in range(len(emu.needle_ranks))]
                 row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring, "reselect_at": args.reselect_at,
                        "dense_layers": args.dense_layers, "needle_blocks": emu.needle_blocks,
-                       "needle_rank_per_layer": [emu.needle_ranks.get(i) for i in range(len(emu.needle_ranks))],
+                       "needle_rank_per_layer": ranks, "k": k, "engine_setting": setting,
+                       # -1: the needle lies in the init or local window, attended in every layer
+                       "needle_kept_layers": sum(1 for x in ranks if x is not None and x < k),
                        "correct": case.correct(text), "text": text,
                        "engine_correct": engine.get((setting, case.case_id)),
                        "full_correct": engine.get(("full", case.case_id))}  # fmt: skip
@@ -290,11 +305,13 @@ def main() -> None:
         "",
         f"- Command: `python bench/accuracy/esa_reference_decode.py --tasks {args.tasks} --contexts {args.contexts} "
         f"--depths {args.depths} --samples {args.samples} --ratios {args.ratios} --scorings {args.scorings} "
-        f"--reselect-at '{args.reselect_at}' --dense-layers {args.dense_layers} --decode-tokens {args.decode_tokens} "
-        f"--log {args.log}`",
+        f"--reselect-at '{args.reselect_at}'" + (f" --only {args.only}" if args.only else "")
+        + f" --dense-layers {args.dense_layers} --decode-tokens {args.decode_tokens} --log {args.log}"
+        + (f" --engine-setting {args.engine_setting}" if args.engine_setting else "") + "`",
         "- Emulation: fixed initial selection (last prompt token's query vs block-mean keys, per layer), block "
         f"{args.block_size}, init 1, local 2; greedy {args.decode_tokens} tokens. Engine: the harness's "
-        "`esa-r<ratio>-s10` answers from its log; full: the harness's full-attention answers.",
+        f"`{args.engine_setting or 'esa-r<ratio>-s10'}` answers from its log; full: the harness's full-attention "
+        "answers.",
         "",
         "| ratio | prompts | full correct | emulation correct | engine (vLLM + ucm ESA) correct "
         "| emulation kept vs full | engine kept vs full |",
@@ -314,6 +331,26 @@ def main() -> None:
             f"| {ratio:g} | {len(rs)} | {full_ok} | {pct([r['correct'] for r in rs])} "
             f"| {pct(eng)} | {pct([r['correct'] for r in fr])} | {pct(eng_fr)} |"
         )
+    lost = sorted({r["case_id"] for r in rows if r["full_correct"] and r["engine_correct"] is False})
+    if lost:
+        scorings = args.scorings.split(",")
+        lines += ["", f"Prompts full attention answers and the engine's `{rows[0]['engine_setting']}` does not: per "
+                  "scoring, the emulated answer and the layers whose kept blocks hold the asked needle (of "
+                  f"{len(rows[0]['needle_rank_per_layer'])}; `window`: the needle lies in the init or local window, "
+                  "attended in every layer); k = blocks kept per layer.", "",
+                  "| case | k | " + " | ".join(scorings) + " |", "|---|---|" + "---|" * len(scorings)]
+        for cid in lost:
+            cells, k = [], None
+            for scoring in scorings:
+                r = next((r for r in rows if r["case_id"] == cid and r["scoring"] == scoring), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                k = r["k"]
+                window = all(x == -1 for x in r["needle_rank_per_layer"])
+                kept = "window" if window else f"{r['needle_kept_layers']} layers"
+                cells.append(f"{'right' if r['correct'] else 'wrong'} ({kept}): {r['text'].strip()[:24]!r}")
+            lines.append(f"| {cid} | {k} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".json"), out.with_suffix(".md"))
 
