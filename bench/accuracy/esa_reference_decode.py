@@ -313,12 +313,12 @@ def main() -> None:
         f"`{args.engine_setting or 'esa-r<ratio>-s10'}` answers from its log; full: the harness's full-attention "
         "answers.",
         "",
-        "| ratio | prompts | full correct | emulation correct | engine (vLLM + ucm ESA) correct "
+        "| ratio | scoring | prompts | full correct | emulation correct | engine (vLLM + ucm ESA) correct "
         "| emulation kept vs full | engine kept vs full |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for ratio in ratios:
-        rs = [r for r in rows if r["ratio"] == ratio]
+    for ratio, scoring in [(r, sc) for r in ratios for sc in args.scorings.split(",")]:
+        rs = [r for r in rows if r["ratio"] == ratio and r["scoring"] == scoring]
         fr = [r for r in rs if r["full_correct"]]
         eng = [r["engine_correct"] for r in rs if r["engine_correct"] is not None]
         eng_fr = [r["engine_correct"] for r in fr if r["engine_correct"] is not None]
@@ -328,7 +328,7 @@ def main() -> None:
 
         full_ok = pct([bool(r["full_correct"]) for r in rs])
         lines.append(
-            f"| {ratio:g} | {len(rs)} | {full_ok} | {pct([r['correct'] for r in rs])} "
+            f"| {ratio:g} | {scoring} | {len(rs)} | {full_ok} | {pct([r['correct'] for r in rs])} "
             f"| {pct(eng)} | {pct([r['correct'] for r in fr])} | {pct(eng_fr)} |"
         )
     lost = sorted({r["case_id"] for r in rows if r["full_correct"] and r["engine_correct"] is False})
