@@ -497,25 +497,6 @@ def test_a_failed_load_ahead_is_loaded_again_at_the_consume_step_and_reported_on
     assert failures[0] > 0 and failures[0] == failures[1]
 
 
-def test_loads_ahead_are_queued_at_the_start_of_the_step_after_the_one_that_plans_them():
-    # on a GPU's copy engines the engine's own input copies of a step would wait behind loads queued before them:
-    # a step's share of the loads ahead is queued once the next step has begun (after the engine's inputs)
-    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
-                        store=dram_store(), stage_queries=True)
-    engine.add("a", prompt=200)
-    engine.step()
-    worker = engine.worker
-    while not worker._prefetch_layers(worker._phase + 1):
-        engine.step()
-    engine.step()
-    planned = worker._ahead
-    assert planned, "the step that plans loads ahead hands them to the next one"
-    assert all(ls.prefetch is None for ls in worker._requests["a"].layers)  # nothing queued at its end
-    engine.step()
-    layers = worker._requests["a"].layers
-    assert all(layers[i].prefetch is not None for i in planned)
-
-
 def test_loads_ahead_for_a_request_left_out_of_a_step_are_waited_before_that_step():
     # its spare slots may be handed to another request from that step on: no copy may still be writing them
     row = LAYERS * 2 * BS * HKV * D * 4
@@ -529,7 +510,6 @@ def test_loads_ahead_for_a_request_left_out_of_a_step_are_waited_before_that_ste
     worker = engine.worker
     while not worker._prefetch_layers(worker._phase + 1):
         engine.step()
-    engine.step()  # plans the first layers to load ahead: the next step queues them at its start
     backend.gate.clear()
     engine.step()  # both load ahead into their spare slots; the loads stay in flight
     ahead = [ls for ls in worker._requests["a"].layers if ls.prefetch is not None]

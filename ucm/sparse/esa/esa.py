@@ -170,8 +170,8 @@ class Esa(UcmSparseBase):
         self._stage: torch.Tensor | None = None
         self._stage_checked = False  # the first staged submit checks that the engine really copied the queries
         self._stage_submits: list[tuple[_RequestState, int]] = []  # this step's (request, query row) to submit
-        #: boundary mode: the layers whose loads ahead the next step queues at its start (`_prefetch_layers`)
-        self._ahead: range | None = None
+        #: boundary mode: the layers this step loads ahead at its end, and the requests they load for
+        self._ahead: tuple[range, list[tuple[SparseRequestStep, _RequestState]]] | None = None
         self._layer_submits = False
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -295,6 +295,7 @@ class Esa(UcmSparseBase):
         self._batch = batch
         self._view_cache = None
         self._prompt_ids = {}
+        self._ahead = None
         if any(step.is_decode for step in batch.requests):
             self._phase += 1
         initial: list[tuple[SparseRequestStep, _RequestState]] = []  # requests at their first decode step
@@ -343,8 +344,6 @@ class Esa(UcmSparseBase):
         self._stage_submits = []
         if self._stage is not None:
             layer_stage = self._boundary(batch)
-        else:
-            self._ahead = None
         self._layer_submits = layer_stage  # this step's selections are submitted in the layer hooks
         # A steady step (no pipeline stage, no request starting or ending its prefill or decode, every work slot
         # of every layer holding a block): all layers attend the same blocks, so the first layer's view serves
@@ -375,11 +374,6 @@ class Esa(UcmSparseBase):
         decoding = [(step, self._requests[step.req_id]) for step in batch.requests
                     if step.is_decode and step.req_id in self._requests]
         with_reps = [(step, st) for step, st in decoding if st.layers and st.layers[0].reps is not None]
-        ahead, self._ahead = self._ahead, None
-        if ahead:  # the previous step's share of the loads ahead, for the requests still decoding
-            due = [(step, st) for step, st in decoding if st.decode_step(step) > 0 and st.layout.num_spare]
-            if due:
-                self._prefetch(ahead, due)
         if self.schedule.is_submit(phase) or any(self._needs_reps(step) for step, _ in decoding):
             self._boundary_reps(with_reps)
         if self.schedule.is_consume(phase):
@@ -388,7 +382,10 @@ class Esa(UcmSparseBase):
             for _, st in due:  # every layer's loads in flight together; the step attends what they brought
                 for layer_state in st.layers:
                     self._wait_loads(layer_state)
-        self._ahead = self._prefetch_layers(phase) or None
+        ahead = self._prefetch_layers(phase)
+        if ahead:
+            due = [(step, st) for step, st in decoding if st.decode_step(step) > 0 and st.layout.num_spare]
+            self._ahead = (ahead, due) if due else None
         if not self.schedule.is_submit(phase):
             return False
         rows = self._stage.shape[1]
@@ -403,11 +400,10 @@ class Esa(UcmSparseBase):
         return False
 
     def _prefetch_layers(self, phase: int) -> range:
-        """The layers whose pending selection step ``phase`` loads ahead, queued at the start of the next step,
-        once the engine has queued that step's own input copies (on the copy engines an input copy queued behind a
-        load waits for all of it: `bench/copy_overlap.py`), so the copies run beside that step's forward: the steps
-        from the one after a submit to the one two before its consume share the layers in order, each carrying a
-        part of the host work and of the transfers, and the step before the consume queues the last copies."""
+        """The layers whose pending selection step ``phase`` loads ahead, queued at the end of the step (after its
+        forward is queued, so the host work hides behind it; the copies run beside the next step): the steps from
+        the one after a submit to the one two before its consume share the layers in order, each carrying a part
+        of the host work and of the transfers, and the step before the consume is left for the last copies."""
         lag = self.schedule.lag
         since = (phase - 2) % self.schedule.stride if phase >= 2 else -1
         if lag < 3 or not 1 <= since < lag - 1:
@@ -771,6 +767,9 @@ class Esa(UcmSparseBase):
         layer_state.reps = new if layer_state.reps is None else torch.cat([layer_state.reps, new])
 
     def execute_finished(self) -> SparseStepStats:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._prefetch(*ahead)
         if self._stage_submits:
             self._boundary_submit()
         if self._batch is not None:
