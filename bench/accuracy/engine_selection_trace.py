@@ -6,7 +6,8 @@ engine flags (`python -m ucm.eval` defaults: block 128, enforce_eager, prefix ca
 and after the request's first decode step the ESA worker's per-layer selection (the work slots' prompt positions)
 is read and compared with the needle's blocks. Prompts run in the order given, so with ``--prefix-caching on`` a
 prompt can reuse the previous one's blocks as it did in the harness (it runs the deepest needle first).
-Writes JSON + markdown.
+Writes JSON + markdown. A diagnostic: it reads the ESA worker's private per-request state (no interface of ucm
+exposes a selection), so it follows that state's layout.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/accuracy/engine_selection_trace.py --tasks needle --contexts 8K \
         --depths 5 --samples 3 --only needle/8192/1.0000/2,needle/8192/0.7500/0 --setting esa-r0.2-s10-a8
