@@ -25,6 +25,9 @@
 # 2 repetitions ~170 s with it and ~85 s per later engine; an e2e part skips an engine unless --time-budget-s
 # leaves --case-reserve-s (default 150) + 90 s: pass --case-reserve-s 5-15 for 32K cases, and give a capacity part
 # >= 300 s. Outside a stage, python needs the stage's PYTHONPATH: run a test file through `parity FILE -k ...`.
+# Fifth session (H100): a start that gets no machine costs 90-180 s of device time and blocks that kind for ~10
+# min; a lease can be taken back mid-run (what the call left under $OUT is lost with it): plan the most needed
+# measurement first, each call self-contained (kit pieces only on a fresh machine), and keep --time-budget-s.
 set -u
 stage=${1:-hooks}; shift || true
 OUT=${OUT:-/tmp/ucm-gpu-out}
