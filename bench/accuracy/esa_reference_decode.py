@@ -54,11 +54,16 @@ class EsaEmulation:
             self.scores = {layer: shared for layer in self.scores}
         self.decode_calls = {}
 
+    def kept(self, prompt_len: int) -> int:
+        """k: candidate blocks each layer keeps for a prompt of ``prompt_len`` tokens at `ratio`."""
+        nb = -(-prompt_len // self.block_size)
+        return int(len(range(self.init, nb - self.local)) * self.ratio)
+
     def allowed(self, layer: int, kv_len: int) -> torch.Tensor:
         bs, n = self.block_size, self.prompt_len
         nb = -(-n // bs)
         candidates = torch.arange(self.init, nb - self.local)
-        k = int(len(candidates) * self.ratio)
+        k = self.kept(n)
         keep = candidates[torch.topk(self.scores[layer], k).indices] if k else candidates[:0]
         mask = torch.zeros(kv_len, dtype=torch.bool)
         mask[: self.init * bs] = True
@@ -265,9 +270,7 @@ def main() -> None:
     with torch.no_grad():
         for case in cases:
             ids = torch.tensor([case.prompt_token_ids])
-            # the asked needle's sentence: its first token and the next 40 (the longest needle sentence is shorter)
-            n0, n1 = case.needle_token_pos, min(case.needle_token_pos + 40, len(case.prompt_token_ids) - 1)
-            emu.needle_blocks = list(range(n0 // args.block_size, n1 // args.block_size + 1))
+            emu.needle_blocks = case.needle_blocks(args.block_size)
             for scoring, ratio in [(sc, r) for sc in args.scorings.split(",") for r in ratios]:
                 emu.ratio = ratio
                 if scoring != emu.scoring or ratio == ratios[0]:  # the prefill call scores the blocks
@@ -284,7 +287,7 @@ def main() -> None:
                 eos = tok.eos_token_id
                 text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
                 setting = args.engine_setting or f"esa-r{ratio:g}-s10"
-                k = int((-(-len(case.prompt_token_ids) // args.block_size) - emu.init - emu.local) * ratio)
+                k = emu.kept(len(case.prompt_token_ids))
                 ranks = [emu.needle_ranks.get(i) for i in range(len(emu.needle_ranks))]
                 row = {"case_id": case.case_id, "ratio": ratio, "scoring": scoring, "reselect_at": args.reselect_at,
                        "dense_layers": args.dense_layers, "needle_blocks": emu.needle_blocks,

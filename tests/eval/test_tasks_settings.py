@@ -13,7 +13,7 @@ from ucm.eval.__main__ import _contexts, _depths, _run_argv, _tasks, _threads_bi
 from ucm.eval.report import common_prefix, summarize, write_report
 from ucm.eval.runner import run_key
 from ucm.eval.settings import DEFAULT_SETTINGS, parse_setting, parse_settings
-from ucm.eval.tasks import build_cases, default_depths
+from ucm.eval.tasks import NEEDLE_SPAN_TOKENS, build_cases, default_depths
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,12 @@ def test_prompts_have_exact_length_and_hold_the_needle_at_its_depth(tokenizer, c
         assert text.count(c.answer) == (2 if c.task == "passkey" else 1)
         assert ("<|im_start|>" in text) == chat
         # The needle starts where the case says, and sits near its depth in the haystack.
-        after = tokenizer.decode(c.prompt_token_ids[c.needle_token_pos : c.needle_token_pos + 40])
+        after = tokenizer.decode(c.prompt_token_ids[c.needle_token_pos : c.needle_token_pos + NEEDLE_SPAN_TOKENS])
         assert c.answer in after
+        # the blocks a sparse selection must keep for the answer hold it
+        blocks = c.needle_blocks(128)
+        assert blocks[0] == c.needle_token_pos // 128
+        assert c.answer in tokenizer.decode(c.prompt_token_ids[blocks[0] * 128 : (blocks[-1] + 1) * 128])
         rel = c.needle_token_pos / len(c.prompt_token_ids)
         assert abs(rel - c.depth) < 0.12, (c.case_id, rel)
     by_id = {c.case_id: c for c in cases}
@@ -58,7 +62,7 @@ def test_ruler_style_tasks_hide_several_needles_and_ask_for_one_key(tokenizer, c
         assert len(values) == (1 if c.task == "multikey" else 3)
         assert all(text.count(v) == 1 for v in values)
         # the asked needle starts where the case says, near its depth
-        after = tokenizer.decode(c.prompt_token_ids[c.needle_token_pos : c.needle_token_pos + 40])
+        after = tokenizer.decode(c.prompt_token_ids[c.needle_token_pos : c.needle_token_pos + NEEDLE_SPAN_TOKENS])
         assert values[0] in after
         assert abs(c.needle_token_pos / len(c.prompt_token_ids) - c.depth) < 0.12, c.case_id
         # the question names the asked needle's city (a multikey prompt holds three other cities' numbers)

@@ -42,6 +42,10 @@ CITIES = (
 )  # fmt: skip
 
 
+#: tokens an asked needle's sentence spans at most, from its first token (the longest needle template is shorter)
+NEEDLE_SPAN_TOKENS = 40
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One prompt of the grid: task, context (prompt + generated tokens), depth of the needle in [0, 1]."""
@@ -57,6 +61,12 @@ class Case:
     def correct(self, text: str) -> bool:
         """The output ``text`` holds the answer (every value of it)."""
         return all(part in text for part in self.answer.split("|"))
+
+    def needle_blocks(self, block_size: int) -> list[int]:
+        """The prompt's blocks of ``block_size`` tokens that hold the asked needle's sentence (its first token and
+        at most `NEEDLE_SPAN_TOKENS` after it, within the prompt)."""
+        end = min(self.needle_token_pos + NEEDLE_SPAN_TOKENS, len(self.prompt_token_ids) - 1)
+        return list(range(self.needle_token_pos // block_size, end // block_size + 1))
 
     @property
     def case_id(self) -> str:
