@@ -409,6 +409,9 @@ def worker_main(spec: dict) -> int:
             row["host_ms_per_step_reps"] = [(r.get("split") or {}).get("host_ms_per_step") for r in reps]
             row["window_ms_per_tenth_reps"] = [r.get("window_ms_per_tenth") for r in reps]
             row["slowest_steps_ms_reps"] = [r.get("slowest_steps_ms") for r in reps]
+            gates = sys.modules.get("ucm.backends.cuda.stream_gate")  # loads ahead from a held stream, so far
+            if gates is not None:
+                row["held_streams"] = {"gates": gates.holds, "timed_out": gates.timed_out}
         except Exception as exc:  # noqa: BLE001 - one failed case must not lose the others
             traceback.print_exc()
             row.setdefault("batch", case.get("batch"))

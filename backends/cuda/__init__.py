@@ -18,7 +18,7 @@ import torch
 
 from ucm import kernels
 from ucm.device import reference
-from ucm.device.backend import Backend
+from ucm.device.backend import Backend, StreamGate
 from ucm.device.selection import BlockSelection
 from ucm.errors import UcmConfigError
 
@@ -76,6 +76,13 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "torch reports no CUDA device (torch.cuda.is_available() is False)"
         return kernels.triton_unavailable_reason()
+
+    def hold_stream(self, stream: torch.Stream) -> StreamGate:
+        """Held on the device by the driver's stream memory operations (`stream_gate`); open where the driver
+        refuses them."""
+        from ucm.backends.cuda import stream_gate
+
+        return stream_gate.hold(stream)
 
     # ------------------------------------------------------------------ 4. batched block gather / scatter
     def _direct(self, buf: torch.Tensor) -> bool:

@@ -6,8 +6,8 @@ PCIe takes, so a load that runs beside the engine's forward (ESA's loads ahead) 
 engines move the same bytes without SMs; one call takes the whole list of pieces (a ``cudaMemcpyAsync`` per piece
 would cost a few microseconds of host time each).
 
-The driver entry point is resolved once through ``cuGetProcAddress`` (ctypes on ``libcuda.so.1``, no extra Python
-package); without it `unavailable_reason` says why and the backend keeps its copy kernel.
+The driver entry point is resolved once (`driver.entry_point`); without it `unavailable_reason` says why and the
+backend keeps its copy kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from ucm.backends.cuda import driver
 
 from ucm.device import reference
 from ucm.errors import UcmConfigError
@@ -66,21 +67,8 @@ MAX_COPIES_PER_CALL = 2048
 def _resolve() -> tuple[object | None, str | None]:
     global _resolved
     if _resolved is None:
-        try:
-            driver = ctypes.CDLL("libcuda.so.1")
-            get = driver.cuGetProcAddress_v2
-        except (OSError, AttributeError) as exc:
-            _resolved = (None, f"no CUDA driver entry point lookup (libcuda.so.1 cuGetProcAddress_v2): {exc}")
-            return _resolved
-        get.restype = ctypes.c_int
-        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
-                        ctypes.c_void_p]
-        pointer, status = ctypes.c_void_p(), ctypes.c_int(0)
-        err = get(b"cuMemcpyBatchAsync", ctypes.byref(pointer), _ABI_VERSION, 0, ctypes.byref(status))
-        if err != 0 or not pointer.value:
-            _resolved = (None, f"cuGetProcAddress(cuMemcpyBatchAsync) gave CUresult {err} (a CUDA 12.8+ driver has it)")
-        else:
-            _resolved = (_BATCH_FN(pointer.value), None)
+        fn, reason = driver.entry_point("cuMemcpyBatchAsync", _ABI_VERSION, _BATCH_FN)
+        _resolved = (fn, None if fn is not None else f"{reason}: a CUDA 12.8+ driver has it")
     return _resolved
 
 

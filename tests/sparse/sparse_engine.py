@@ -75,6 +75,7 @@ class MiniEngine:
         needle_blocks: list[int] | None = None,
         stage_queries: bool = False,
         stage_rows: int = 16,
+        backend=None,
     ):
         self.bs, self.hq, self.hkv, self.d = block_size, num_q_heads, num_kv_heads, head_dim
         self.num_layers = num_layers
@@ -86,8 +87,8 @@ class MiniEngine:
         self.skip_dump = skip_dump or set()
         self.needle_blocks = needle_blocks
         self.scheduler = Esa(config, UcmSparseRole.SCHEDULER, block_size, offload=offload)
-        self.worker = Esa(config, UcmSparseRole.WORKER, block_size, backend=get_backend("cpu"), store=store,
-                          offload=offload)
+        self.worker = Esa(config, UcmSparseRole.WORKER, block_size, backend=backend or get_backend("cpu"),
+                          store=store, offload=offload)
         self.layer_names = [f"model.layers.{i}.attn" for i in range(num_layers)]
         # stage_queries: the engine copies each layer's query rows into the worker's stage, as vLLM's attention hook
         # does (`SparseWorkerRuntime.stage_query`): ESA then runs its retrieval cycle at step boundaries
@@ -206,6 +207,7 @@ class MiniEngine:
         table = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.int32)
         seq_lens = torch.tensor([s.seq_len for s in steps], dtype=torch.int32)
         self.worker.execute_begin(batch)
+        self.worker.forward_begin()  # the step's inputs are queued (vLLM's model-runner hook)
         records: dict[str, list[LayerRecord]] = {r.request_id: [] for r in reqs}
         for layer, name in enumerate(self.layer_names):
             k_cache, v_cache = self.caches[layer]

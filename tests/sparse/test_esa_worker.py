@@ -3,6 +3,7 @@ retrieval pipeline, delta loads from a real UcmDram store, failed loads, batchin
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from sparse_engine import MiniEngine
 
-from ucm.device import get_backend
+from ucm.device import StreamGate, get_backend
 from ucm.device.cpu import CpuBackend
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.schedule import EsaSchedule
@@ -446,12 +447,12 @@ def test_initial_selection_by_attention_finds_planted_needles():
             assert cos > 0.9
 
 
-def _run_stride10(prefetch_ratio: float, store, *, skip_dump=None, steps: int = 34):
+def _run_stride10(prefetch_ratio: float, store, *, skip_dump=None, steps: int = 34, backend=None):
     """Two requests decoding in boundary mode at stride 10 (random queries: the selection churns every cycle);
     per step, what each layer attended and the step's stats."""
     config = EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=prefetch_ratio)
     engine = MiniEngine(config, offload=True, store=store, num_layers=LAYERS, stage_queries=True,
-                        skip_dump=skip_dump)
+                        skip_dump=skip_dump, backend=backend)
     engine.add("a", prompt=200, max_tokens=60)
     engine.add("b", prompt=160, max_tokens=60)
     engine.step()
@@ -522,3 +523,109 @@ def test_loads_ahead_for_a_request_left_out_of_a_step_are_waited_before_that_ste
     assert all(ls.prefetch is None for ls in worker._requests["a"].layers)
     for _ in range(12):  # a's consume loads everything at the consume step (MiniEngine checks the KV)
         engine.step()
+
+
+class _Held(StreamGate):
+    held = True
+
+    def __init__(self):
+        self.opened = threading.Event()
+        self.how: list[str] = []
+
+    def open(self) -> None:
+        self.how.append("host")
+        self.opened.set()
+
+    def open_after(self, stream) -> None:
+        self.how.append("forward")
+        self.opened.set()
+
+
+class _HeldEvent:
+    def __init__(self, gate: _Held | None):
+        self.gate = gate
+
+    def query(self) -> bool:
+        return self.gate is None or self.gate.opened.is_set()
+
+    def synchronize(self) -> None:
+        # on a GPU this wait would last until the gate's timeout
+        assert self.query(), "a host wait on a held stream that nobody opened"
+
+
+class _HoldingBackend(CpuBackend):
+    """The CPU backend with streams that can be held (`Backend.hold_stream`), as on a GPU: an event recorded on a
+    held stream, or on a stream that waited for such an event, happens once the gate opens. Copies still run at
+    once on the host: what this checks is who opens the gates, when, and that no wait meets a closed one."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates: list[_Held] = []
+        self._on: dict[int, _Held] = {}  # id(stream) -> the gate its queued work waits on
+        self._default = torch.Stream(device="cpu")
+        self._current = self._default
+
+    def current_stream(self):
+        return self._current
+
+    @contextlib.contextmanager
+    def use_stream(self, stream):
+        before, self._current = self._current, stream if stream is not None else self._current
+        try:
+            yield
+        finally:
+            self._current = before
+
+    def hold_stream(self, stream) -> _Held:
+        gate = _Held()
+        self.gates.append(gate)
+        self._on[id(stream)] = gate
+        return gate
+
+    def record_event(self, stream=None) -> _HeldEvent:
+        return _HeldEvent(self._on.get(id(stream if stream is not None else self._current)))
+
+    def wait_event(self, event, stream=None) -> None:
+        gate = getattr(event, "gate", None)
+        if gate is not None and not gate.opened.is_set():
+            self._on[id(stream if stream is not None else self._current)] = gate
+
+
+def test_loads_ahead_from_a_held_stream_start_at_the_next_forward_and_attend_the_same():
+    """Loads ahead are queued at the end of a step from a held stream (on a GPU: so the next step's input copies
+    go first on the copy engines). The next step's forward_begin opens it; no host wait ever meets a closed gate;
+    what every layer attends is what it attends without loads ahead."""
+    _, attended_plain = _run_stride10(0.0, dram_store())
+    backend = _HoldingBackend()
+    row = LAYERS * 2 * BS * HKV * D * 4
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
+    held, attended_held = _run_stride10(1.0, store, backend=backend)
+    assert sum(st.blocks_prefetched for st in held.stats) > 0
+    assert backend.gates and all(g.how and g.how[0] == "forward" for g in backend.gates)
+    for one, other in zip(attended_plain, attended_held, strict=True):
+        for rid in one:
+            assert [p for p, _ in one[rid]] == [p for p, _ in other[rid]]
+            for (_, x), (_, y) in zip(one[rid], other[rid], strict=True):
+                torch.testing.assert_close(x, y)
+
+
+def test_a_held_load_ahead_waited_before_the_next_forward_is_opened_from_the_host_first():
+    # a request left out of the next step has its loads ahead waited in execute_begin, before forward_begin
+    backend = _HoldingBackend()
+    row = LAYERS * 2 * BS * HKV * D * 4
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
+    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
+                        store=store, stage_queries=True, backend=backend)
+    engine.add("a", prompt=200)
+    engine.add("b", prompt=160)
+    engine.step()
+    worker = engine.worker
+    while not worker._prefetch_layers(worker._phase + 1):
+        engine.step()
+    engine.step()  # both load ahead; the gate is closed until the next step's forward
+    gate = backend.gates[-1]
+    assert not gate.opened.is_set()
+    assert any(not ls.prefetch[4].done() for ls in worker._requests["a"].layers if ls.prefetch is not None)
+    engine.step(["b"])
+    assert gate.how[0] == "host"
+    assert all(ls.prefetch is None for ls in worker._requests["a"].layers)

@@ -3,7 +3,7 @@
 Use `get_backend()` to obtain the `Backend` for this process; see `ucm.device.backend` for the contract.
 """
 
-from ucm.device.backend import Backend, CopyHandle
+from ucm.device.backend import Backend, CopyHandle, StreamGate
 from ucm.device.pinned import PinnedBufferPool
 from ucm.device.reference import as_page_tensors, bytes_per_block, page_nbytes
 from ucm.device.registry import backend_class, get_backend, registered_backends
@@ -20,4 +20,5 @@ __all__ = [
     "get_backend",
     "page_nbytes",
     "registered_backends",
+    "StreamGate",
 ]

@@ -7,7 +7,8 @@ CUDA and Ascend (PrivateUse1 "npu") share this code; a backend subclass override
 
 Who calls what:
 - stores: `gather_blocks` / `scatter_blocks` on a side stream, pinned buffers, `CopyHandle` polling;
-- sparse algorithms: `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode,
+- sparse algorithms: `hold_stream` for loads ahead that must not start before the next step's inputs,
+  `block_means` after prefill, `select_blocks` (= `block_scores` + `topk_masked`) in decode,
   `sparse_decode_attention` (attention straight over a `BlockSelection`, resident mode: no sparse table).
 """
 
@@ -45,6 +46,21 @@ class CopyHandle:
         if self._event is not None:
             self._event.synchronize()
         self._keepalive = ()
+
+
+class StreamGate:
+    """What `Backend.hold_stream` returns: the work queued on the held stream after it waits, on the device, until
+    the gate opens. `open_after(stream)` opens it once the work queued so far on ``stream`` has run (a device-side
+    write: no host wait), `open()` at once from the host. Both may be called any number of times, in any order.
+    A backend that cannot hold a stream on the device returns this base class: always open, ``held`` False."""
+
+    held: bool = False
+
+    def open(self) -> None:
+        """Open now (from the host)."""
+
+    def open_after(self, stream: torch.Stream) -> None:
+        """Open once the work queued so far on ``stream`` has run."""
 
 
 class Backend:
@@ -96,6 +112,14 @@ class Backend:
     def wait_event(self, event: Any, stream: torch.Stream | None = None) -> None:
         """Make `stream` (default: current) wait, on the device, for `event`."""
         (stream if stream is not None else self.current_stream()).wait_event(event)
+
+    def hold_stream(self, stream: torch.Stream) -> StreamGate:
+        """Make the work queued on ``stream`` from now on wait, on the device, until the returned gate opens. Why:
+        a copy queued early (its host work done while the device is busy) may have to start only after work not
+        queued yet (the next step's input copies, which the copy engines would otherwise serve after it). A held
+        stream opens by itself after a backend-defined timeout, so a device-wide synchronize never waits forever.
+        Default: nothing held (an open gate)."""
+        return StreamGate()
 
     def synchronize(self) -> None:
         """Block until all work on this device has finished."""

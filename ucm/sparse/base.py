@@ -286,6 +286,11 @@ class UcmSparseBase:
     def execute_begin(self, batch: SparseBatch) -> None:
         """Worker: before the forward of a step; ``batch`` lists its requests in batch order."""
 
+    def forward_begin(self) -> None:
+        """Worker: the step's input copies are queued on the current stream, its forward is not yet (called after
+        `execute_begin` and `step_view`, where the release bindings can place it; a method must not rely on it for
+        correctness). Work held until then (`Backend.hold_stream`) may be released here."""
+
     def step_view(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> SparseAttentionView | None:
         """Worker, after `execute_begin`: the view every layer of this step attends, when the step needs no
         per-layer work (no query to read, no load to wait for, no layer with its own table); None otherwise.

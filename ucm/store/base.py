@@ -174,6 +174,10 @@ class KVStoreBase(abc.ABC):
     name: ClassVar[str] = ""
     #: field -> one-line description of accepted values (used in error messages and docs/stores.md)
     config_fields: ClassVar[Mapping[str, str]] = {}
+    #: True when background loads (`BlockPages.background`) run on a device stream of their own, ordered after the
+    #: caller's queued work and nothing else of the store: a caller may then queue them from a held stream
+    #: (`Backend.hold_stream`) without holding the store's other copies
+    background_apart: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any], backend: Backend):
         self.backend = backend

@@ -3,7 +3,8 @@
 Built by `ucm.store.create_store("UcmDram", ...)`; used by the connector's worker side. The arena is one
 ``[rows, kv_block_size]`` uint8 pinned rows (`PinnedArena`: a few power-of-two chunks, so the host locks what was
 asked); a block owns one row. All copies are queued on the store's side
-stream, ordered after the caller's queued work. Two ways across PCIe (``transfer``):
+stream, ordered after the caller's queued work; background loads (`BlockPages.background`) on a second one, so a caller
+holding its stream until later (`Backend.hold_stream`) holds only those. Two ways across PCIe (``transfer``):
 - ``kernel``: one batched copy kernel reads/writes the arena rows directly (zero-copy); also used for host caches
   and for sub-range (one-layer) loads;
 - ``dma`` (``auto`` for device caches): a batched copy kernel between the cache and a small device staging buffer
@@ -98,6 +99,7 @@ class _OtherDump:
 
 class DramStore(KVStoreBase):
     name = "UcmDram"
+    background_apart = True
     config_fields = {
         "max_cache_size": "int bytes of pinned host memory, >= kv_block_size (required)",
         "kv_block_size": "int bytes of one stored block = one vLLM block of all layers of the worker (required)",
@@ -115,6 +117,7 @@ class DramStore(KVStoreBase):
         self.capacity_blocks = size // block
         self._arena = self._alloc_arena(size)
         self._stream = backend.new_stream()
+        self._background_stream = backend.new_stream()
         self._staging_rows = max(1, _DEVICE_STAGING_BYTES // block)
         self._staging: dict[torch.device, torch.Tensor] = {}  # device staging of the 'dma' transfer
         self._issue_lock = threading.Lock()  # one thread at a time queues copies through the device staging
@@ -395,8 +398,9 @@ class DramStore(KVStoreBase):
         picks = np.concatenate([c[2] for c in counted])
         background = any(destination.background for destination, _, _ in counted)
         nbytes = sum(destination.row_bytes * n for destination, n, _ in counted)
+        stream = self._background_stream if background else self._stream
         self._queue_copy(task, block_ids, picks, nbytes, lambda: self.backend.scatter_blocks_many(
-            copies, stream=self._stream, background=background))
+            copies, stream=stream, background=background))
 
     def _queue_copy(
         self, task: CopyTask, block_ids: list[str], picks: np.ndarray, nbytes: int, queue: Any
@@ -443,7 +447,9 @@ class DramStore(KVStoreBase):
 
     # ------------------------------------------------------------------ device copies
     def _uses_dma(self, pages: BlockPages, whole_row: bool) -> bool:
-        if not whole_row or self.transfer == "kernel":
+        # background loads go by the device layer's scatter (its own way of sparing compute) on their own stream:
+        # the device staging is shared with the store's other copies
+        if not whole_row or self.transfer == "kernel" or pages.background:
             return False  # sub-range rows are strided in the arena: the kernel reads them in place
         return self.transfer == "dma" or pages.pages[0].device.type != "cpu"  # 'auto': dma for device caches
 
@@ -479,7 +485,8 @@ class DramStore(KVStoreBase):
             start = destination.row_offset
             src = chunk[:, start : start + destination.row_bytes]
             local_t = torch.from_numpy(local)
-            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=self._stream,
+            stream = self._background_stream if destination.background else self._stream
+            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=stream,
                                                background=destination.background)
         keep = []
         with self._issue_lock:

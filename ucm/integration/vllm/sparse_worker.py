@@ -7,7 +7,7 @@ release-independent. Who calls what:
   positions the budget changed, new and resumed requests) and the requests that finished;
 - the release bindings' model-runner hooks: `begin_step` with the step's `BatchRow`s, then (where the release
   can put a view into the engine's own metadata) `step_view` before vLLM builds the step's attention metadata,
-  and `end_step` after the forward;
+  `forward_begin` once the step's inputs are queued, and `end_step` after the forward;
 - the release bindings' attention hook, per layer while `in_step`: `attention_begin` (may return the layer's
   sparse view) and `attention_finished`; not called into the algorithm in a step whose `step_view` was taken.
 
@@ -147,6 +147,17 @@ class SparseWorkerRuntime:
         self.totals.begin_s += elapsed
         self._step_host_s += elapsed
         return view
+
+    def forward_begin(self) -> None:
+        """The step's inputs are queued, its forward comes next (`UcmSparseBase.forward_begin`)."""
+        if not self.in_step:
+            return
+        started = time.perf_counter()
+        with _device_memory(self.sparse, "forward_begin"):
+            self.sparse.forward_begin()
+        elapsed = time.perf_counter() - started
+        self.totals.begin_s += elapsed
+        self._step_host_s += elapsed
 
     @property
     def needs_layer_hooks(self) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ucm.device import Backend, as_page_tensors, get_backend, page_nbytes
+from ucm.device import Backend, StreamGate, as_page_tensors, get_backend, page_nbytes
 from ucm.device.backend import Cache
 from ucm.errors import UcmConfigError
 from ucm.sparse.base import (
@@ -172,6 +172,10 @@ class Esa(UcmSparseBase):
         self._stage_submits: list[tuple[_RequestState, int]] = []  # this step's (request, query row) to submit
         #: boundary mode: the layers this step loads ahead at its end, and the requests they load for
         self._ahead: tuple[range, list[tuple[SparseRequestStep, _RequestState]]] | None = None
+        #: the stream the loads ahead are queued from, held until the next step's inputs are copied (see
+        #: `_prefetch`), and the gates not opened yet
+        self._ahead_stream: torch.Stream | None = None
+        self._gates: list[StreamGate] = []
         self._layer_submits = False
         if role is UcmSparseRole.WORKER:
             if self.offload and store is None:
@@ -433,11 +437,41 @@ class Esa(UcmSparseBase):
                 spares = np.arange(needed.size)
                 loads.append((step, state, needed, self._spare_ids(step, state)[spares], (layer_state, pick, spares)))
             planned.append((index, loads))
-        for (_, loads), tasks in zip(planned, self._load_layers(planned, background=True), strict=True):
+        for (_, loads), tasks in zip(planned, self._load_held(planned), strict=True):
             for (step, _, needed, _, (layer_state, pick, spares)), task in zip(loads, tasks, strict=True):
                 layer_state.prefetch = (pick, needed, spares, step.block_hashes or (), task)
                 self._stats.blocks_loaded += int(needed.size)
                 self._stats.blocks_prefetched += int(needed.size)
+
+    def _load_held(self, planned: list[tuple[int, list[Any]]]) -> list[list[Any]]:
+        """`_load_layers` of loads ahead. The forward of this step is queued; the next step's input copies are not
+        yet, and the copy engines serve in queue order: queued now, these loads would delay those inputs by
+        their whole transfer. Where the store gives background loads a stream of their own, they are queued from
+        a stream held on the device (`Backend.hold_stream`) that `forward_begin` of the next step opens after its
+        inputs; every host wait on them opens it first (`_wait_task`)."""
+        if not (self.store.background_apart and self._caches):
+            return self._load_layers(planned, background=True)
+        if self._ahead_stream is None:
+            self._ahead_stream = self.backend.new_stream()
+        stream = self._ahead_stream
+        self.backend.wait_event(self.backend.record_event(), stream)  # after this step's forward
+        gate = self.backend.hold_stream(stream)
+        if gate.held:
+            self._gates.append(gate)
+        with self.backend.use_stream(stream):
+            return self._load_layers(planned, background=True)
+
+    def forward_begin(self) -> None:
+        gates, self._gates = self._gates, []
+        if gates:
+            stream = self.backend.current_stream()
+            for gate in gates:
+                gate.open_after(stream)
+
+    def _open_gates(self) -> None:
+        gates, self._gates = self._gates, []
+        for gate in gates:
+            gate.open()
 
     def _drop_prefetch(self, layer_state: _LayerState) -> None:
         record, layer_state.prefetch = layer_state.prefetch, None
@@ -1037,6 +1071,8 @@ class Esa(UcmSparseBase):
         failed: set[str] = set()
         unknown = False
         started = time.perf_counter()
+        if self._gates:  # a load ahead waits on a held stream: open it, or this wait lasts until its timeout
+            self._open_gates()
         for part in task if isinstance(task, tuple) else (task,):
             try:
                 part.wait()

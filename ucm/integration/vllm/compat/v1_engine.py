@@ -542,6 +542,7 @@ class V1EngineBindings(VllmBindings):
                     if get_forward_context().attn_metadata is None:
                         return original(runner, *args, **kwargs)  # dummy / profiling run
                     runtime.begin_step(self.batch_rows(runner))
+                runtime.forward_begin()  # every input copy of the step is queued by now
                 try:
                     return original(runner, *args, **kwargs)
                 finally:

@@ -1,0 +1,103 @@
+"""Loads ahead queued from a held stream (`Backend.hold_stream`, CUDA stream memory operations): they start only
+once the gate opens, from the host or after another stream's work, a gate nobody opens opens itself, and UcmDram
+keeps its other copies off the held path. Needs a CUDA GPU (run on the GPU machine)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import ids_for, make_cache, page_bytes, row_bytes
+
+from ucm.store import BlockPages, create_store
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+WIDTH = row_bytes(make_cache())
+
+
+def _backend():
+    from ucm.device import get_backend
+
+    return get_backend("cuda")
+
+
+def _held_copy(backend, **hold):
+    from ucm.backends.cuda import stream_gate
+
+    stream = backend.new_stream()
+    gate = stream_gate.hold(stream, **hold)
+    assert gate.held, stream_gate.unavailable_reason()
+    src = torch.arange(1 << 20, dtype=torch.int32).pin_memory()
+    dst = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
+    with backend.use_stream(stream):
+        dst.copy_(src, non_blocking=True)
+    return gate, backend.record_event(stream), src, dst
+
+
+def test_a_copy_on_a_held_stream_waits_until_the_host_opens_the_gate():
+    backend = _backend()
+    gate, done, src, dst = _held_copy(backend)
+    time.sleep(0.2)
+    assert not done.query()
+    assert int(dst[-4:].sum().item()) == 0  # the current stream does not wait for the held one
+    gate.open()
+    done.synchronize()
+    assert torch.equal(dst.cpu(), src)
+
+
+def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran():
+    backend = _backend()
+    gate, done, src, dst = _held_copy(backend)
+    compute = torch.cuda.current_stream()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time on the compute stream
+    gate.open_after(compute)
+    after_sleep = backend.record_event(compute)
+    time.sleep(0.05)
+    assert not done.query()
+    done.synchronize()
+    assert after_sleep.query()  # the copy ended after the compute stream's sleep, which opened it
+    assert torch.equal(dst.cpu(), src)
+    gate.open()  # opening again (from the host, after the device did) changes nothing
+    assert torch.equal(dst.cpu(), src)
+
+
+def test_a_gate_nobody_opens_opens_itself_and_a_device_synchronize_returns():
+    from ucm.backends.cuda import stream_gate
+
+    backend = _backend()
+    before = stream_gate.timed_out
+    started = time.monotonic()
+    _, done, src, dst = _held_copy(backend, timeout_s=0.3)
+    torch.cuda.synchronize()
+    assert 0.25 <= time.monotonic() - started < 10
+    assert done.query() and stream_gate.timed_out == before + 1
+    assert torch.equal(dst.cpu(), src)
+
+
+def test_a_held_background_load_does_not_hold_the_stores_other_loads():
+    backend = _backend()
+    blocks = 6
+    src = [(k.cuda(), v.cuda()) for k, v in make_cache(3)]
+    ids = ids_for(4, blocks)
+    config = {"max_cache_size": 16 * WIDTH, "kv_block_size": WIDTH}
+    with create_store("UcmDram", config, backend) as store:
+        assert store.background_apart
+        store.dump(ids, BlockPages(src, torch.arange(blocks, device="cuda"))).wait()
+        ahead_stream = backend.new_stream()
+        gate = backend.hold_stream(ahead_stream)
+        assert gate.held
+        behind = [(k.cuda(), v.cuda()) for k, v in make_cache()]
+        with backend.use_stream(ahead_stream):
+            held = store.load(ids, BlockPages(behind, torch.arange(blocks), background=True))
+        now = [(k.cuda(), v.cuda()) for k, v in make_cache()]
+        started = time.monotonic()
+        store.load(ids, BlockPages(now, torch.arange(blocks))).wait()
+        assert time.monotonic() - started < 0.5 and not held.done()
+        gate.open()
+        held.wait()
+        host = [(k.cpu(), v.cpu()) for k, v in src]
+        for got in (now, behind):
+            assert all(page_bytes([(k.cpu(), v.cpu()) for k, v in got], i) == page_bytes(host, i)
+                       for i in range(blocks))
