@@ -862,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         "dram_gib": args.dram_gib,
         "esa_config": ESA_CONFIG,
         "dma_source_order": os.environ.get("UCM_DMA_SOURCE_ORDER", "stream"),
+        "background_copy": os.environ.get("UCM_BACKGROUND_COPY", "dma"),
         "esa_capacity_batch": args.esa_capacity_batch,
         "commit": git_commit(repo),
         "gpu": None,

@@ -13,6 +13,7 @@
 #   score        bench/score_topk.py alone (retrieval and the initial selection by attention vs SDPA)
 #   parity ARGS  pytest tests/parity ARGS (the device layer's CUDA cases against the reference)
 #   copy ARGS    bench/copy_overlap.py ARGS (loads beside a forward: copy kernel vs copy engines) -> JSON/MD
+#   gate         bench/stream_gate_check.py (does a held stream hold other streams?), default and 32 connections
 # What comes back from the device is at most 8 files, 2 folders down: point OUT at a scratch folder and tar it into
 # the real $OUT on exit (trap), and give each e2e part its own --out (several parts with --merge share one JSON).
 # Measured on the H200 (2026-12-04): the first engine on a fresh machine takes ~80 s to start (compilation), later
@@ -68,10 +69,15 @@ case $stage in
     python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" 2>&1 | tail -40
     ;;
   parity)
-    python3 -P -m pytest -p no:cacheprovider -q tests/parity "$@" 2>&1 | tail -30 | tee "$OUT/gpu_parity.txt"
+    python3 -P -m pytest -p no:cacheprovider -q tests/parity "$@" 2>&1 | tee "$OUT/gpu_parity.txt" | tail -30
     ;;
   copy)
     python3 -P bench/copy_overlap.py --out-dir "$OUT" "$@" 2>&1 | tail -20
+    ;;
+  gate)
+    python3 -P bench/stream_gate_check.py --out "$OUT/stream_gate_check.json" "$@" 2>&1 | tail -20
+    CUDA_DEVICE_MAX_CONNECTIONS=32 python3 -P bench/stream_gate_check.py --out "$OUT/stream_gate_check_c32.json" \
+      "$@" 2>&1 | tail -20
     ;;
   score)
     python3 -P bench/score_topk.py --out-dir "$OUT/score_topk_h200" "$@" 2>&1 | tail -40

@@ -55,7 +55,7 @@ class CudaBackend(Backend):
     # (bench/results/copy_overlap.md)
     host_copy: str = "dma"
     # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
-    # BACKGROUND_PROGRAMS programs
+    # BACKGROUND_PROGRAMS programs (one launch: no host time per copy); UCM_BACKGROUND_COPY in the environment sets it
     background_copy: str = "dma"
     # the copy engines' source access order (`batch_dma.SOURCE_ORDERS`): "stream", or "any" (the driver may read the
     # pinned rows at any time after the call: they do not change while a load is pending); UCM_DMA_SOURCE_ORDER in
@@ -70,6 +70,10 @@ class CudaBackend(Backend):
         if order not in batch_dma.SOURCE_ORDERS:
             raise UcmConfigError("UCM_DMA_SOURCE_ORDER", order, sorted(batch_dma.SOURCE_ORDERS))
         self.dma_source_order = order
+        copy = os.environ.get("UCM_BACKGROUND_COPY", type(self).background_copy)
+        if copy not in ("dma", "kernel"):
+            raise UcmConfigError("UCM_BACKGROUND_COPY", copy, ["dma", "kernel"])
+        self.background_copy = copy
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
