@@ -9,7 +9,8 @@ once the next step's inputs have been copied (`StreamGate.open_after` on the com
 Each gate has its own word (a ring of `_SLOTS`) and its own value: the held stream waits until the word reaches
 the value (a wrap-safe comparison), and every way of opening writes that same value, so opening twice, from the
 host and from the device in any order, is harmless. A gate opens by itself after ``timeout_s`` (a watchdog
-thread): a held stream never blocks a device-wide synchronize, a shutdown or a waiting host forever.
+thread): a held stream never blocks a device-wide synchronize, a shutdown, a waiting host or an implicitly
+synchronizing call (cudaMalloc, cudaHostAlloc: they wait for every stream) for longer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from ucm.device.backend import StreamGate
 _ABI_VERSION = 12000
 _WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: until (int32)(*addr - value) >= 0
 _SLOTS = 4096
-#: seconds after which a gate nobody opened opens itself (a held load is late, never lost)
-HOLD_TIMEOUT_S = 1.0
+#: seconds after which a gate nobody opened opens itself (its loads then start early, never lost). Short, because
+#: an implicitly synchronizing call (a cudaMalloc of the caching allocator, a pinned allocation) made while a gate
+#: is held waits for it: measured in an engine with 1 s here, a step that grew the allocator took 1008 ms
+HOLD_TIMEOUT_S = 0.05
 
 _VALUE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
 _lock = threading.Lock()
