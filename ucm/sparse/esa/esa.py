@@ -408,8 +408,8 @@ class Esa(UcmSparseBase):
         forward is queued, so the host work hides behind it; the copies run beside the next step): the steps from
         the one after a submit to the one two before its consume share the layers in order, each carrying a part
         of the host work and of the transfers, and the step before the consume is left for the last copies.
-        On the copy engines the next step's own input copies wait behind these loads (`bench/copy_overlap.py`),
-        which is why `prefetch_ratio` defaults to 0."""
+        On the copy engines the next step's own input copies would wait behind these loads (`bench/copy_overlap.py`):
+        `_load_held` holds them until those are queued."""
         lag = self.schedule.lag
         since = (phase - 2) % self.schedule.stride if phase >= 2 else -1
         if lag < 3 or not 1 <= since < lag - 1:
