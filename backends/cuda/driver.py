@@ -7,6 +7,9 @@ from __future__ import annotations
 import ctypes
 import threading
 
+#: CU_GET_PROC_ADDRESS_LEGACY_STREAM: torch queues on the legacy default stream (handle 0); without this flag the
+#: driver may hand out the per-thread-default-stream variant, for which handle 0 is another stream
+_LEGACY_STREAM = 1
 _lock = threading.Lock()
 _driver: tuple[ctypes.CDLL | None, str | None] | None = None
 
@@ -35,7 +38,8 @@ def entry_point(name: str, abi_version: int, prototype: type) -> tuple[object | 
     if lib is None:
         return None, reason
     pointer, status = ctypes.c_void_p(), ctypes.c_int(0)
-    err = lib.cuGetProcAddress_v2(name.encode(), ctypes.byref(pointer), abi_version, 0, ctypes.byref(status))
+    err = lib.cuGetProcAddress_v2(name.encode(), ctypes.byref(pointer), abi_version, _LEGACY_STREAM,
+                                  ctypes.byref(status))
     if err != 0 or not pointer.value:
         return None, f"cuGetProcAddress({name}) gave CUresult {err} (status {status.value})"
     return prototype(pointer.value), None

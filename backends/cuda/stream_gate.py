@@ -66,9 +66,12 @@ def _disable(reason: str) -> None:
     _resolved = (None, reason)
 
 
+_CU_STREAM_LEGACY = 1  # the legacy default stream named explicitly (torch's default stream has handle 0)
+
+
 def _handle(stream: torch.Stream) -> int:
     with stream:
-        return torch.cuda.current_stream().cuda_stream
+        return torch.cuda.current_stream().cuda_stream or _CU_STREAM_LEGACY
 
 
 class CudaStreamGate(StreamGate):
