@@ -253,6 +253,9 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
                 "load_wait_ms_per_step": round(engine.get("load_wait_ms", 0) / steps_n, 3),
                 "layer_blocks_loaded_per_step": round(engine.get("blocks_loaded", 0) / steps_n, 1),
                 "layer_blocks_prefetched_per_step": round(engine.get("blocks_prefetched", 0) / steps_n, 1),
+                # loads ahead queued held, and those released by the hold's timeout (not by the next step)
+                "ahead_held": engine.get("ahead_held", 0),
+                "ahead_released_late": engine.get("ahead_released_late", 0),
                 "retrievals_per_step": round(engine.get("retrievals", 0) / steps_n, 2),
                 "view_step_share": round(engine.get("view_steps", 0) / steps_n, 3),
             }
@@ -409,9 +412,6 @@ def worker_main(spec: dict) -> int:
             row["host_ms_per_step_reps"] = [(r.get("split") or {}).get("host_ms_per_step") for r in reps]
             row["window_ms_per_tenth_reps"] = [r.get("window_ms_per_tenth") for r in reps]
             row["slowest_steps_ms_reps"] = [r.get("slowest_steps_ms") for r in reps]
-            gates = sys.modules.get("ucm.backends.cuda.stream_gate")  # loads ahead from a held stream, so far
-            if gates is not None:
-                row["held_streams"] = {"gates": gates.holds, "timed_out": gates.timed_out}
         except Exception as exc:  # noqa: BLE001 - one failed case must not lose the others
             traceback.print_exc()
             row.setdefault("batch", case.get("batch"))

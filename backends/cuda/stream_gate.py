@@ -80,6 +80,11 @@ class CudaStreamGate(StreamGate):
     def __init__(self, index: int, value: int, address: int, write: object):
         self._index, self._value, self._address, self._write = index, value, address, write
 
+    @property
+    def is_open(self) -> bool:
+        # a wrap-safe comparison, as the device's wait makes: a later gate's value in the word also means open
+        return _host is not None and ((int(_host[self._index]) - self._value) & 0xFFFFFFFF) < 0x80000000
+
     def open(self) -> None:
         assert _host is not None
         _host[self._index] = self._value

@@ -532,6 +532,10 @@ class _Held(StreamGate):
         self.opened = threading.Event()
         self.how: list[str] = []
 
+    @property
+    def is_open(self) -> bool:
+        return self.opened.is_set()
+
     def open(self) -> None:
         self.how.append("host")
         self.opened.set()
@@ -602,6 +606,8 @@ def test_loads_ahead_from_a_held_stream_start_at_the_next_forward_and_attend_the
     held, attended_held = _run_stride10(1.0, store, backend=backend)
     assert sum(st.blocks_prefetched for st in held.stats) > 0
     assert backend.gates and all(g.how and g.how[0] == "forward" for g in backend.gates)
+    assert sum(st.ahead_held for st in held.stats) == len(backend.gates)
+    assert sum(st.ahead_released_late for st in held.stats) == 0
     for one, other in zip(attended_plain, attended_held, strict=True):
         for rid in one:
             assert [p for p, _ in one[rid]] == [p for p, _ in other[rid]]
@@ -629,3 +635,21 @@ def test_a_held_load_ahead_waited_before_the_next_forward_is_opened_from_the_hos
     engine.step(["b"])
     assert gate.how[0] == "host"
     assert all(ls.prefetch is None for ls in worker._requests["a"].layers)
+
+
+def test_a_held_load_ahead_its_timeout_released_is_counted_late():
+    backend = _HoldingBackend()
+    row = LAYERS * 2 * BS * HKV * D * 4
+    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
+    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
+                        store=store, stage_queries=True, backend=backend)
+    engine.add("a", prompt=200)
+    engine.step()
+    worker = engine.worker
+    while not worker._prefetch_layers(worker._phase + 1):
+        engine.step()
+    engine.step()  # loads ahead, held
+    assert engine.stats[-1].ahead_held == 1
+    backend.gates[-1].opened.set()  # what the gate's timeout does when the next step is late
+    engine.step()
+    assert engine.stats[-1].ahead_released_late == 1

@@ -187,6 +187,8 @@ class SparseStepStats:
     retrievals_consumed: int = 0  # (request, layer) retrievals whose selection was taken
     blocks_loaded: int = 0  # (request, layer) blocks loaded from the store, ahead or at a consume step
     blocks_prefetched: int = 0  # of which loaded ahead into spare slots (ESA's `prefetch_ratio`)
+    ahead_held: int = 0  # batches of loads ahead queued from a held stream (`Backend.hold_stream`) this step
+    ahead_released_late: int = 0  # of those held before, the ones found opened by their timeout at `forward_begin`
     load_failures: int = 0
     failed_block_hashes: list[str] = field(default_factory=list)
     host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)

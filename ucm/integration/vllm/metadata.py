@@ -60,10 +60,11 @@ class UcmConnectorMetadata(KVConnectorMetadata):
 #: their change while it ran, under ``sparse["engine"]``): decode steps with a sparse request, (request, decode
 #: step) pairs attended sparsely, (request, layer) retrievals, blocks loaded from the store (summed over layers)
 #: and of those the ones loaded ahead into spare slots, those loads that failed, host milliseconds in the hooks
-#: and, of those, waiting for loads, and the decode steps that attended one view written into the engine's
-#: metadata (no layer hooks: full-graph steps).
+#: and, of those, waiting for loads, the decode steps that attended one view written into the engine's
+#: metadata (no layer hooks: full-graph steps), and the batches of loads ahead queued from a held stream and of
+#: those the ones its timeout released before the next step's forward.
 SPARSE_COUNTERS = ("steps", "sparse_steps", "retrievals", "blocks_loaded", "blocks_prefetched", "load_failures",
-                   "host_ms", "load_wait_ms", "view_steps")
+                   "host_ms", "load_wait_ms", "view_steps", "ahead_held", "ahead_released_late")
 
 
 @dataclasses.dataclass

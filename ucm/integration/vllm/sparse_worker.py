@@ -184,6 +184,8 @@ class SparseWorkerRuntime:
         t.retrievals_consumed += stats.retrievals_consumed
         t.blocks_loaded += stats.blocks_loaded
         t.blocks_prefetched += stats.blocks_prefetched
+        t.ahead_held += stats.ahead_held
+        t.ahead_released_late += stats.ahead_released_late
         t.load_failures += stats.load_failures
         t.host_s += stats.host_s
         t.load_wait_s += stats.load_wait_s

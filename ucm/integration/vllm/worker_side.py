@@ -296,6 +296,7 @@ class ConnectorWorker:
             "blocks_prefetched": stats.blocks_prefetched, "load_failures": stats.load_failures,
             "host_ms": 1e3 * stats.host_s, "load_wait_ms": 1e3 * stats.load_wait_s,
             "view_steps": 1 if stats.sparse_requests and stats.view_step else 0,
+            "ahead_held": stats.ahead_held, "ahead_released_late": stats.ahead_released_late,
         }
         counts = self._meta.sparse
         for name, value in step.items():

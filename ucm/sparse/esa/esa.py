@@ -458,6 +458,7 @@ class Esa(UcmSparseBase):
         gate = self.backend.hold_stream(stream)
         if gate.held:
             self._gates.append(gate)
+            self._stats.ahead_held += 1
         with self.backend.use_stream(stream):
             return self._load_layers(planned, background=True)
 
@@ -466,6 +467,8 @@ class Esa(UcmSparseBase):
         if gates:
             stream = self.backend.current_stream()
             for gate in gates:
+                if gate.is_open:  # its timeout came first: these loads may have delayed this step's inputs
+                    self._stats.ahead_released_late += 1
                 gate.open_after(stream)
 
     def _open_gates(self) -> None:
