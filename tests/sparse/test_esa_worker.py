@@ -615,21 +615,27 @@ def test_loads_ahead_from_a_held_stream_start_at_the_next_forward_and_attend_the
                 torch.testing.assert_close(x, y)
 
 
-def test_a_held_load_ahead_waited_before_the_next_forward_is_opened_from_the_host_first():
-    # a request left out of the next step has its loads ahead waited in execute_begin, before forward_begin
+def _held_loads_ahead(*prompts: int) -> tuple[_HoldingBackend, MiniEngine]:
+    """Requests a, b, ... decoding on a held-stream backend, stepped until a step has queued loads ahead (held)."""
     backend = _HoldingBackend()
     row = LAYERS * 2 * BS * HKV * D * 4
     store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
     engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
                         store=store, stage_queries=True, backend=backend)
-    engine.add("a", prompt=200)
-    engine.add("b", prompt=160)
+    for name, prompt in zip("abcdefgh"[: len(prompts)], prompts, strict=True):
+        engine.add(name, prompt=prompt)
     engine.step()
-    worker = engine.worker
-    while not worker._prefetch_layers(worker._phase + 1):
+    while not engine.worker._prefetch_layers(engine.worker._phase + 1):
         engine.step()
-    engine.step()  # both load ahead; the gate is closed until the next step's forward
-    gate = backend.gates[-1]
+    engine.step()  # loads ahead; the gate is closed until the next step's forward
+    assert engine.stats[-1].ahead_held == 1
+    return backend, engine
+
+
+def test_a_held_load_ahead_waited_before_the_next_forward_is_opened_from_the_host_first():
+    # a request left out of the next step has its loads ahead waited in execute_begin, before forward_begin
+    backend, engine = _held_loads_ahead(200, 160)
+    gate, worker = backend.gates[-1], engine.worker
     assert not gate.opened.is_set()
     assert any(not ls.prefetch[4].done() for ls in worker._requests["a"].layers if ls.prefetch is not None)
     engine.step(["b"])
@@ -638,18 +644,7 @@ def test_a_held_load_ahead_waited_before_the_next_forward_is_opened_from_the_hos
 
 
 def test_a_held_load_ahead_its_timeout_released_is_counted_late():
-    backend = _HoldingBackend()
-    row = LAYERS * 2 * BS * HKV * D * 4
-    store = create_store("UcmDram", {"kv_block_size": row, "max_cache_size": 400 * row}, backend)
-    engine = MiniEngine(EsaConfig(sparse_ratio=0.25, retrieval_stride=10, prefetch_ratio=0.25), offload=True,
-                        store=store, stage_queries=True, backend=backend)
-    engine.add("a", prompt=200)
-    engine.step()
-    worker = engine.worker
-    while not worker._prefetch_layers(worker._phase + 1):
-        engine.step()
-    engine.step()  # loads ahead, held
-    assert engine.stats[-1].ahead_held == 1
+    backend, engine = _held_loads_ahead(200)
     backend.gates[-1].opened.set()  # what the gate's timeout does when the next step is late
     engine.step()
     assert engine.stats[-1].ahead_released_late == 1
