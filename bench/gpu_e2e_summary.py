@@ -52,14 +52,21 @@ def pick(spec: str) -> tuple[dict, dict]:
     esa_file, _, setting = esa_part.partition("@")
     esa_path = Path(esa_file)
     dense_path = Path(dense_file) if dense_file else esa_path
-    esa = _find(_rows(esa_path), case, (setting,) if setting else DEFAULT_ESA, esa_path)
+    esa_rows = _rows(esa_path)
+    esa = _find(esa_rows, case, (setting,) if setting else DEFAULT_ESA, esa_path)
     dense = _find(_rows(dense_path), case, ("dense",), dense_path)
+    # a setting other than ESA's defaults: the defaults' rate in the same run, when it has them, goes with it
+    defaults = None if esa["setting"] in DEFAULT_ESA else next(
+        (r for r in esa_rows if r.get("case") == case and r.get("setting") in DEFAULT_ESA and r.get("decode_tok_s")),
+        None)
     out = []
     for row, path, name in ((dense, dense_path, "dense"), (esa, esa_path, "esa")):
         kept = {k: row.get(k) for k in ROW_KEYS}
         kept.update(setting=name, run_setting=row["setting"], source=str(path))
         if row.get("split"):
             kept["split"] = row["split"]
+        if name == "esa" and row["setting"] not in DEFAULT_ESA:
+            kept["defaults_decode_tok_s"] = defaults["decode_tok_s"] if defaults else None
         out.append(kept)
     return out[0], out[1]
 
@@ -89,6 +96,14 @@ def markdown(pairs: dict[str, tuple[dict, dict]], command: str) -> str:
             f"**{ratio:.2f}x** | {text} | {'yes' if ratio >= goal else 'no'} | {d['tpot_ms_median']} / "
             f"{e['tpot_ms_median']} | {d['tpot_ms_p90']} / {e['tpot_ms_p90']} | {d['ttft_s']} / {e['ttft_s']} | "
             f"{e['resident_share']} | {e['run_setting']} | {commits} | {sources} |")
+    others = [(case, d, e) for case, (d, e) in pairs.items() if "defaults_decode_tok_s" in e]
+    if others:
+        lines += ["", f"Rows whose ESA setting is not ESA's defaults ({' / '.join(DEFAULT_ESA)}; the setting's "
+                  "configuration is in its source run's command and `.md`):"]
+        for case, d, e in others:
+            same = e["defaults_decode_tok_s"]
+            lines.append(f"- {case}: `{e['run_setting']}`; ESA's defaults in the same run: " + (
+                f"{same:.1f} tok/s ({same / d['decode_tok_s']:.2f}x)." if same else "not run."))
     split = [(case, e) for case, (_, e) in pairs.items() if e.get("split")]
     if split:
         lines += ["", "ESA time split (means per decode step of the longest request; host = time in the sparse "

@@ -53,6 +53,19 @@ def test_a_named_setting_and_a_second_file_for_dense(tmp_path):
     _module().main(["--pick", f"capacity={esa}@esa-full,{dense}", "--out", str(out)])
     line = next(x for x in out.with_suffix(".md").read_text().splitlines() if x.startswith("| capacity "))
     assert "**1.20x**" in line and "| no |" in line and "d1 / e1" in line
+    assert "- capacity: `esa-full`; ESA's defaults in the same run: not run." in out.with_suffix(".md").read_text()
+
+
+def test_a_setting_other_than_the_defaults_names_the_defaults_rate_of_the_same_run(tmp_path):
+    run = _write(tmp_path / "run.json", [_row("32Kx8", "dense", 400.0), _row("32Kx8", "esa-noahead", 420.0),
+                                         _row("32Kx8", "esa-ahead", 540.0)])
+    out = tmp_path / "report"
+    _module().main(["--pick", f"32Kx8={run}@esa-ahead", "--out", str(out)])
+    md = out.with_suffix(".md").read_text()
+    assert "**1.35x**" in next(x for x in md.splitlines() if x.startswith("| 32Kx8 "))
+    assert "- 32Kx8: `esa-ahead`; ESA's defaults in the same run: 420.0 tok/s (1.05x)." in md
+    esa = json.loads(out.with_suffix(".json").read_text())["rows"][1]
+    assert esa["run_setting"] == "esa-ahead" and esa["defaults_decode_tok_s"] == 420.0
 
 
 @pytest.mark.parametrize("spec, message", [
