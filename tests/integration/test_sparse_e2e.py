@@ -171,6 +171,7 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
             "load_failures": hook.totals.stats.load_failures,
             "last_step_layers": [hook.last_step.layers_seen, hook.last_step.layers_sparse],
             "view_steps": hook.totals.view_steps,
+            "forward_begins": hook.totals.forward_begins,
         },
         "vllm": __import__("vllm").__version__,
         "layers": len(layers),
@@ -288,6 +289,9 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     # steady steps (no retrieval stage, no load in flight) attended one view written into vLLM's own metadata
     # (what lets them run as full CUDA graphs); the retrieval steps ran the layer hooks
     assert 0 < worker["view_steps"] < worker["steps"], worker
+    # the model runner announced each step's forward once its inputs were queued (held loads ahead open there);
+    # a step begun whose forward never ran is ended without it
+    assert 0 < worker["forward_begins"] <= worker["steps"], worker
     assert sparse["table_rows_changed"] == 0
     assert worker["resident_blocks"] <= 0.30 * worker["full_blocks"]
     assert worker["load_failures"] == 0 and worker["blocks_loaded"] > 0

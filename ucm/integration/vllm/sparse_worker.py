@@ -71,6 +71,7 @@ class RuntimeTotals:
     algorithm's hooks (what a step costs the CPU beyond vLLM's own work; device work they queue is not in it)."""
 
     steps: int = 0
+    forward_begins: int = 0  # steps whose forward was announced (`forward_begin`): held loads are released there
     view_steps: int = 0  # steps that attended one view written into the engine's metadata (no layer hooks)
     stats: SparseStepStats = field(default_factory=SparseStepStats)
     begin_s: float = 0.0  # execute_begin (batch rows, initial loads)
@@ -153,6 +154,7 @@ class SparseWorkerRuntime:
         if not self.in_step:
             return
         started = time.perf_counter()
+        self.totals.forward_begins += 1
         with _device_memory(self.sparse, "forward_begin"):
             self.sparse.forward_begin()
         elapsed = time.perf_counter() - started
