@@ -616,8 +616,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             "per-layer blocks from UcmDram over PCIe):",
             "",
             "| setting | case | decode steps | TPOT median ms | host ms / step | load wait ms / step | "
-            "retrievals / step | layer blocks loaded / step | of which ahead | MiB loaded / step |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "retrievals / step | layer blocks loaded / step | of which ahead | MiB loaded / step | "
+            "held loads ahead (released late) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in split_rows:
             sp = r["split"]
@@ -626,7 +627,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 f"| {r['setting']} | {r['case']} | {r['sparse'].get('steps')} | {_fmt(r.get('tpot_ms_median'), 2)} | "
                 f"{sp['host_ms_per_step']:.2f} | {sp['load_wait_ms_per_step']:.2f} | {sp['retrievals_per_step']:.1f} | "
                 f"{sp['layer_blocks_loaded_per_step']:.0f} | {sp.get('layer_blocks_prefetched_per_step', 0):.0f} | "
-                f"{mib:.1f} |"
+                f"{mib:.1f} | {sp.get('ahead_held', '-')} ({sp.get('ahead_released_late', '-')}) |"
             )
     notes = [f"- {r['setting']} {r['case']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"- {r['setting']} {r['case']}: prompts exceed UcmDram ({meta.get('dram_gib')} GiB)" for r in rows

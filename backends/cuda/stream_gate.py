@@ -123,7 +123,7 @@ class _Watchdog:
                     self._cond.wait(left)
                     continue
                 self._due.popleft()
-                if _host is not None and int(_host[gate._index]) != gate._value:
+                if not gate.is_open:
                     timed_out += 1
                 gate.open()
 
