@@ -2,9 +2,9 @@
 
 The GPU serves streams through a few hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, default 8); a stream waiting on
 a memory word may block every stream that shares its queue. This holds one side stream, then times a small copy on
-the current stream and on each of ``--streams`` fresh side streams (polled up to the gate's timeout), and the held
-copy itself before and after the gate opens. Writes JSON (``--out``); run it with and without
-CUDA_DEVICE_MAX_CONNECTIONS=32 to compare.
+the current stream and on each of ``--streams`` fresh side streams (polled up to 0.3 s: longer counts as
+blocked), and the held copy itself before and after the gate opens (``--timeout-s`` bounds that wait). Writes JSON
+(``--out``); run it with and without CUDA_DEVICE_MAX_CONNECTIONS=32 to compare.
 
     python bench/stream_gate_check.py --out bench/results/stream_gate_check.json
 """

@@ -40,8 +40,7 @@ _resolved: tuple[tuple[object, object] | None, str | None] | None = None
 _words: torch.Tensor | None = None  # the pinned ring; never freed (held streams may read it at any time)
 _host: np.ndarray | None = None
 _sequence = 0
-#: gates made so far in this process, and of those opened by the watchdog (tests and benchmarks read them)
-holds = 0
+#: gates opened by the watchdog so far in this process (the tests read it)
 timed_out = 0
 
 
@@ -134,7 +133,7 @@ _watchdog = _Watchdog()
 def hold(stream: torch.Stream, timeout_s: float = HOLD_TIMEOUT_S) -> StreamGate:
     """Queue on ``stream`` a wait for a new gate (see the module docstring); an open `StreamGate` where the driver
     cannot hold streams (then `unavailable_reason` says why)."""
-    global _words, _host, _sequence, holds
+    global _words, _host, _sequence
     fns, _ = _resolve()
     if fns is None:
         return StreamGate()
@@ -145,7 +144,6 @@ def hold(stream: torch.Stream, timeout_s: float = HOLD_TIMEOUT_S) -> StreamGate:
             _host = _words.numpy().view(np.uint32)
         _sequence = (_sequence + 1) & 0xFFFFFFFF or 1
         value, index = _sequence, _sequence % _SLOTS
-        holds += 1
     address = _words.data_ptr() + index * _words.element_size()
     err = wait(_handle(stream), address, value, _WAIT_GEQ)
     if err != 0:

@@ -2,9 +2,9 @@
 
 Built by `ucm.store.create_store("UcmDram", ...)`; used by the connector's worker side. The arena is one
 ``[rows, kv_block_size]`` uint8 pinned rows (`PinnedArena`: a few power-of-two chunks, so the host locks what was
-asked); a block owns one row. All copies are queued on the store's side
-stream, ordered after the caller's queued work; background loads (`BlockPages.background`) on a second one, so a caller
-holding its stream until later (`Backend.hold_stream`) holds only those. Two ways across PCIe (``transfer``):
+asked); a block owns one row. All copies are queued on the store's side stream, ordered after the caller's queued
+work; background loads (`BlockPages.background`) on a second one (`_load_stream`), so a caller holding its stream
+until later (`Backend.hold_stream`) holds only those. Two ways across PCIe (``transfer``):
 - ``kernel``: one batched copy kernel reads/writes the arena rows directly (zero-copy); also used for host caches
   and for sub-range (one-layer) loads;
 - ``dma`` (``auto`` for device caches): a batched copy kernel between the cache and a small device staging buffer
@@ -398,7 +398,7 @@ class DramStore(KVStoreBase):
         picks = np.concatenate([c[2] for c in counted])
         background = any(destination.background for destination, _, _ in counted)
         nbytes = sum(destination.row_bytes * n for destination, n, _ in counted)
-        stream = self._background_stream if background else self._stream
+        stream = self._load_stream(background)
         self._queue_copy(task, block_ids, picks, nbytes, lambda: self.backend.scatter_blocks_many(
             copies, stream=stream, background=background))
 
@@ -446,6 +446,10 @@ class DramStore(KVStoreBase):
             self._arena = None
 
     # ------------------------------------------------------------------ device copies
+    def _load_stream(self, background: bool) -> torch.Stream:
+        """The side stream a load is queued on: background loads have their own (see the module docstring)."""
+        return self._background_stream if background else self._stream
+
     def _uses_dma(self, pages: BlockPages, whole_row: bool) -> bool:
         # background loads go by the device layer's scatter (its own way of sparing compute) on their own stream:
         # the device staging is shared with the store's other copies
@@ -485,8 +489,8 @@ class DramStore(KVStoreBase):
             start = destination.row_offset
             src = chunk[:, start : start + destination.row_bytes]
             local_t = torch.from_numpy(local)
-            stream = self._background_stream if destination.background else self._stream
-            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t, stream=stream,
+            return self.backend.scatter_blocks(src, destination.cache, slots, rows=local_t,
+                                               stream=self._load_stream(destination.background),
                                                background=destination.background)
         keep = []
         with self._issue_lock:
