@@ -178,8 +178,10 @@ def make_prompts(tag: str, context: int, batch: int, vocab: int, seed: int) -> l
     return out
 
 
-def run_requests(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
-    """Add all requests at once and step the engine by hand until they finish; timestamps per token step."""
+def run_requests(engine, prompts: list[list[int]], max_tokens: int, tag: str, profiler=None) -> dict:
+    """Add all requests at once and step the engine by hand until they finish; timestamps per token step.
+    ``profiler`` (a cProfile.Profile): on from the step after every request has its first token to the end, so
+    it sees decode steps only (the prefill's prefix loads would blur the per-step costs)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -196,9 +198,15 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, tag: str) ->
     counts, first, finished = [0] * n, [None] * n, [None] * n
     summaries: list[dict | None] = [None] * n
     steps: list[tuple[float, int]] = []  # (time the step returned, new tokens), steps that returned tokens only
+    profiled_steps = None
     while engine.has_unfinished_requests():
+        if profiler is not None and profiled_steps is None and all(f is not None for f in first):
+            profiler.enable()
+            profiled_steps = 0
         outs = engine.step()
         now = time.perf_counter()
+        if profiled_steps is not None:
+            profiled_steps += 1
         new, firsts, finishes = 0, [], []
         for out in outs:
             i = index.get(out.request_id)
@@ -220,8 +228,10 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, tag: str) ->
                 first[i] = k
             for i in finishes:
                 finished[i] = k
+    if profiled_steps is not None:
+        profiler.disable()
     return {"t0": t0, "steps": steps, "first": first, "finished": finished, "counts": counts,
-            "summaries": summaries, "wall_s": time.perf_counter() - t0}
+            "summaries": summaries, "wall_s": time.perf_counter() - t0, "profiled_steps": profiled_steps}
 
 
 def triton_cache_entries() -> int:
@@ -293,14 +303,16 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
     return res
 
 
-def profile_text(profiler, out_dir: str, name: str) -> str:
-    """The host profile of one repetition: written in full under ``out_dir``, the top entries returned."""
+def profile_text(profiler, out_dir: str, name: str, steps: int | None = None) -> str:
+    """The host profile of one repetition's decode steps: written in full under ``out_dir``, the top entries
+    returned (the first line says over how many engine steps)."""
     import io
     import pstats
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     profiler.dump_stats(str(Path(out_dir) / f"{name}.prof"))
     text = io.StringIO()
+    text.write(f"decode engine steps profiled: {steps}\n")
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("tottime").print_stats(45)
     stats.sort_stats("cumulative").print_stats(45)
@@ -395,15 +407,15 @@ def worker_main(spec: dict) -> int:
                     import cProfile
 
                     profiler = cProfile.Profile()
-                    profiler.enable()
                 compiled = triton_cache_entries()
-                run = run_requests(engine, prompts, max_tokens, f"{setting}-{case['name']}-r{rep}")
+                run = run_requests(engine, prompts, max_tokens, f"{setting}-{case['name']}-r{rep}", profiler)
                 reps.append(summarize(run, spec["warmup_steps"], max_tokens))
                 # kernels compiled during the repetition (a first request of a new size may compile new variants)
                 reps[-1]["triton_kernels_compiled"] = triton_cache_entries() - compiled
                 if profiler is not None:
-                    profiler.disable()
-                    reps[-1]["profile"] = profile_text(profiler, spec["profile_out"], f"{setting}-{case['name']}")
+                    reps[-1]["profiled_decode_steps"] = run["profiled_steps"]
+                    reps[-1]["profile"] = profile_text(profiler, spec["profile_out"], f"{setting}-{case['name']}",
+                                                       run["profiled_steps"])
                 log(f"{setting} {case['name']} (batch {batch}, {max_tokens} tokens) rep {rep}: {reps[-1]}")
             row.update(reps[-1])
             row["ttft_s_rep1"] = reps[0].get("ttft_s")
@@ -798,8 +810,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="no case starts with less time left (default 150; --smoke 20); an engine needs "
                              "this plus 90 s (--smoke 15)")
     parser.add_argument("--profile", action="store_true",
-                        help="host profile (cProfile) of each case's last repetition, engine core in-process; "
-                             "rows then time an in-process engine (the earlier repetitions' tok/s are kept)")
+                        help="host profile (cProfile) of the decode steps of each case's last repetition, engine core "
+                             "in-process; rows then time an in-process engine (earlier repetitions' tok/s kept)")
     parser.add_argument("--merge", action="store_true", help="keep rows of other cases/settings already in --out")
     # one file per run; bench/gpu_e2e_summary.py gathers the current row of each case into bench/results/gpu_e2e.*
     parser.add_argument("--out", default="bench/results/gpu_runs/e2e.json")
