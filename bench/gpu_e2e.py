@@ -98,9 +98,9 @@ SETTINGS = ("dense", "dense-ucm", "esa", "esa-static", "dense-v1pw", "esa-full",
 #: ucm_sparse_full_graphs (steady steps as full CUDA graphs, the retrieval steps piecewise) and ESA's other defaults
 #: (initial_selection "attention" from 2026-12-06 on; earlier rows: "representations"); esa-repr: esa-full with
 #: initial_selection "representations" (each request's first selection by the block representations); esa-noahead /
-#: esa-ahead: esa-full with prefetch_ratio 0 / 0.25 (every new block loaded at the consume step / the first ones
-#: loaded ahead into spare slots during the stride). ESA's default is 0; esa-full rows of commits 8245441 and
-#: e1fcb3f (2026-12-06) ran with 0.25, the default then
+#: esa-ahead: esa-full with prefetch_ratio 0 / --ahead-ratio (every new block loaded at the consume step / the first
+#: ones loaded ahead into spare slots during the stride). ESA's default is 0.4 since the runs of 2026-12-06's
+#: seventh session (0 before them; esa-full rows of commits 8245441 and e1fcb3f ran with 0.25, the default then)
 V1_PIECEWISE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 STATIC_STRIDE = 1 << 30  # esa-static: no retrieval after the first decode step within any run
 ESA_CONFIG = {"sparse_ratio": 0.2, "retrieval_stride": 10, "init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
@@ -786,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="repetitions per case in one engine; the last is "
                         "reported")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--ahead-ratio", type=float, default=0.25, help="prefetch_ratio of the esa-ahead setting")
+    parser.add_argument("--ahead-ratio", type=float, default=0.4, help="prefetch_ratio of the esa-ahead setting "
+                        "(default: ESA's default)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="vLLM token budget per step (default 16384, vLLM's default for the LLM class on "
                              "H100/H200; --smoke 2048)")
@@ -874,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "dram_gib": args.dram_gib,
         "esa_config": ESA_CONFIG,
+        "ahead_ratio": args.ahead_ratio,
         "dma_source_order": os.environ.get("UCM_DMA_SOURCE_ORDER", "stream"),
         "background_copy": os.environ.get("UCM_BACKGROUND_COPY", "dma"),
         "esa_capacity_batch": args.esa_capacity_batch,

@@ -8,9 +8,9 @@ same run) unless a second file is named for dense. Cases with no pick are listed
     python bench/gpu_e2e_summary.py --out bench/results/gpu_e2e \\
         --pick 32Kx8=bench/results/gpu_runs/e2e_32k8_h100_f2b41f6.json ...
 
-``--pick CASE=ESA_FILE[@SETTING][,DENSE_FILE]``: the ESA row of CASE from ESA_FILE (setting ``esa`` or
-``esa-noahead``, ESA's defaults, unless ``@SETTING`` names another) and the dense row from DENSE_FILE (default: the
-same file).
+``--pick CASE=ESA_FILE[@SETTING][,DENSE_FILE]``: the ESA row of CASE from ESA_FILE (the row with ESA's defaults,
+`esa-ahead` at prefetch_ratio 0.4, unless ``@SETTING`` names another) and the dense row from DENSE_FILE (default:
+the same file).
 """
 
 from __future__ import annotations
@@ -22,17 +22,33 @@ from pathlib import Path
 #: case -> (ESA / dense decode tok/s asked for, what the issue says)
 TARGETS = {"32Kx1": (1.0, "no slower than dense"), "32Kx8": (1.8, ">= 1.8x"), "128Kx1": (1.0, "no slower than dense"),
            "128Kx4": (2.5, ">= 2.5x"), "capacity": (2.5, ">= 2.5x throughput at capacity (32K)")}
-#: settings whose ESA configuration is ESA's defaults (`esa-noahead`: the defaults spelt out, prefetch_ratio 0)
-DEFAULT_ESA = ("esa", "esa-noahead")
+#: ESA's default prefetch_ratio (`ucm.sparse.config.EsaConfig`); 0 before 2026-12-06's seventh session
+DEFAULT_PREFETCH = 0.4
+#: settings that spell out a prefetch_ratio: `esa-noahead` 0, `esa-ahead` the run's --ahead-ratio (0.25 where the
+#: run does not record it, its default then); ESA's defaults are the one whose ratio is DEFAULT_PREFETCH
+RATIO_SETTINGS = ("esa-ahead", "esa-noahead")
 ROW_KEYS = ("case", "context", "batch", "setting", "decode_tok_s", "tpot_ms_median", "tpot_ms_p90", "ttft_s",
             "resident_share", "gpu", "vllm", "commit")
 
 
 def _rows(path: Path) -> list[dict]:
+    """The run's rows, each with ``prefetch_ratio`` where its setting spells one out."""
     try:
-        return json.loads(path.read_text())["rows"]
+        run = json.loads(path.read_text())
+        rows = run["rows"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"--pick: cannot read the rows of {path}: {exc}") from exc
+    ahead = run.get("ahead_ratio", 0.25)
+    if "ahead_ratio" not in run and "--ahead-ratio" in run.get("command", ""):
+        ahead = float(run["command"].split("--ahead-ratio", 1)[1].split()[0])
+    for row in rows:
+        if row.get("setting") in RATIO_SETTINGS:
+            row["prefetch_ratio"] = 0.0 if row["setting"] == "esa-noahead" else ahead
+    return rows
+
+
+def _is_default(row: dict) -> bool:
+    return row.get("prefetch_ratio") == DEFAULT_PREFETCH
 
 
 def _find(rows: list[dict], case: str, settings: tuple[str, ...], path: Path) -> dict:
@@ -53,19 +69,24 @@ def pick(spec: str) -> tuple[dict, dict]:
     esa_path = Path(esa_file)
     dense_path = Path(dense_file) if dense_file else esa_path
     esa_rows = _rows(esa_path)
-    esa = _find(esa_rows, case, (setting,) if setting else DEFAULT_ESA, esa_path)
+    if setting:
+        esa = _find(esa_rows, case, (setting,), esa_path)
+    else:
+        esa = next((r for r in esa_rows if r.get("case") == case and _is_default(r) and r.get("decode_tok_s")), None)
+        if esa is None:
+            raise SystemExit(f"--pick: {esa_path} has no measured {case} row with ESA's defaults (prefetch_ratio "
+                             f"{DEFAULT_PREFETCH}): name its setting with @SETTING")
     dense = _find(_rows(dense_path), case, ("dense",), dense_path)
     # a setting other than ESA's defaults: the defaults' rate in the same run, when it has them, goes with it
-    defaults = None if esa["setting"] in DEFAULT_ESA else next(
-        (r for r in esa_rows if r.get("case") == case and r.get("setting") in DEFAULT_ESA and r.get("decode_tok_s")),
-        None)
+    defaults = None if _is_default(esa) else next(
+        (r for r in esa_rows if r.get("case") == case and _is_default(r) and r.get("decode_tok_s")), None)
     out = []
     for row, path, name in ((dense, dense_path, "dense"), (esa, esa_path, "esa")):
         kept = {k: row.get(k) for k in ROW_KEYS}
         kept.update(setting=name, run_setting=row["setting"], source=str(path))
         if row.get("split"):
             kept["split"] = row["split"]
-        if name == "esa" and row["setting"] not in DEFAULT_ESA:
+        if name == "esa" and not _is_default(row):
             kept["defaults_decode_tok_s"] = defaults["decode_tok_s"] if defaults else None
         out.append(kept)
     return out[0], out[1]
@@ -98,8 +119,8 @@ def markdown(pairs: dict[str, tuple[dict, dict]], command: str) -> str:
             f"{e['resident_share']} | {e['run_setting']} | {commits} | {sources} |")
     others = [(case, d, e) for case, (d, e) in pairs.items() if "defaults_decode_tok_s" in e]
     if others:
-        lines += ["", f"Rows whose ESA setting is not ESA's defaults ({' / '.join(DEFAULT_ESA)}; the setting's "
-                  "configuration is in its source run's command and `.md`):"]
+        lines += ["", f"Rows whose ESA setting is not ESA's defaults (prefetch_ratio {DEFAULT_PREFETCH}; the "
+                  "setting's configuration is in its source run's command and `.md`):"]
         for case, d, e in others:
             same = e["defaults_decode_tok_s"]
             lines.append(f"- {case}: `{e['run_setting']}`; ESA's defaults in the same run: " + (

@@ -26,19 +26,20 @@ def _row(case: str, setting: str, tok_s: float, gpu: str = "NVIDIA H100 80GB HBM
                       "layer_blocks_loaded_per_step": 100.0}}
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text(json.dumps({"rows": rows}))
+def _write(path: Path, rows: list[dict], **meta) -> Path:
+    path.write_text(json.dumps({"rows": rows, **meta}))
     return path
 
 
 def test_pairs_dense_and_the_default_esa_row_of_one_run_and_lists_unmeasured_cases(tmp_path):
-    run = _write(tmp_path / "run.json", [_row("32Kx8", "dense", 400.0), _row("32Kx8", "esa-full", 500.0),
-                                         _row("32Kx8", "esa-noahead", 800.0)])
+    run = _write(tmp_path / "run.json", [_row("32Kx8", "dense", 400.0), _row("32Kx8", "esa-noahead", 500.0),
+                                         _row("32Kx8", "esa-ahead", 800.0)], ahead_ratio=0.4)
     out = tmp_path / "report"
     _module().main(["--pick", f"32Kx8={run}", "--out", str(out)])
     data = json.loads(out.with_suffix(".json").read_text())
     assert [(r["setting"], r["run_setting"], r["decode_tok_s"]) for r in data["rows"]] == [
-        ("dense", "dense", 400.0), ("esa", "esa-noahead", 800.0)]
+        ("dense", "dense", 400.0), ("esa", "esa-ahead", 800.0)]
+    assert "defaults_decode_tok_s" not in data["rows"][1]
     assert set(data["not_measured"]) == {"32Kx1", "128Kx1", "128Kx4", "capacity"}
     md = out.with_suffix(".md").read_text()
     line = next(line for line in md.splitlines() if line.startswith("| 32Kx8 "))
@@ -58,19 +59,30 @@ def test_a_named_setting_and_a_second_file_for_dense(tmp_path):
 
 def test_a_setting_other_than_the_defaults_names_the_defaults_rate_of_the_same_run(tmp_path):
     run = _write(tmp_path / "run.json", [_row("32Kx8", "dense", 400.0), _row("32Kx8", "esa-noahead", 420.0),
-                                         _row("32Kx8", "esa-ahead", 540.0)])
+                                         _row("32Kx8", "esa-ahead", 540.0)],
+                 command="python bench/gpu_e2e.py --settings esa-ahead,esa-noahead,dense --ahead-ratio 0.4")
     out = tmp_path / "report"
-    _module().main(["--pick", f"32Kx8={run}@esa-ahead", "--out", str(out)])
+    _module().main(["--pick", f"32Kx8={run}@esa-noahead", "--out", str(out)])
     md = out.with_suffix(".md").read_text()
-    assert "**1.35x**" in next(x for x in md.splitlines() if x.startswith("| 32Kx8 "))
-    assert "- 32Kx8: `esa-ahead`; ESA's defaults in the same run: 420.0 tok/s (1.05x)." in md
+    assert "**1.05x**" in next(x for x in md.splitlines() if x.startswith("| 32Kx8 "))
+    assert "- 32Kx8: `esa-noahead`; ESA's defaults in the same run: 540.0 tok/s (1.35x)." in md
     esa = json.loads(out.with_suffix(".json").read_text())["rows"][1]
-    assert esa["run_setting"] == "esa-ahead" and esa["defaults_decode_tok_s"] == 420.0
+    assert esa["run_setting"] == "esa-noahead" and esa["defaults_decode_tok_s"] == 540.0
+
+
+def test_an_esa_ahead_run_of_another_ratio_is_not_the_defaults(tmp_path):
+    # a run that does not record its ratio ran esa-ahead at 0.25, the bench's default then
+    run = _write(tmp_path / "run.json", [_row("32Kx8", "dense", 400.0), _row("32Kx8", "esa-ahead", 540.0)])
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit, match="no measured 32Kx8 row with ESA's defaults"):
+        _module().main(["--pick", f"32Kx8={run}", "--out", str(out)])
+    _module().main(["--pick", f"32Kx8={run}@esa-ahead", "--out", str(out)])
+    assert "- 32Kx8: `esa-ahead`; ESA's defaults in the same run: not run." in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("spec, message", [
     ("64Kx2={run}", "CASE one of"),
-    ("32Kx1={run}", "no measured 32Kx1 row of setting esa or esa-noahead"),
+    ("32Kx1={run}", "no measured 32Kx1 row with ESA's defaults"),
     ("32Kx8={run}@esa-ahead", "no measured 32Kx8 row of setting esa-ahead"),
     ("32Kx8={missing}", "cannot read the rows"),
 ])

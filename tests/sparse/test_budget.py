@@ -23,7 +23,8 @@ def test_block_aligned_prompt_first_decode_step():
 
 
 def test_spare_slots_are_a_share_of_k_and_always_leave_a_candidate_to_free():
-    assert window_layout(1024, 16, EsaConfig()).num_spare == 0  # the default: no loads ahead
+    assert window_layout(1024, 16, EsaConfig()).num_spare == 4  # the default 0.4 of k = 12
+    assert window_layout(1024, 16, EsaConfig(prefetch_ratio=0)).num_spare == 0  # no loads ahead
     assert window_layout(1024, 16, EsaConfig(prefetch_ratio=1.0)).num_spare == 12
     # 10 candidates, k = 8: 2 candidates beyond k, one of them must stay freeable
     tight = EsaConfig(sparse_ratio=0.8, prefetch_ratio=1.0, local_window_sz=1)

@@ -49,11 +49,15 @@ def test_a_copy_on_a_held_stream_waits_until_the_host_opens_the_gate():
     assert torch.equal(dst.cpu(), src)
 
 
-def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran():
+@pytest.mark.parametrize("compute_stream", ["default", "side"])
+def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran(compute_stream):
+    # "default": torch's default (legacy) stream, handle 0; "side": a stream of its own (which one orders the
+    # release tells where a failure comes from: the default stream's handle, or the device-side write itself)
     backend = _backend()
     gate, done, src, dst = _held_copy(backend)
-    compute = torch.cuda.current_stream()
-    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time on the compute stream
+    compute = torch.cuda.current_stream() if compute_stream == "default" else backend.new_stream()
+    with backend.use_stream(compute):
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time on the compute stream
     gate.open_after(compute)
     after_sleep = backend.record_event(compute)
     time.sleep(0.05)

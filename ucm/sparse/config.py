@@ -37,11 +37,10 @@ class EsaConfig:
     its consume attend the current selection, the newly selected blocks are loaded into these spare blocks, a few
     layers per step, and moved into the work slots on the device at the consume step, so the store's transfers
     overlap decode instead of stalling one step per retrieval; blocks beyond the spare ones are loaded at the
-    consume step. 0 (default) loads every new block at the consume step. On CUDA the loads ahead are held on the
-    device until the next step's inputs are copied (`Backend.hold_stream`): on an H100 at 32K x 8, 0.4 decoded
-    1.30x as fast as 0 in the same run (bench/results/gpu_e2e_notes.md); it stays off by default until measured at
-    batch 1 and at capacity (before the hold, 0.25 was 0.94x at 32K x 1). Used when the retrieval cycle runs at
-    step boundaries (engines that stage queries; on other engines the spare blocks stay unused).
+    consume step; 0 loads every new block at the consume step. Default 0.4: on CUDA the loads ahead are held on
+    the device until the next step's inputs are copied (`Backend.hold_stream`), and 0.4 decoded faster than 0 at
+    batch 1 and 8 in the same runs (bench/results/gpu_e2e_notes.md), for 0.4 k more blocks held per request. Used
+    when the retrieval cycle runs at step boundaries (engines that stage queries; elsewhere the spares stay unused).
     """
 
     init_window_sz: int = 1
@@ -52,7 +51,7 @@ class EsaConfig:
     repr_tokens: int = 16
     initial_selection: str = "attention"
     initial_queries: int = 8
-    prefetch_ratio: float = 0.0
+    prefetch_ratio: float = 0.4
 
     def __post_init__(self) -> None:
         _check_int("init_window_sz", self.init_window_sz, 0)

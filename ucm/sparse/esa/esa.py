@@ -536,7 +536,10 @@ class Esa(UcmSparseBase):
         """One selection for every layer and every request submitting this step, from the staged queries."""
         submits, self._stage_submits = self._stage_submits, []
         started = time.perf_counter()
-        rows = torch.tensor([row for _, row in submits], dtype=torch.int64).to(self._stage.device)
+        rows = torch.tensor([row for _, row in submits], dtype=torch.int64)
+        if self._stage.device.type != "cpu":  # a pageable copy would wait for this step's queued forward
+            rows = rows.pin_memory()
+        rows = rows.to(self._stage.device, non_blocking=True)
         queries = self._stage.index_select(1, rows)  # [layers, requests, heads, head_dim], a copy
         if not self._stage_checked:
             if torch.isnan(queries).any():  # one sync, once per engine
