@@ -13,6 +13,7 @@ from sparse_engine import MiniEngine
 
 from ucm.device import StreamGate, get_backend
 from ucm.device.cpu import CpuBackend
+from ucm.sparse.budget import window_layout
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.schedule import EsaSchedule
 from ucm.store import create_store
@@ -41,6 +42,11 @@ def test_ratio_one_offload_equals_dense():
             torch.testing.assert_close(rec.output, rec.dense_output, atol=1e-5, rtol=1e-5)
 
 
+def _spares(config: EsaConfig) -> int:
+    """Spare blocks a request of 40 prompt blocks of 4 holds for loads ahead (k = 7: 2 at the default 0.4)."""
+    return window_layout(160, 4, config).num_spare
+
+
 def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     config = EsaConfig(init_window_sz=1, local_window_sz=2, sparse_ratio=0.2, retrieval_stride=3)
     engine = MiniEngine(config, offload=True, store=dram_store(), needle_scale=6.0)
@@ -49,7 +55,8 @@ def test_offload_shrinks_finds_needles_and_never_reads_freed_blocks():
     prefill_blocks = len(req.block_ids)
     needles = engine.needles(req)
     for d, records in enumerate(decode_steps(engine, "a", 12)):
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget: sink, k, local, tail
+        # the budget: sink, k, local, tail and the spare blocks of loads ahead (ESA's default prefetch_ratio)
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + _spares(config)
         for rec in records:  # MiniEngine already checked every attended block holds its true KV
             assert torch.isfinite(rec.output).all()
             assert len(rec.positions) <= 1 + 7 + 2 + 1
@@ -77,7 +84,8 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     freed_for = 0  # steps since block 45 left the local window (freed: its dump is confirmed)
     for _ in range(100):
         records = engine.step()["a"]
-        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1  # the budget, whatever the output length
+        # the budget, whatever the output length
+        assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + _spares(config)
         freed_for += len(req.block_ids) > 45 and req.block_ids[45] == 0
         for rec in records:  # MiniEngine checked every attended block holds its true KV
             assert len(rec.positions) == 1 + 7 + 2 + 1
@@ -99,7 +107,7 @@ def test_long_generation_offloads_generated_blocks_and_retrieves_them(staged):
     for _ in range(6):
         for rec in engine.step()["a"]:
             assert {13, 45} <= set(rec.positions) and len(rec.positions) == 11
-        assert sum(1 for b in req.block_ids if b) == 11
+        assert sum(1 for b in req.block_ids if b) == 11 + _spares(config)
 
 
 def test_failed_decode_dump_keeps_the_block_resident():
@@ -115,7 +123,7 @@ def test_failed_decode_dump_keeps_the_block_resident():
         records = engine.step()["a"]
         if req.num_computed_tokens > 46 * 4:
             assert req.held == {42} and req.block_ids[42] != 0
-            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1
+            assert sum(1 for b in req.block_ids if b) == 1 + 7 + 2 + 1 + 1 + _spares(config)
             for rec in records:  # attended where it lies, never loaded (it has no stored copy)
                 assert 42 in rec.positions and torch.isfinite(rec.output).all()
                 needle_attended += 45 in rec.positions and req.block_ids[45] == 0  # freed, so loaded

@@ -84,5 +84,6 @@ def test_estimate_num_slots_sparse():
     esa = create_sparse("ESA", None, UcmSparseRole.SCHEDULER, block_size=16)
     assert esa.estimate_num_slots_sparse(_Request(1000, 0), 1000) == INVALID_SLOTS  # prefill: dense
     assert esa.estimate_num_slots_sparse(_Request(40, 40, 1)) == INVALID_SLOTS  # 3 blocks < min_blocks
-    # 1000 tokens = 63 blocks: sink 1 + int(60 * 0.2) = 12 + local 2 (+ nothing new: token 1000 fits block 62)
-    assert esa.estimate_num_slots_sparse(_Request(1000, 1000, 1)) == (1 + 12 + 2) * 16
+    # 1000 tokens = 63 blocks: sink 1 + int(60 * 0.2) = 12 + spares int(12 * 0.4) = 4 (the default prefetch_ratio)
+    # + local 2 (+ nothing new: token 1000 fits block 62)
+    assert esa.estimate_num_slots_sparse(_Request(1000, 1000, 1)) == (1 + 12 + 4 + 2) * 16
