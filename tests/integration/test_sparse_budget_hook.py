@@ -24,8 +24,9 @@ from ucm.sparse import UcmSparseRole, create_sparse  # noqa: E402
 
 BS = 4
 NUM_BLOCKS = 64
-# 40-token prompt = 10 blocks: sink [0], candidates [1, 8) (k = 3 work slots: 1, 2, 3), local [8, 10)
-ESA = {"ESA": {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.5}}
+# 40-token prompt = 10 blocks: sink [0], candidates [1, 8) (k = 3 work slots: 1, 2, 3), local [8, 10); no spare
+# slots for loads ahead (they have their own cases in tests/sparse/test_budget.py)
+ESA = {"ESA": {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.5, "prefetch_ratio": 0}}
 
 
 def make_manager(block_size: int = BS) -> KVCacheManager:
