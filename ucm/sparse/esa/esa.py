@@ -120,6 +120,7 @@ class _RequestState:
     pin_len: int = 0
     can_pin: bool = True
     work_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the work slots)
+    spare_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the spare slots)
     #: this step's candidates [sink_end, cand_end) and, among those after the prompt's, the positions that still
     #: hold their block (offload mode; attended where they lie)
     cand_end: int = 0
@@ -1025,9 +1026,13 @@ class Esa(UcmSparseBase):
         return cached[1]
 
     def _spare_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
-        """Physical block ids of the request's spare slots (the same in every layer)."""
-        start = state.layout.sink_end + state.layout.num_work
-        return np.asarray(step.block_ids[start : start + state.layout.num_spare], dtype=np.int64)
+        """Physical block ids of the request's spare slots (the same in every layer; cached for the step)."""
+        cached = state.spare_ids
+        if cached is None or cached[0] != self._phase:
+            start = state.layout.sink_end + state.layout.num_work
+            ids = np.asarray(step.block_ids[start : start + state.layout.num_spare], dtype=np.int64)
+            cached = state.spare_ids = (self._phase, ids)
+        return cached[1]
 
     def _pages(self, index: int, slots: list[np.ndarray], background: bool = False) -> Any:
         from ucm.store.base import BlockPages
