@@ -36,8 +36,24 @@ def _on_cuda(*tensors: torch.Tensor | None) -> bool:
 
 
 #: programs along the (block, page) axis of a background copy kernel, used when the copy engines cannot take the
-#: load (each also splits a page in 8 KiB chunks): on an H100 / H200 (132 SMs) a few of the SMs
+#: load (each also splits a page in 8 KiB chunks): on an H100 / H200 (132 SMs) a few of the SMs;
+#: UCM_BACKGROUND_PROGRAMS in the environment sets it, for comparing widths in an engine
 BACKGROUND_PROGRAMS = 16
+
+
+def background_programs(environ: dict[str, str] | None = None) -> int:
+    """The background copy kernel's program count: ``UCM_BACKGROUND_PROGRAMS`` (an integer in [1, 1024]) or
+    `BACKGROUND_PROGRAMS`."""
+    value = (os.environ if environ is None else environ).get("UCM_BACKGROUND_PROGRAMS")
+    if value is None:
+        return BACKGROUND_PROGRAMS
+    try:
+        programs = int(value)
+    except ValueError:
+        programs = 0
+    if not 1 <= programs <= 1024:
+        raise UcmConfigError("UCM_BACKGROUND_PROGRAMS", value, "an integer in [1, 1024]")
+    return programs
 
 
 def _dma_reason() -> str | None:
@@ -74,6 +90,7 @@ class CudaBackend(Backend):
         if copy not in ("dma", "kernel"):
             raise UcmConfigError("UCM_BACKGROUND_COPY", copy, ["dma", "kernel"])
         self.background_copy = copy
+        self.background_programs = background_programs()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -135,7 +152,7 @@ class CudaBackend(Backend):
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)
-            limit = BACKGROUND_PROGRAMS if background else None
+            limit = self.background_programs if background else None
             return _copy_blocks(pages, block_ids, src, rows, to_buffer=False, max_programs=limit)
         n = block_ids.numel()
         min_rows = n if rows is None else (int(rows.max()) + 1 if n else 0)
