@@ -91,3 +91,9 @@ def test_bad_picks_name_what_is_wrong(tmp_path, spec, message):
     with pytest.raises(SystemExit, match=message):
         _module().main(["--pick", spec.format(run=run, missing=tmp_path / "none.json"), "--out",
                         str(tmp_path / "r")])
+
+
+def test_the_summarys_defaults_are_esas_defaults():
+    from ucm.sparse.config import EsaConfig
+
+    assert _module().DEFAULT_PREFETCH == EsaConfig().prefetch_ratio
