@@ -119,8 +119,8 @@ class _RequestState:
     pin_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pin_len: int = 0
     can_pin: bool = True
-    work_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the work slots)
-    spare_ids: tuple[int, np.ndarray] | None = None  # (phase, physical block ids of the spare slots)
+    #: (phase, physical block ids of the work slots followed by the spare slots: adjacent positions)
+    slot_ids: tuple[int, np.ndarray] | None = None
     #: this step's candidates [sink_end, cand_end) and, among those after the prompt's, the positions that still
     #: hold their block (offload mode; attended where they lie)
     cand_end: int = 0
@@ -538,7 +538,7 @@ class Esa(UcmSparseBase):
         submits, self._stage_submits = self._stage_submits, []
         started = time.perf_counter()
         rows = torch.tensor([row for _, row in submits], dtype=torch.int64)
-        if self._stage.device.type != "cpu":  # a pageable copy would wait for this step's queued forward
+        if self._stage.device.type != "cpu":  # a blocking copy would wait for this step's queued forward
             rows = rows.pin_memory()
         rows = rows.to(self._stage.device, non_blocking=True)
         queries = self._stage.index_select(1, rows)  # [layers, requests, heads, head_dim], a copy
@@ -1016,23 +1016,24 @@ class Esa(UcmSparseBase):
         groups = [(state.pins[w], positions[which == w] - state.pin_starts[w]) for w in np.unique(which).tolist()]
         return groups, (None if len(groups) == 1 else np.argsort(which, kind="stable"))
 
-    def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
-        """Physical block ids of the request's work slots (the same in every layer; cached for the step)."""
-        cached = state.work_ids
+    def _slot_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
+        """Physical block ids of the request's work slots then its spare slots (the same in every layer; cached
+        for the step)."""
+        cached = state.slot_ids
         if cached is None or cached[0] != self._phase:
-            start = state.layout.sink_end
-            cached = (self._phase, np.asarray(step.block_ids[start : start + state.layout.num_work], dtype=np.int64))
-            state.work_ids = cached
+            layout = state.layout
+            end = layout.sink_end + layout.num_work + layout.num_spare
+            ids = np.asarray(step.block_ids[layout.sink_end : end], dtype=np.int64)
+            cached = state.slot_ids = (self._phase, ids)
         return cached[1]
 
+    def _work_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
+        """Physical block ids of the request's work slots."""
+        return self._slot_ids(step, state)[: state.layout.num_work]
+
     def _spare_ids(self, step: SparseRequestStep, state: _RequestState) -> np.ndarray:
-        """Physical block ids of the request's spare slots (the same in every layer; cached for the step)."""
-        cached = state.spare_ids
-        if cached is None or cached[0] != self._phase:
-            start = state.layout.sink_end + state.layout.num_work
-            ids = np.asarray(step.block_ids[start : start + state.layout.num_spare], dtype=np.int64)
-            cached = state.spare_ids = (self._phase, ids)
-        return cached[1]
+        """Physical block ids of the request's spare slots."""
+        return self._slot_ids(step, state)[state.layout.num_work :]
 
     def _pages(self, index: int, slots: list[np.ndarray], background: bool = False) -> Any:
         from ucm.store.base import BlockPages
