@@ -89,8 +89,28 @@ class CudaStreamGate(StreamGate):
         _host[self._index] = self._value
 
     def open_after(self, stream: torch.Stream) -> None:
-        if self._write(_handle(stream), self._address, self._value, 0) != 0:
+        # the write goes on a relay stream of ours that waits for ``stream``'s queued work: written on torch's
+        # default (legacy) stream itself it was not ordered after that stream's work (held-stream tests on an H100
+        # and an H200), on a stream of its own it was
+        relay = _relay(stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        relay.wait_event(event)
+        if self._write(_handle(relay), self._address, self._value, 0) != 0:
             self.open()  # the device-side write was refused: open now rather than late
+
+
+_relays: dict[int, torch.cuda.Stream] = {}
+
+
+def _relay(stream: torch.Stream) -> torch.cuda.Stream:
+    """The stream that carries the device-side releases of gates opened after work of ``stream``'s device."""
+    index = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    with _lock:
+        relay = _relays.get(index)
+        if relay is None:
+            relay = _relays[index] = torch.cuda.Stream(device=index)
+    return relay
 
 
 class _Watchdog:
