@@ -89,14 +89,17 @@ class CudaStreamGate(StreamGate):
         _host[self._index] = self._value
 
     def open_after(self, stream: torch.Stream) -> None:
-        # the write goes on a relay stream of ours that waits for ``stream``'s queued work: written on torch's
-        # default (legacy) stream itself it was not ordered after that stream's work (held-stream tests on an H100
-        # and an H200), on a stream of its own it was
-        relay = _relay(stream)
-        event = torch.cuda.Event()
-        event.record(stream)
-        relay.wait_event(event)
-        if self._write(_handle(relay), self._address, self._value, 0) != 0:
+        handle = _handle(stream)
+        if handle == _CU_STREAM_LEGACY:
+            # a write queued on torch's default (legacy) stream itself was not ordered after that stream's work
+            # (the held-stream test's default-stream case failed on an H100 and an H200; on a stream of its own, as
+            # vLLM's forward runs, it passed): queue it on a relay stream that waits for that work
+            relay = _relay(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+            relay.wait_event(event)
+            handle = _handle(relay)
+        if self._write(handle, self._address, self._value, 0) != 0:
             self.open()  # the device-side write was refused: open now rather than late
 
 

@@ -51,8 +51,9 @@ def test_a_copy_on_a_held_stream_waits_until_the_host_opens_the_gate():
 
 @pytest.mark.parametrize("compute_stream", ["default", "side"])
 def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran(compute_stream):
-    # "default": torch's default (legacy) stream, handle 0; "side": a stream of its own (which one orders the
-    # release tells where a failure comes from: the default stream's handle, or the device-side write itself)
+    # "default": torch's default (legacy) stream, handle 0; "side": a stream of its own, as vLLM's forward runs
+    # (vllm.utils.torch_utils.current_stream). A write queued on the default stream itself was not ordered after
+    # its work (this case failed on an H100 and an H200 while "side" passed): the gate relays it
     backend = _backend()
     gate, done, src, dst = _held_copy(backend)
     compute = torch.cuda.current_stream() if compute_stream == "default" else backend.new_stream()
