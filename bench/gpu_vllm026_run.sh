@@ -52,17 +52,22 @@ print('torch', torch.__version__, 'vllm', vllm.__version__, 'ucm from', ucm.__fi
 # script puts the working directory first), the kernel and backend folders resolve through these links
 ln -sfn ../kernels ucm/kernels
 ln -sfn ../../backends/cuda ucm/backends/cuda
+# The long stages write their whole log to the file as it comes (unbuffered), not a tail through a pipe: a part
+# cut off by its `timeout` still says how far it got (a piped tail printed nothing and kept nothing)
+export PYTHONUNBUFFERED=1
 case $stage in
   hooks)
     python3 -P -m pytest -p no:cacheprovider -q -rs tests/integration/test_sparse_kv_layout.py \
       tests/integration/test_sparse_e2e.py -k "cuda or flash" 2>&1 | tee "$OUT/gpu_hooks_vllm026.txt"
     ;;
   correctness)
-    python3 -P bench/gpu_correctness.py --dtype bfloat16 --out "$OUT/gpu_correctness.json" "$@" 2>&1 \
-      | tail -80 | tee "$OUT/gpu_correctness.log"
+    python3 -P bench/gpu_correctness.py --dtype bfloat16 --out "$OUT/gpu_correctness.json" "$@" \
+      >>"$OUT/gpu_correctness.log" 2>&1
+    tail -80 "$OUT/gpu_correctness.log"
     ;;
   e2e)
-    python3 -P bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tail -120 | tee -a "$OUT/gpu_e2e.log"
+    python3 -P bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" >>"$OUT/gpu_e2e.log" 2>&1
+    tail -120 "$OUT/gpu_e2e.log"
     ;;
   bench)
     python3 -P bench/esa_step.py --out "$OUT/esa_step_h200.json" "$@" 2>&1 | tail -40
