@@ -580,6 +580,34 @@ def _tok(r: dict) -> str:
     return _fmt(r.get("decode_tok_s"))
 
 
+def host_speed() -> dict:
+    """The host CPU and how fast it runs small Python and numpy work, as ESA's hooks do: the sparse steps are
+    host-bound, so the same tree decodes at different rates on hosts of one GPU kind (three H100 leases at 32K x 8:
+    engine start and hook time per step rose together); a run's rows compare with another's only beside these."""
+    import numpy as np
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    started, total = time.perf_counter(), 0
+    for i in range(1_000_000):
+        total += i
+    loop_ns = (time.perf_counter() - started) * 1e3
+    rng = np.random.default_rng(0)
+    selected, current = rng.integers(0, 2000, 409), rng.integers(0, 2000, 409)
+    started = time.perf_counter()
+    for _ in range(5000):  # a membership mask and a gather, the shape of ESA's per-layer delta
+        held = np.zeros(2002, dtype=bool)
+        held[current] = True
+        selected[~held[selected]]
+    numpy_us = (time.perf_counter() - started) / 5000 * 1e6
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python_loop_ns": round(loop_ns, 1),
+            "numpy_delta_us": round(numpy_us, 2)}
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     cases: list[str] = []
     for r in rows:
@@ -590,6 +618,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# vLLM decode speed: ESA vs dense ({meta.get('model_name')})",
         "",
         f"GPU: {meta.get('gpu')}; vLLM {meta.get('vllm')}; commit {meta.get('commit')}; {meta.get('engine')}.",
+        *([f"Host: {host['cpu'] or 'CPU model unknown'}, {host['cores']} cores; a Python loop step "
+           f"{host['python_loop_ns']} ns, an ESA-like numpy delta {host['numpy_delta_us']} us (ESA's steps are "
+           "host-bound: compare rates across runs only beside these)."] if (host := meta.get("host")) else []),
         f"Command: `{meta.get('command')}`",
         "",
         "decode tok/s over the steady window (every request decoding, first "
@@ -860,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
         if bind != "auto":
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     repo = Path(__file__).resolve().parent.parent
+    host = host_speed()
+    log(f"host: {host}")
     meta = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "model_name": "tiny random Llama (make_tiny_llama, 2 layers, bf16)" if smoke else
@@ -886,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         "engines": [],
         "engine_errors": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": host,
     }
     _RESULTS = Results(args, meta)
     plan = build_plan(args, model)

@@ -21,6 +21,9 @@ def test_smoke_run_gives_dense_and_esa_rows_and_profiles_decode_steps_only(tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = json.loads(out.read_text())
     assert run["ahead_ratio"] == 0.4 and run["engine_errors"] == []
+    host = run["host"]  # what the rates depend on besides the GPU: recorded in the JSON and said in the markdown
+    assert host["cores"] >= 1 and host["python_loop_ns"] > 0 and host["numpy_delta_us"] > 0
+    assert f"a Python loop step {host['python_loop_ns']} ns" in out.with_suffix(".md").read_text()
     rows = {r["setting"]: r for r in run["rows"]}
     assert set(rows) == {"dense", "esa"}
     for setting, row in rows.items():
