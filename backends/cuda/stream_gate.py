@@ -95,7 +95,7 @@ class CudaStreamGate(StreamGate):
             # (the held-stream test's default-stream case failed on an H100 and an H200; on a stream of its own, as
             # vLLM's forward runs, it passed): queue it on a relay stream that waits for that work
             relay = _relay(stream)
-            event = torch.cuda.Event()
+            event = torch.Event(device=relay.device)  # as `Backend.record_event` / `wait_event` make them
             event.record(stream)
             relay.wait_event(event)
             handle = _handle(relay)
@@ -103,16 +103,16 @@ class CudaStreamGate(StreamGate):
             self.open()  # the device-side write was refused: open now rather than late
 
 
-_relays: dict[int, torch.cuda.Stream] = {}
+_relays: dict[int, torch.Stream] = {}
 
 
-def _relay(stream: torch.Stream) -> torch.cuda.Stream:
+def _relay(stream: torch.Stream) -> torch.Stream:
     """The stream that carries the device-side releases of gates opened after work of ``stream``'s device."""
-    index = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    index = stream.device_index if stream.device_index >= 0 else torch.cuda.current_device()
     with _lock:
         relay = _relays.get(index)
         if relay is None:
-            relay = _relays[index] = torch.cuda.Stream(device=index)
+            relay = _relays[index] = torch.Stream(device=torch.device("cuda", index))
     return relay
 
 
