@@ -13,6 +13,7 @@ Tensors that are not on a CUDA device fall back to the reference ops.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -56,6 +57,14 @@ def background_programs(environ: dict[str, str] | None = None) -> int:
     return programs
 
 
+def env_choice(name: str, default: str, allowed: Sequence[str], environ: dict[str, str] | None = None) -> str:
+    """The value of environment variable ``name`` (``default`` when unset), one of ``allowed``."""
+    value = (os.environ if environ is None else environ).get(name, default)
+    if value not in allowed:
+        raise UcmConfigError(name, value, sorted(allowed))
+    return value
+
+
 def _dma_reason() -> str | None:
     from ucm.backends.cuda import batch_dma
 
@@ -77,19 +86,18 @@ class CudaBackend(Backend):
     # pinned rows at any time after the call: they do not change while a load is pending); UCM_DMA_SOURCE_ORDER in
     # the environment sets it, for comparing the two in an engine
     dma_source_order: str = "stream"
+    # "2d": a block's evenly spaced pages (a FLASH_ATTN layer's K and V) in one copy of the copy engines, "1d": one
+    # copy per page (`batch_dma`); UCM_DMA_COPY_SHAPE in the environment sets it, for comparing the two in an engine
+    dma_copy_shape: str = "2d"
 
     def __init__(self, device_index: int | None = None):
         super().__init__(device_index)
         from ucm.backends.cuda import batch_dma
 
-        order = os.environ.get("UCM_DMA_SOURCE_ORDER", type(self).dma_source_order)
-        if order not in batch_dma.SOURCE_ORDERS:
-            raise UcmConfigError("UCM_DMA_SOURCE_ORDER", order, sorted(batch_dma.SOURCE_ORDERS))
-        self.dma_source_order = order
-        copy = os.environ.get("UCM_BACKGROUND_COPY", type(self).background_copy)
-        if copy not in ("dma", "kernel"):
-            raise UcmConfigError("UCM_BACKGROUND_COPY", copy, ["dma", "kernel"])
-        self.background_copy = copy
+        cls = type(self)
+        self.dma_source_order = env_choice("UCM_DMA_SOURCE_ORDER", cls.dma_source_order, list(batch_dma.SOURCE_ORDERS))
+        self.dma_copy_shape = env_choice("UCM_DMA_COPY_SHAPE", cls.dma_copy_shape, ["1d", "2d"])
+        self.background_copy = env_choice("UCM_BACKGROUND_COPY", cls.background_copy, ["dma", "kernel"])
         self.background_programs = background_programs()
 
     @classmethod
@@ -148,7 +156,8 @@ class CudaBackend(Backend):
         if self._copy_engines(src, block_ids, rows, background):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background, self.dma_source_order)
+            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background, self.dma_source_order,
+                                          self.dma_copy_shape == "2d")
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)
@@ -170,7 +179,7 @@ class CudaBackend(Backend):
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many(jobs, background, self.dma_source_order)
+            return batch_dma.scatter_many(jobs, background, self.dma_source_order, self.dma_copy_shape == "2d")
         return super()._scatter_many(jobs, background)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring

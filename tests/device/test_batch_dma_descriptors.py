@@ -64,3 +64,82 @@ def test_descriptors_of_one_layer_of_whole_model_rows():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the copy engines are tested there")
 def test_unavailable_without_a_gpu_says_why():
     assert "CUDA" in batch_dma.unavailable_reason()
+
+
+def apply_ops(ops) -> None:
+    """What the driver does with each 2D copy: ``height`` rows of ``width`` bytes, each operand's rows its own row
+    length apart."""
+    for op in ops:
+        for h in range(int(op["height"])):
+            ctypes.memmove(int(op["dst_ptr"]) + h * int(op["dst_row"]), int(op["src_ptr"]) + h * int(op["src_row"]),
+                           int(op["width"]))
+
+
+def test_the_op_struct_matches_the_driver_header():
+    """CUDA_MEMCPY3D_BATCH_OP as cuda.h declares it, built with ctypes (its own alignment rules): every field this
+    module sets is at the offset its numpy dtype gives, and the struct is as long."""
+
+    class Location(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_uint), ("id", ctypes.c_int)]
+
+    class Pointer(ctypes.Structure):
+        _fields_ = [("ptr", ctypes.c_uint64), ("row_length", ctypes.c_size_t), ("layer_height", ctypes.c_size_t),
+                    ("loc_hint", Location)]
+
+    class Array(ctypes.Structure):
+        _fields_ = [("array", ctypes.c_void_p), ("offset", ctypes.c_size_t * 3)]
+
+    class Op(ctypes.Union):
+        _fields_ = [("ptr", Pointer), ("array", Array)]
+
+    class Operand(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_uint), ("op", Op)]
+
+    class BatchOp(ctypes.Structure):
+        _fields_ = [("src", Operand), ("dst", Operand), ("extent", ctypes.c_size_t * 3),
+                    ("src_access_order", ctypes.c_uint), ("flags", ctypes.c_uint)]
+
+    operand = Operand.op.offset + Op.ptr.offset
+    want = {
+        "src_type": BatchOp.src.offset, "src_ptr": BatchOp.src.offset + operand + Pointer.ptr.offset,
+        "src_row": BatchOp.src.offset + operand + Pointer.row_length.offset,
+        "dst_type": BatchOp.dst.offset, "dst_ptr": BatchOp.dst.offset + operand + Pointer.ptr.offset,
+        "dst_row": BatchOp.dst.offset + operand + Pointer.row_length.offset,
+        "width": BatchOp.extent.offset, "height": BatchOp.extent.offset + 8, "depth": BatchOp.extent.offset + 16,
+        "src_access_order": BatchOp.src_access_order.offset, "flags": BatchOp.flags.offset,
+    }
+    assert {name: batch_dma.OP_DTYPE.fields[name][1] for name in want} == want
+    assert batch_dma.OP_DTYPE.itemsize == ctypes.sizeof(BatchOp) == 112
+
+
+def test_k_and_v_halves_of_one_cache_are_one_2d_copy_per_block():
+    """vLLM's FLASH_ATTN layer cache [2, num_blocks, ...]: K and V are evenly spaced page tensors; applying the 2D
+    copies gives exactly the reference scatter (rows from a layer's sub-range of whole-model rows), and nothing
+    outside the loaded blocks changes."""
+    g = torch.Generator().manual_seed(2)
+    cache = torch.randn(2, 9, 16, 2, 8, generator=g).to(torch.bfloat16)
+    pages = list(cache.unbind(0))
+    pitch = batch_dma.page_pitch(pages)
+    assert pitch == 9 * reference.page_nbytes(pages[0])
+    width = reference.bytes_per_block(pages)
+    stored = torch.randint(0, 256, (10, 3 * width), dtype=torch.uint8)
+    src = stored[:, width : 2 * width]
+    ids, rows = torch.tensor([3, 8, 0]), torch.tensor([9, 0, 4])
+    want = [p.clone() for p in pages]
+    reference.scatter_blocks(src.contiguous(), want, ids, rows)
+    ops = batch_dma.pitched_ops(src, pages, ids.numpy(), rows.numpy(), pitch, batch_dma.SOURCE_ORDERS["stream"], 1)
+    assert ops.size == ids.numel() and set(ops["height"].tolist()) == {2} and set(ops["flags"].tolist()) == {1}
+    apply_ops(ops)
+    for got, expected in zip(pages, want, strict=True):
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_pages_not_evenly_spaced_have_no_pitch():
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(9, 16, 2, 8, generator=g)
+    assert batch_dma.page_pitch([k]) is None
+    assert batch_dma.page_pitch([k, k]) is None  # the same page twice: they would overlap
+    cache = torch.randn(3, 9, 16, 2, 8, generator=g)
+    assert batch_dma.page_pitch([cache[0], cache[2]]) == 2 * 9 * reference.page_nbytes(cache[0])
+    assert batch_dma.page_pitch([cache[0], cache[2], cache[1]]) is None  # out of order
+    assert batch_dma.page_pitch([cache[0], cache[1, :, :8]]) is None  # a different page size

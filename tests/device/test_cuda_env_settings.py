@@ -18,3 +18,13 @@ def test_background_programs_default_and_override():
 def test_a_bad_background_programs_value_names_the_variable(value):
     with pytest.raises(UcmConfigError, match=r"UCM_BACKGROUND_PROGRAMS.*\[1, 1024\]"):
         cuda.background_programs({"UCM_BACKGROUND_PROGRAMS": value})
+
+
+def test_copy_path_choices_default_and_override():
+    assert cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {}) == "2d"
+    assert cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {"UCM_DMA_COPY_SHAPE": "1d"}) == "1d"
+
+
+def test_a_bad_copy_path_choice_names_the_variable_and_the_values():
+    with pytest.raises(UcmConfigError, match=r"UCM_DMA_COPY_SHAPE.*'1d', '2d'"):
+        cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {"UCM_DMA_COPY_SHAPE": "3d"})

@@ -28,6 +28,8 @@ def make_cache(layout: str, shape: tuple[int, int, int, int], dtype: torch.dtype
         return random_tensor((nb, heads, bs, 2 * hd), dtype, device)
     if layout == "kv_tuple":
         return (random_tensor((nb, bs, heads, hd), dtype, device), random_tensor((nb, bs, heads, hd), dtype, device))
+    if layout == "kv_halves":  # vLLM's FLASH_ATTN layer: [2, num_blocks, ...], K and V one allocation apart
+        return tuple(random_tensor((2, nb, bs, heads, hd), dtype, device).unbind(0))
     if layout == "layers":
         return [
             random_tensor((nb, heads, bs, 2 * hd), dtype, device),
@@ -63,10 +65,10 @@ def use_mode(impl: Backend, kind: str) -> str:
     return "pinned"
 
 
-def copy_engine_calls() -> int:
+def copy_engine_calls(pitched: bool = False) -> int:
     from ucm.backends.cuda import batch_dma
 
-    return batch_dma.calls
+    return batch_dma.pitched_calls if pitched else batch_dma.calls
 
 
 def require_copy_engines() -> None:
@@ -80,11 +82,13 @@ def require_copy_engines() -> None:
 @pytest.fixture(autouse=True)
 def _restore_host_copy(impl: Backend):
     source_order = getattr(impl, "dma_source_order", None)
+    copy_shape = getattr(impl, "dma_copy_shape", None)
     yield
     if "host_copy" in vars(impl):
         del impl.host_copy
     if source_order is not None:
         impl.dma_source_order = source_order
+        impl.dma_copy_shape = copy_shape
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -182,16 +186,21 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("layout,copy_shape", [("kv_tuple", "2d"), ("kv_halves", "2d"), ("kv_halves", "1d")])
 @pytest.mark.parametrize("source_order", ["stream", "any"])
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
-def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background: bool, source_order: str):
+def test_scatter_many_loads_each_layer_its_own_blocks(
+    impl: Backend, background: bool, source_order: str, layout: str, copy_shape: str
+):
     """Every layer's load of a step as one call: each layer its own ids, rows and sub-range of whole-model rows;
-    on CUDA one copy-engine call for all of them (host ids), with either source access order."""
+    on CUDA one copy-engine call for all of them (host ids), with either source access order; a layer whose K and
+    V are one allocation apart goes as one 2D copy per block (``copy_shape`` "2d"), two separate ones as 1D copies."""
     if hasattr(impl, "dma_source_order"):
         impl.dma_source_order = source_order
-    elif source_order != "stream":
-        pytest.skip(f"{impl.name} has no copy-engine source order")
-    layers = [make_cache("kv_tuple", (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
+        impl.dma_copy_shape = copy_shape
+    elif source_order != "stream" or copy_shape != "2d":
+        pytest.skip(f"{impl.name} has no copy-engine options")
+    layers = [make_cache(layout, (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
     layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
     stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
     stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
@@ -203,10 +212,12 @@ def test_scatter_many_loads_each_layer_its_own_blocks(impl: Backend, background:
         reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
         expected.append(want)
         jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
-    before = copy_engine_calls()
+    before, pitched_before = copy_engine_calls(), copy_engine_calls(pitched=True)
     impl.scatter_blocks_many(jobs, stream=impl.new_stream(), background=background).wait()
     if impl.device.type == "cuda":
         assert copy_engine_calls() == before + 1
+        two_d = layout == "kv_halves" and copy_shape == "2d"
+        assert copy_engine_calls(pitched=True) == pitched_before + two_d
     for layer, want in enumerate(expected):
         got = page_bytes(reference.as_page_tensors(layers[layer]))
         assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), layer
