@@ -261,6 +261,8 @@ def summarize(run: dict, warmup: int, max_tokens: int) -> dict:
             res["split"] = {
                 "host_ms_per_step": round(engine.get("host_ms", 0) / steps_n, 3),
                 "load_wait_ms_per_step": round(engine.get("load_wait_ms", 0) / steps_n, 3),
+                # of the host time, after the step's forward was queued (loads ahead, end-of-step selections)
+                "end_ms_per_step": round(engine.get("end_ms", 0) / steps_n, 3),
                 "layer_blocks_loaded_per_step": round(engine.get("blocks_loaded", 0) / steps_n, 1),
                 "layer_blocks_prefetched_per_step": round(engine.get("blocks_prefetched", 0) / steps_n, 1),
                 # loads ahead queued held, and those released by the hold's timeout (not by the next step)
@@ -655,20 +657,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines += [
             "",
             "ESA time split (means per decode step over each setting's longest request, its first decode step's "
-            "initial load included; host = time in the sparse hooks, of which waiting for store loads; loaded = "
-            "per-layer blocks from UcmDram over PCIe):",
+            "initial load included; host = time in the sparse hooks, of which after the step's forward was queued "
+            "(loads ahead, selections) and waiting for store loads; loaded = per-layer blocks from UcmDram over PCIe):",
             "",
-            "| setting | case | decode steps | TPOT median ms | host ms / step | load wait ms / step | "
-            "retrievals / step | layer blocks loaded / step | of which ahead | MiB loaded / step | "
-            "held loads ahead (released late) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| setting | case | decode steps | TPOT median ms | host ms / step | of which after the forward | "
+            "load wait ms / step | retrievals / step | layer blocks loaded / step | of which ahead | "
+            "MiB loaded / step | held loads ahead (released late) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in split_rows:
             sp = r["split"]
             mib = sp["layer_blocks_loaded_per_step"] * layer_block / (1 << 20)
             lines.append(
                 f"| {r['setting']} | {r['case']} | {r['sparse'].get('steps')} | {_fmt(r.get('tpot_ms_median'), 2)} | "
-                f"{sp['host_ms_per_step']:.2f} | {sp['load_wait_ms_per_step']:.2f} | {sp['retrievals_per_step']:.1f} | "
+                f"{sp['host_ms_per_step']:.2f} | {_fmt(sp.get('end_ms_per_step'), 2)} | "
+                f"{sp['load_wait_ms_per_step']:.2f} | {sp['retrievals_per_step']:.1f} | "
                 f"{sp['layer_blocks_loaded_per_step']:.0f} | {sp.get('layer_blocks_prefetched_per_step', 0):.0f} | "
                 f"{mib:.1f} | {sp.get('ahead_held', '-')} ({sp.get('ahead_released_late', '-')}) |"
             )

@@ -34,6 +34,7 @@ def test_smoke_run_gives_dense_and_esa_rows_and_profiles_decode_steps_only(tmp_p
         assert text.splitlines()[0] == f"decode engine steps profiled: {row['max_tokens'] - 1}"
     esa = rows["esa"]
     assert esa["split"]["host_ms_per_step"] > 0 and 0 < esa["resident_share"] < 1
+    assert 0 < esa["split"]["end_ms_per_step"] < esa["split"]["host_ms_per_step"]
     stats = pstats.Stats(str(tmp_path / "profiles" / "esa-1200x1.prof")).stats
     begins = [v[1] for (path, _, name), v in stats.items() if name == "execute_begin" and path.endswith("esa.py")]
     assert begins == [esa["max_tokens"] - 1]  # ESA's step hook: once per profiled step, no prefill step among them

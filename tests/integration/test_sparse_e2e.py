@@ -277,6 +277,7 @@ def test_esa_mixed_batch_shrinks_sparse_request_and_leaves_dense_ones_alone(root
     engine = counters["engine"]
     assert engine["sparse_steps"] >= counters["steps"] and engine["retrievals"] > 0
     assert 0 < engine["load_wait_ms"] <= engine["host_ms"]
+    assert 0 < engine["end_ms"] < engine["host_ms"]  # the hooks after the forward: part of it, not all
     assert sparse["tokens"]["long_a_again"] == sparse["tokens"]["long_a"]
     # short requests stay dense and see exactly what they see without ucm
     for name in ("short_1", "short_2"):

@@ -193,6 +193,7 @@ class SparseStepStats:
     failed_block_hashes: list[str] = field(default_factory=list)
     host_s: float = 0.0  # host time in the algorithm's hooks this step (set by the runtime that drives them)
     load_wait_s: float = 0.0  # of which waiting for store loads to complete
+    end_s: float = 0.0  # of which after the forward was queued (`execute_finished`; set by the runtime)
     view_step: bool = False  # the step attended one view in the engine's metadata (no layer hooks; set by the runtime)
     #: req_id -> [blocks attended, blocks dense would read, layers] summed over this step's layers (sparse requests)
     request_blocks: dict[str, list[int]] = field(default_factory=dict)

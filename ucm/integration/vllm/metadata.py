@@ -62,9 +62,10 @@ class UcmConnectorMetadata(KVConnectorMetadata):
 #: and of those the ones loaded ahead into spare slots, those loads that failed, host milliseconds in the hooks
 #: and, of those, waiting for loads, the decode steps that attended one view written into the engine's
 #: metadata (no layer hooks: full-graph steps), and the batches of loads ahead queued from a held stream and of
-#: those the ones its timeout released before the next step's forward.
+#: those the ones its timeout released before the next step's forward; of the host milliseconds, those after the
+#: forward was queued (loads ahead, selections submitted at the step's end).
 SPARSE_COUNTERS = ("steps", "sparse_steps", "retrievals", "blocks_loaded", "blocks_prefetched", "load_failures",
-                   "host_ms", "load_wait_ms", "view_steps", "ahead_held", "ahead_released_late")
+                   "host_ms", "load_wait_ms", "view_steps", "ahead_held", "ahead_released_late", "end_ms")
 
 
 @dataclasses.dataclass

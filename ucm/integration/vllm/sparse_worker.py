@@ -177,6 +177,7 @@ class SparseWorkerRuntime:
         elapsed = time.perf_counter() - started
         self.totals.end_s += elapsed
         stats.host_s = self._step_host_s + elapsed
+        stats.end_s = elapsed
         self.totals.steps += 1
         t = self.totals.stats
         t.sparse_requests += stats.sparse_requests

@@ -295,6 +295,7 @@ class ConnectorWorker:
             "retrievals": stats.retrievals, "blocks_loaded": stats.blocks_loaded,
             "blocks_prefetched": stats.blocks_prefetched, "load_failures": stats.load_failures,
             "host_ms": 1e3 * stats.host_s, "load_wait_ms": 1e3 * stats.load_wait_s,
+            "end_ms": 1e3 * stats.end_s,
             "view_steps": 1 if stats.sparse_requests and stats.view_step else 0,
             "ahead_held": stats.ahead_held, "ahead_released_late": stats.ahead_released_late,
         }
