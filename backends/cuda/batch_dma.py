@@ -81,6 +81,9 @@ OP_DTYPE = np.dtype({
     "itemsize": 112,
 })
 _OPERAND_POINTER = 1
+#: the largest row pitch given to a 2D copy (CUDA's 2D copies take pitches up to the device's maximum pitch, 2 GiB
+#: on the GPUs we know): pages further apart go as 1D copies
+MAX_PITCH = 2**31 - 1
 
 _resolved: tuple[object | None, str | None] | None = None
 _resolved_3d: tuple[object | None, str | None] | None = None
@@ -156,7 +159,7 @@ def page_pitch(pages: Sequence[torch.Tensor]) -> int | None:
     nbytes = reference.page_nbytes(pages[0])
     stride = pages[0].stride(0) * pages[0].element_size()
     pitch = pages[1].data_ptr() - pages[0].data_ptr()
-    if pitch < nbytes:
+    if not nbytes <= pitch <= MAX_PITCH:
         return None
     for i, page in enumerate(pages):
         if (reference.page_nbytes(page) != nbytes or page.stride(0) * page.element_size() != stride
@@ -232,8 +235,9 @@ def scatter_many(
 
 
 def _queue_pitched(ops: np.ndarray, pages: int, stream: ctypes.c_void_p) -> bool:
-    """Queue 2D copies in calls of about `MAX_COPIES_PER_CALL` pages. False when the driver refused the first call
-    outright (nothing queued): 2D copies are then off for the process and the caller queues 1D copies."""
+    """Queue 2D copies in calls of about `MAX_COPIES_PER_CALL` pages. False when the driver refused one: 2D copies
+    are then off for the process and the caller queues the whole load as 1D copies (whatever part of it went
+    already is written again with the same bytes)."""
     global calls, pitched_calls, pitched_refused
     fn = _resolve_3d()
     per_call = max(1, MAX_COPIES_PER_CALL // pages)
@@ -241,16 +245,13 @@ def _queue_pitched(ops: np.ndarray, pages: int, stream: ctypes.c_void_p) -> bool
     for start in range(0, ops.size, per_call):
         end = min(start + per_call, ops.size)
         err = fn(end - start, ops[start:].ctypes.data, ctypes.byref(fail_index), 0, stream)
-        if err == 0:
-            calls += 1
-            pitched_calls += 1
-            continue
-        if start == 0 and fail_index.value == 0:
-            pitched_refused = f"cuMemcpy3DBatchAsync refused a 2D block copy: CUresult {err}"
+        if err != 0:
+            pitched_refused = (f"cuMemcpy3DBatchAsync refused a 2D block copy: CUresult {err} at copy "
+                               f"{start + fail_index.value} of {ops.size}")
             _log.warning("%s; loads go one copy per page from now on", pitched_refused)
             return False
-        raise RuntimeError(f"cuMemcpy3DBatchAsync failed: CUresult {err} at copy {start + fail_index.value} of "
-                           f"{ops.size}")
+        calls += 1
+        pitched_calls += 1
     return True
 
 
