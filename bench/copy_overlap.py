@@ -191,7 +191,7 @@ def main() -> None:
         rows_out.append(row)
         print(json.dumps(row), flush=True)
     backend.host_copy, backend.background_copy, backend.dma_source_order = "zero_copy", "dma", "stream"
-    backend.dma_copy_shape = "2d"
+    backend.dma_copy_shape = "1d"
     meta = {"command": "python bench/copy_overlap.py " + " ".join(sys.argv[1:]),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "blocks_per_layer": args.blocks, "layer_block_bytes": layer_bytes, "layers": LAYERS,

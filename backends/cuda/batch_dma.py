@@ -4,7 +4,8 @@ CUDA 12.8 drivers and later), one driver call for every (block, page tensor) pie
 Where a layer's page tensors are evenly spaced in device memory (vLLM's FLASH_ATTN cache: K and V are the two
 halves of one allocation), a block's pages are one 2D copy instead (``cuMemcpy3DBatchAsync``, same drivers): the
 source row holds them back to back, the destination one pitch apart. The driver's host time goes per copy, so this
-halves it for a (k, v) layer; ``pitched=False`` (``UCM_DMA_COPY_SHAPE=1d``) keeps one copy per page.
+halves it for a (k, v) layer; ``pitched=False`` (the CUDA backend's default ``UCM_DMA_COPY_SHAPE=1d``) keeps one copy
+per page.
 
 Why: the copy kernel (`ucm.kernels.block_copy`) reads pinned host memory from SMs and holds them for as long as
 PCIe takes, so a load that runs beside the engine's forward (ESA's loads ahead) slows that forward. The copy
@@ -191,7 +192,7 @@ def pitched_ops(
 
 def scatter_many(
     jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool,
-    source_order: str = "stream", pitched: bool = True,
+    source_order: str = "stream", pitched: bool = False,
 ) -> None:
     """Queue, for each (src, pages, block_ids, rows) job (e.g. every layer's load of a step), ``block block_ids[i]
     of every page tensor = row rows[i] of src`` (rows default 0..n-1) on the current stream of the pages' device:
