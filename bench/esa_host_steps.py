@@ -10,7 +10,9 @@ them, `execute_finished`) and the scheduler's budget (`block_plan`), and reports
 
 - host ms before the forward (`execute_begin`, `step_view`, the layer hooks, `forward_begin`) and after it
   (`execute_finished`: loads ahead, selections), their median and mean, and the consume steps' mean;
-- with ``--profile``, the functions with the most own time (cProfile over the decode steps).
+- with ``--breakdown``, the wall time per step inside each of ESA's phases and the store's load call (nested:
+  a phase's time includes the ones it calls), measured without a profiler's overhead;
+- with ``--profile``, the functions with the most own time (cProfile over the decode steps; it slows Python).
 
 The copies are the CPU backend's (plain torch copies), not the GPU's driver calls: compare trees with it, not
 with the GPU's absolute numbers.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import platform
@@ -37,11 +40,36 @@ from pathlib import Path
 import torch
 
 from ucm.device import get_backend
+from ucm.device.backend import Backend
 from ucm.sparse.base import QueryShape, SparseBatch, SparseRequestStep, UcmSparseRole
 from ucm.sparse.config import EsaConfig
 from ucm.sparse.esa.esa import Esa
 from ucm.store import create_store
 from ucm.store.base import BlockPages
+from ucm.store.dram import DramStore
+
+#: (class, method) whose wall time `--breakdown` sums per step: ESA's retrieval cycle at the step edges (submit,
+#: consume, loads ahead), what they call per (request, layer), the store's pinned loads and the device copies
+BREAKDOWN = [(Esa, "_boundary_submit"), (Esa, "_consume_pending"), (Esa, "_consume_plan"), (Esa, "_prefetch"),
+             (Esa, "_load_layers"), (Esa, "_delta"), (Esa, "_take_prefetch"), (Esa, "_wait_loads"),
+             (Esa, "_view"), (DramStore, "load_pinned_layers"), (Backend, "scatter_blocks_many"),
+             (Backend, "move_blocks")]
+
+
+def time_methods(spent: dict[str, float]) -> None:
+    """Wrap each `BREAKDOWN` method so that its wall time adds up in ``spent`` (this process only)."""
+    for cls, name in BREAKDOWN:
+        method = getattr(cls, name)
+
+        @functools.wraps(method)
+        def timed(*args, _method=method, _key=f"{cls.__name__}.{name}", **kwargs):
+            started = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[_key] = spent.get(_key, 0.0) + time.perf_counter() - started
+
+        setattr(cls, name, timed)
 
 
 @dataclass
@@ -176,17 +204,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="decode steps (after the prefill step)")
     parser.add_argument("--warmup", type=int, default=10, help="decode steps left out of the statistics")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="wall ms per step in ESA's phases (`BREAKDOWN`)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--profile-out", default="", help="write the cProfile stats (pstats) here")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.esa = {"sparse_ratio": 0.2, "retrieval_stride": 10}
+    spent: dict[str, float] = {}
+    if args.breakdown:
+        time_methods(spent)
     engine = HostSteps(args)
     engine.step()  # the prefill of every request
     profiler = cProfile.Profile() if args.profile else None
     rows = []
     for i in range(args.steps):
         measured = i >= args.warmup
+        if i == args.warmup:
+            spent.clear()
         if profiler is not None and measured:
             profiler.enable()
         row = engine.step()
@@ -213,6 +247,8 @@ def main() -> None:
         "layer_blocks_loaded_per_step": round(statistics.mean(r["layer_blocks_loaded"] for r in rows), 1),
         "of_which_ahead": round(statistics.mean(r["of_which_ahead"] for r in rows), 1),
         "resident_share": statistics.mean(r["resident_share"] or 0 for r in rows),
+        "breakdown_ms_per_step": {k: round(1e3 * v / len(rows), 3)
+                                  for k, v in sorted(spent.items(), key=lambda kv: -kv[1])} or None,
         "steps": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
     if profiler is not None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_small_run_loads_ahead_and_splits_the_host_time(tmp_path):
     out, prof = tmp_path / "steps.json", tmp_path / "steps.prof"
     cmd = [sys.executable, str(ROOT / "bench" / "esa_host_steps.py"), "--requests", "2", "--context", "4096",
-           "--layers", "4", "--steps", "30", "--warmup", "5", "--profile", "--profile-out", str(prof),
+           "--layers", "4", "--steps", "30", "--warmup", "5", "--profile", "--profile-out", str(prof), "--breakdown",
            "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,5 +30,9 @@ def test_small_run_loads_ahead_and_splits_the_host_time(tmp_path):
     split = run["host_ms_per_step"]
     assert split["before_forward_mean"] > 0 and split["after_forward_mean"] > 0
     assert abs(split["before_forward_mean"] + split["after_forward_mean"] - split["mean"]) < 0.01
+    # the phases' wall time: loads ahead and their store calls ran, and a phase includes what it calls
+    spent = run["breakdown_ms_per_step"]
+    assert spent["Esa._prefetch"] > 0 and 0 < spent["DramStore.load_pinned_layers"] <= spent["Esa._load_layers"]
+    assert spent["Esa._consume_plan"] <= spent["Esa._consume_pending"] <= split["before_forward_mean"]
     names = {name for _, _, name in pstats.Stats(str(prof)).stats}
     assert {"execute_begin", "execute_finished", "_prefetch"} <= names
