@@ -18,8 +18,8 @@ into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
   driver's lock or the GIL), which a thread of its own would not hide.
 
 Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 programs, the background kernel),
-``dma`` (copy engines, a block's K and V in one 2D copy: each layer's cache is one allocation ``[2, blocks, ...]``
-as vLLM's FLASH_ATTN layer is), ``dma_1d`` (copy engines, one copy per page), ``dma_bg`` (copy engines with the
+``dma`` (copy engines, one copy per page), ``dma_2d`` (copy engines, a block's K and V in one 2D copy: each layer's
+cache is one allocation ``[2, blocks, ...]`` as vLLM's FLASH_ATTN layer is), ``dma_bg`` (copy engines with the
 prefer-overlap flag), ``dma_any`` (copy engines, source access order "any"). Every load is checked against the
 reference copy once. The default stream sleeps while a load is queued, so the device times are the copies' own
 (queuing a layer's load costs host time that would otherwise bound them: ``issue_ms``).
@@ -44,10 +44,10 @@ from ucm.device import get_backend, reference
 
 LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
 #: method -> (host_copy, background_copy, background, copy engines' source access order, their copy shape)
-METHODS = {"kernel": ("zero_copy", "kernel", False, "stream", "2d"),
-           "kernel_bg": ("zero_copy", "kernel", True, "stream", "2d"),
-           "dma": ("dma", "dma", False, "stream", "2d"), "dma_1d": ("dma", "dma", False, "stream", "1d"),
-           "dma_bg": ("zero_copy", "dma", True, "stream", "2d"), "dma_any": ("dma", "dma", False, "any", "2d")}
+METHODS = {"kernel": ("zero_copy", "kernel", False, "stream", "1d"),
+           "kernel_bg": ("zero_copy", "kernel", True, "stream", "1d"),
+           "dma": ("dma", "dma", False, "stream", "1d"), "dma_2d": ("dma", "dma", False, "stream", "2d"),
+           "dma_bg": ("zero_copy", "dma", True, "stream", "1d"), "dma_any": ("dma", "dma", False, "any", "1d")}
 #: small kernels the main thread launches while another thread queues a load (`launch_ms`)
 LAUNCHES = 256
 
