@@ -137,18 +137,21 @@ def descriptors(
     page tensor, block by block; row ``rows[i]`` (default i) of ``src`` holds block ``ids[i]``'s pages concatenated
     in order. Pure address arithmetic on the tensors' pointers (tested on the host against the reference copy)."""
     n = ids.size
-    row_starts = np.uint64(src.data_ptr()) + (rows if rows is not None else np.arange(n)).astype(np.uint64) * np.uint64(
-        src.stride(0) * src.element_size())
+    row_starts = _addresses(src, rows if rows is not None else np.arange(n))
     dsts, srcs, sizes = [], [], []
     offset = 0
     for page in pages:
         nbytes = reference.page_nbytes(page)
-        stride = page.stride(0) * page.element_size()
-        dsts.append(np.uint64(page.data_ptr()) + ids.astype(np.uint64) * np.uint64(stride))
+        dsts.append(_addresses(page, ids))
         srcs.append(row_starts + np.uint64(offset))
         sizes.append(np.full(n, nbytes, dtype=np.uint64))
         offset += nbytes
     return tuple(np.ascontiguousarray(np.concatenate(a)) for a in (dsts, srcs, sizes))
+
+
+def _addresses(t: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    """The address of entry ``index[i]`` along dim 0 of ``t`` (a block's page, a buffer's row)."""
+    return np.uint64(t.data_ptr()) + index.astype(np.uint64) * np.uint64(t.stride(0) * t.element_size())
 
 
 def page_pitch(pages: Sequence[torch.Tensor]) -> int | None:
@@ -177,13 +180,11 @@ def pitched_ops(
     ``len(pages)`` rows of one page each, packed in the source row, ``pitch`` apart in the destination."""
     n = ids.size
     nbytes = reference.page_nbytes(pages[0])
-    stride = pages[0].stride(0) * pages[0].element_size()
     ops = np.zeros(n, dtype=OP_DTYPE)
     ops["src_type"] = ops["dst_type"] = _OPERAND_POINTER
-    ops["src_ptr"] = np.uint64(src.data_ptr()) + (rows if rows is not None else np.arange(n)).astype(
-        np.uint64) * np.uint64(src.stride(0) * src.element_size())
+    ops["src_ptr"] = _addresses(src, rows if rows is not None else np.arange(n))
     ops["src_row"] = nbytes
-    ops["dst_ptr"] = np.uint64(pages[0].data_ptr()) + ids.astype(np.uint64) * np.uint64(stride)
+    ops["dst_ptr"] = _addresses(pages[0], ids)
     ops["dst_row"] = pitch
     ops["width"], ops["height"], ops["depth"] = nbytes, len(pages), 1
     ops["src_access_order"], ops["flags"] = source_order, flags
