@@ -151,18 +151,17 @@ class HostSteps:
         self.worker.execute_begin(batch)
         view = self.worker.step_view(table, seq_lens)
         per_layer = view is None
-        total = sum(s.num_scheduled_tokens for s in steps)
         queries = self.base + self.noise * torch.randn(self.base.shape, generator=self.gen)
-        for name in self.names:
+        n = len(steps)
+        if per_layer:  # every token of the step gets one of the requests' queries
+            query = queries[torch.arange(sum(s.num_scheduled_tokens for s in steps)) % n]
+        for name, cache in zip(self.names, self.caches, strict=True):
             stage = self.worker.query_stage(name)
-            rows = [s.query_start + s.num_scheduled_tokens - 1 for s in steps]
             if stage is not None:  # the engine's attention hook copies the step's query rows there
-                stage[: len(rows)].copy_(queries[: len(rows)])
+                stage[:n].copy_(queries[:n])
             if per_layer:
-                query = queries[torch.arange(total) % len(rows)]
-                self.worker.attention_begin(name, query, None, None, self.caches[self.names.index(name)], table,
-                                            seq_lens)
-                self.worker.attention_finished(name, query, None, None, None, self.caches[self.names.index(name)])
+                self.worker.attention_begin(name, query, None, None, cache, table, seq_lens)
+                self.worker.attention_finished(name, query, None, None, None, cache)
         self.worker.forward_begin()
         before = time.perf_counter() - started
         self._dump(steps)
