@@ -18,11 +18,11 @@ into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
   driver's lock or the GIL), which a thread of its own would not hide.
 
 Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 programs, the background kernel),
-``dma`` (copy engines, one copy per page), ``dma_2d`` (copy engines, a block's K and V in one 2D copy: each layer's
-cache is one allocation ``[2, blocks, ...]`` as vLLM's FLASH_ATTN layer is), ``dma_bg`` (copy engines with the
-prefer-overlap flag), ``dma_any`` (copy engines, source access order "any"). Every load is checked against the
-reference copy once. The default stream sleeps while a load is queued, so the device times are the copies' own
-(queuing a layer's load costs host time that would otherwise bound them: ``issue_ms``).
+``dma`` (copy engines, one copy per page), ``dma_bg`` (copy engines with the prefer-overlap flag), ``dma_any`` (copy
+engines, source access order "any"); each layer's cache is one allocation ``[2, blocks, ...]``, as vLLM's
+FLASH_ATTN layer is. Every load is checked against the reference copy once. The default stream sleeps while a load
+is queued, so the device times are the copies' own (queuing a layer's load costs host time that would otherwise
+bound them: ``issue_ms``).
 
     python bench/copy_overlap.py --out-dir bench/results        # needs a CUDA GPU and an installed checkout
 """
@@ -43,11 +43,10 @@ from ucm.backends.cuda import batch_dma
 from ucm.device import get_backend, reference
 
 LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
-#: method -> (host_copy, background_copy, background, copy engines' source access order, their copy shape)
-METHODS = {"kernel": ("zero_copy", "kernel", False, "stream", "1d"),
-           "kernel_bg": ("zero_copy", "kernel", True, "stream", "1d"),
-           "dma": ("dma", "dma", False, "stream", "1d"), "dma_2d": ("dma", "dma", False, "stream", "2d"),
-           "dma_bg": ("zero_copy", "dma", True, "stream", "1d"), "dma_any": ("dma", "dma", False, "any", "1d")}
+#: method -> (host_copy, background_copy, background, copy engines' source access order)
+METHODS = {"kernel": ("zero_copy", "kernel", False, "stream"), "kernel_bg": ("zero_copy", "kernel", True, "stream"),
+           "dma": ("dma", "dma", False, "stream"), "dma_bg": ("zero_copy", "dma", True, "stream"),
+           "dma_any": ("dma", "dma", False, "any")}
 #: small kernels the main thread launches while another thread queues a load (`launch_ms`)
 LAUNCHES = 256
 
@@ -76,8 +75,7 @@ def main() -> None:
 
     def queue(method: str) -> tuple[float, list]:
         """Queue every layer's load; (host seconds it took, the handles)."""
-        (backend.host_copy, backend.background_copy, background, backend.dma_source_order,
-         backend.dma_copy_shape) = METHODS[method]
+        backend.host_copy, backend.background_copy, background, backend.dma_source_order = METHODS[method]
         started = time.perf_counter()
         handles = [backend.scatter_blocks(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids, rows,
                                           stream=side, background=background)
@@ -90,10 +88,10 @@ def main() -> None:
     for method in METHODS:
         for k, v in caches:
             k.zero_(), v.zero_()
-        before = batch_dma.calls, batch_dma.pitched_calls
+        before = batch_dma.calls
         for h in queue(method)[1]:
             h.wait()
-        calls[method] = (batch_dma.calls - before[0], batch_dma.pitched_calls - before[1])
+        calls[method] = batch_dma.calls - before
         want = [p.cpu().clone().zero_() for p in reference.as_page_tensors(caches[0])]
         ids, rows = loads[0]
         reference.scatter_blocks(arena[:, :layer_bytes].contiguous(), want, ids, rows)
@@ -174,8 +172,8 @@ def main() -> None:
         beside_compute = statistics.median(b[2] for b in beside)
         beside_input = statistics.median(measure(method, True, True)[2] for _ in range(args.reps))
         row = {
-            "method": method, "correct": correct[method], "copy_engine_calls": calls[method][0],
-            "copy_engine_2d_calls": calls[method][1], "bytes": nbytes,
+            "method": method, "correct": correct[method], "copy_engine_calls": calls[method],
+            "bytes": nbytes,
             "alone_GBps": round(nbytes / alone_ms / 1e6, 2),
             "issue_ms": round(statistics.median(a[0] for a in alone), 3),
             "launch_ms_alone": round(launches_alone, 3),
@@ -191,12 +189,11 @@ def main() -> None:
         rows_out.append(row)
         print(json.dumps(row), flush=True)
     backend.host_copy, backend.background_copy, backend.dma_source_order = "zero_copy", "dma", "stream"
-    backend.dma_copy_shape = "1d"
     meta = {"command": "python bench/copy_overlap.py " + " ".join(sys.argv[1:]),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "blocks_per_layer": args.blocks, "layer_block_bytes": layer_bytes, "layers": LAYERS,
             "compute_proxy": f"{9 * args.compute_rounds} bf16 GEMMs [8, 4096] x [4096, 14336] (9 weights, 1 GiB)",
-            "copy_engines_unavailable": batch_dma.unavailable_reason(), "copy_2d_refused": batch_dma.pitched_refused}
+            "copy_engines_unavailable": batch_dma.unavailable_reason()}
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "copy_overlap.json"), "w") as f:

@@ -914,7 +914,6 @@ def main(argv: list[str] | None = None) -> int:
         "ahead_ratio": args.ahead_ratio,
         "dma_source_order": os.environ.get("UCM_DMA_SOURCE_ORDER", "stream"),
         "background_copy": os.environ.get("UCM_BACKGROUND_COPY", "dma"),
-        "dma_copy_shape": os.environ.get("UCM_DMA_COPY_SHAPE", "1d"),
         "background_programs": os.environ.get("UCM_BACKGROUND_PROGRAMS"),  # None: the backend's default
         "esa_capacity_batch": args.esa_capacity_batch,
         "commit": git_commit(repo),

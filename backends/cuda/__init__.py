@@ -86,10 +86,6 @@ class CudaBackend(Backend):
     # pinned rows at any time after the call: they do not change while a load is pending); UCM_DMA_SOURCE_ORDER in
     # the environment sets it, for comparing the two in an engine
     dma_source_order: str = "stream"
-    # "2d": a block's evenly spaced pages (a FLASH_ATTN layer's K and V) in one copy of the copy engines, "1d": one
-    # copy per page (`batch_dma`); UCM_DMA_COPY_SHAPE in the environment sets it, for comparing the two in an engine.
-    # "1d" until the 2D copies have run on a GPU (gpu_e2e_notes.md says where that stands)
-    dma_copy_shape: str = "1d"
 
     def __init__(self, device_index: int | None = None):
         super().__init__(device_index)
@@ -97,7 +93,6 @@ class CudaBackend(Backend):
 
         cls = type(self)
         self.dma_source_order = env_choice("UCM_DMA_SOURCE_ORDER", cls.dma_source_order, list(batch_dma.SOURCE_ORDERS))
-        self.dma_copy_shape = env_choice("UCM_DMA_COPY_SHAPE", cls.dma_copy_shape, ["1d", "2d"])
         self.background_copy = env_choice("UCM_BACKGROUND_COPY", cls.background_copy, ["dma", "kernel"])
         self.background_programs = background_programs()
 
@@ -157,8 +152,7 @@ class CudaBackend(Backend):
         if self._copy_engines(src, block_ids, rows, background):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background, self.dma_source_order,
-                                          self.dma_copy_shape == "2d")
+            return batch_dma.scatter_many([(src, pages, block_ids, rows)], background, self.dma_source_order)
         if self._direct(src):
             # a background load reading host memory leaves most SMs to the engine's kernels (one program per
             # block and page would occupy every SM for as long as PCIe takes)
@@ -180,7 +174,7 @@ class CudaBackend(Backend):
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
-            return batch_dma.scatter_many(jobs, background, self.dma_source_order, self.dma_copy_shape == "2d")
+            return batch_dma.scatter_many(jobs, background, self.dma_source_order)
         return super()._scatter_many(jobs, background)
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring

@@ -21,10 +21,11 @@ def test_a_bad_background_programs_value_names_the_variable(value):
 
 
 def test_copy_path_choices_default_and_override():
-    assert cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {}) == "2d"
-    assert cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {"UCM_DMA_COPY_SHAPE": "1d"}) == "1d"
+    assert cuda.env_choice("UCM_BACKGROUND_COPY", "dma", ["dma", "kernel"], {}) == "dma"
+    environ = {"UCM_BACKGROUND_COPY": "kernel"}
+    assert cuda.env_choice("UCM_BACKGROUND_COPY", "dma", ["dma", "kernel"], environ) == "kernel"
 
 
 def test_a_bad_copy_path_choice_names_the_variable_and_the_values():
-    with pytest.raises(UcmConfigError, match=r"UCM_DMA_COPY_SHAPE.*'1d', '2d'"):
-        cuda.env_choice("UCM_DMA_COPY_SHAPE", "2d", ["1d", "2d"], {"UCM_DMA_COPY_SHAPE": "3d"})
+    with pytest.raises(UcmConfigError, match=r"UCM_BACKGROUND_COPY.*'dma', 'kernel'"):
+        cuda.env_choice("UCM_BACKGROUND_COPY", "dma", ["dma", "kernel"], {"UCM_BACKGROUND_COPY": "engines"})
