@@ -6,6 +6,12 @@ the current stream and on each of ``--streams`` fresh side streams (polled up to
 blocked), and the held copy itself before and after the gate opens (``--timeout-s`` bounds that wait). Writes JSON
 (``--out``); run it with and without CUDA_DEVICE_MAX_CONNECTIONS=32 to compare.
 
+Then whether a gate opened from the device (`StreamGate.open_after`) opens only after the other stream's work:
+behind ~0.3 s of ``torch.cuda._sleep`` on torch's default stream and on a side stream, the times (ms from the
+``open_after`` call) at which the sleep ended, the gate's word was written and the held copy ended, and the write's
+CUresult; for the default stream also the write queued on the legacy stream directly (handle 1 and handle 0, no
+relay stream), to tell which form the driver orders.
+
     python bench/stream_gate_check.py --out bench/results/stream_gate_check.json
 """
 
@@ -26,6 +32,57 @@ def _wait(event, limit_s: float) -> float | None:
             return None
         time.sleep(0.0005)
     return round((time.monotonic() - started) * 1e3, 2)
+
+
+def _poll_times(events: dict[str, object], gate, limit_s: float) -> dict[str, float | None]:
+    """ms from now until each event completed and until the gate's word was written (None: not within limit)."""
+    started, times = time.monotonic(), {}
+    pending = dict(events, word=None)
+    while pending and time.monotonic() - started < limit_s:
+        now = round((time.monotonic() - started) * 1e3, 2)
+        for name, event in list(pending.items()):
+            if (gate.is_open if event is None else event.query()):
+                times[name] = now
+                del pending[name]
+        time.sleep(0.0002)
+    return {name: times.get(name) for name in list(events) + ["word"]}
+
+
+def _order_check(backend, stream_gate, compute_kind: str, how: str) -> dict:
+    """One held copy opened after a sleep on the compute stream; ``how``: "open_after" (the gate's own path) or
+    a direct write on stream handle "1" / "0" (what open_after did before it relayed the default stream)."""
+    src = torch.ones(1 << 20, dtype=torch.int32).pin_memory()
+    dst = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    held_stream = backend.new_stream()
+    gate = stream_gate.hold(held_stream, timeout_s=3.0)
+    with backend.use_stream(held_stream):
+        dst.copy_(src, non_blocking=True)
+    held_done = backend.record_event(held_stream)
+    compute = torch.cuda.current_stream() if compute_kind == "default" else backend.new_stream()
+    codes = []
+    write = gate._write
+
+    def logged(handle, address, value, flags):
+        rc = write(handle, address, value, flags)
+        codes.append({"handle": int(handle) if handle else 0, "rc": rc})
+        return rc
+
+    gate._write = logged
+    with backend.use_stream(compute):
+        torch.cuda._sleep(600_000_000)
+        sleep_done = backend.record_event(compute)
+    if how == "open_after":
+        gate.open_after(compute)
+    else:
+        codes.append({"handle": int(how), "rc": write(int(how), gate._address, gate._value, 0)})
+    times = _poll_times({"sleep_done": sleep_done, "held_copy_done": held_done}, gate, 3.5)
+    torch.cuda.synchronize()
+    gate.open()
+    ordered = None not in (times["sleep_done"], times["held_copy_done"]) and \
+        times["held_copy_done"] >= times["sleep_done"]
+    return {"compute_stream": compute_kind, "how": how, "writes": codes, "ms": times, "ordered": ordered,
+            "copy_correct": bool(torch.equal(dst.cpu(), src))}
 
 
 def main() -> None:
@@ -67,6 +124,8 @@ def main() -> None:
         "held_copy_done_before_open": before_open, "held_copy_ms_after_open": after_open_ms,
         "open_to_sync_ms": round((time.monotonic() - opened) * 1e3, 2),
         "other_streams": others, "blocked": [e["stream"] for e in others if e["blocked"]],
+        "open_after_order": [_order_check(backend, stream_gate, kind, how) for kind, how in
+                             [("side", "open_after"), ("default", "open_after"), ("default", "1"), ("default", "0")]],
     }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as fh:
