@@ -9,8 +9,11 @@ blocked), and the held copy itself before and after the gate opens (``--timeout-
 Then whether a gate opened from the device (`StreamGate.open_after`) opens only after the other stream's work:
 behind ~0.3 s of ``torch.cuda._sleep`` on torch's default stream and on a side stream, the times (ms from the
 ``open_after`` call) at which the sleep ended, the gate's word was written and the held copy ended, and the write's
-CUresult; for the default stream also the write queued on the legacy stream directly (handle 1 and handle 0, no
-relay stream), to tell which form the driver orders.
+CUresult; for the default stream also the write on handle 1 and on handle 0. Measured on an H100
+(bench/results/gpu_runs/stream_gate_order_h100_992ef74.json): every form ordered except the first check of the
+process, whichever it was: the first launch of the (lazily loaded) sleep kernel returned only once the gate's
+timeout had opened it (the word was written and the held copy done before the sleep began). ``--warm-sleep``
+launches the sleep kernel once before the checks.
 
     python bench/stream_gate_check.py --out bench/results/stream_gate_check.json
 """
@@ -90,12 +93,17 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=12)
     parser.add_argument("--timeout-s", type=float, default=2.0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--warm-sleep", action="store_true",
+                        help="launch torch.cuda._sleep once (and synchronize) before the order checks")
     args = parser.parse_args()
     from ucm.backends.cuda import stream_gate
 
     from ucm.device import get_backend
 
     backend = get_backend("cuda")
+    if args.warm_sleep:
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
     src = torch.ones(1 << 16, dtype=torch.int32).pin_memory()
     dst = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()

@@ -10,7 +10,8 @@ Each gate has its own word (a ring of `_SLOTS`) and its own value: the held stre
 the value (a wrap-safe comparison), and every way of opening writes that same value, so opening twice, from the
 host and from the device in any order, is harmless. A gate opens by itself after ``timeout_s`` (a watchdog
 thread): a held stream never blocks a device-wide synchronize, a shutdown, a waiting host or an implicitly
-synchronizing call (cudaMalloc, cudaHostAlloc: they wait for every stream) for longer.
+synchronizing call (cudaMalloc, cudaHostAlloc, the first launch of a lazily loaded kernel: they wait for every
+stream) for longer.
 """
 
 from __future__ import annotations
@@ -89,31 +90,10 @@ class CudaStreamGate(StreamGate):
         _host[self._index] = self._value
 
     def open_after(self, stream: torch.Stream) -> None:
-        handle = _handle(stream)
-        if handle == _CU_STREAM_LEGACY:
-            # a write queued on torch's default (legacy) stream itself was not ordered after that stream's work
-            # (the held-stream test's default-stream case failed on an H100 and an H200; on a stream of its own, as
-            # vLLM's forward runs, it passed): queue it on a relay stream that waits for that work
-            relay = _relay(stream)
-            event = torch.Event(device=relay.device)  # as `Backend.record_event` / `wait_event` make them
-            event.record(stream)
-            relay.wait_event(event)
-            handle = _handle(relay)
-        if self._write(handle, self._address, self._value, 0) != 0:
+        # on torch's default stream too (handle 0, named as the legacy stream): measured ordered after its work
+        # (bench/results/gpu_runs/stream_gate_order_h100_992ef74.json)
+        if self._write(_handle(stream), self._address, self._value, 0) != 0:
             self.open()  # the device-side write was refused: open now rather than late
-
-
-_relays: dict[int, torch.Stream] = {}
-
-
-def _relay(stream: torch.Stream) -> torch.Stream:
-    """The stream that carries the device-side releases of gates opened after work of ``stream``'s device."""
-    index = stream.device_index if stream.device_index >= 0 else torch.cuda.current_device()
-    with _lock:
-        relay = _relays.get(index)
-        if relay is None:
-            relay = _relays[index] = torch.Stream(device=torch.device("cuda", index))
-    return relay
 
 
 class _Watchdog:

@@ -52,9 +52,16 @@ def test_a_copy_on_a_held_stream_waits_until_the_host_opens_the_gate():
 @pytest.mark.parametrize("compute_stream", ["default", "side"])
 def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran(compute_stream):
     # "default": torch's default (legacy) stream, handle 0; "side": a stream of its own, as vLLM's forward runs
-    # (vllm.utils.torch_utils.current_stream). A write queued on the default stream itself was not ordered after
-    # its work (this case failed on an H100 and an H200 while "side" passed): the gate relays it
+    # (vllm.utils.torch_utils.current_stream). The sleep kernel is launched once before the hold: the first launch
+    # of a lazily loaded kernel waits for every stream, the held one too, so it returned only once the gate's
+    # timeout had opened it (whichever case ran first in the process failed so:
+    # bench/results/gpu_runs/stream_gate_order_h100_992ef74.json)
+    from ucm.backends.cuda import stream_gate
+
     backend = _backend()
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
+    timed_out = stream_gate.timed_out
     gate, done, src, dst = _held_copy(backend)
     compute = torch.cuda.current_stream() if compute_stream == "default" else backend.new_stream()
     with backend.use_stream(compute):
@@ -65,6 +72,7 @@ def test_open_after_starts_the_held_copy_once_the_other_streams_work_ran(compute
     assert not done.query()
     done.synchronize()
     assert after_sleep.query()  # the copy ended after the compute stream's sleep, which opened it
+    assert stream_gate.timed_out == timed_out  # opened by the device, not by its timeout
     assert torch.equal(dst.cpu(), src)
     gate.open()  # opening again (from the host, after the device did) changes nothing
     assert torch.equal(dst.cpu(), src)
