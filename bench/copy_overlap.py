@@ -20,7 +20,9 @@ into random slots, each layer's sub-range of the row (ESA's per-layer deltas):
 Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 programs, the background kernel),
 ``dma`` (copy engines, one copy per page), ``dma_bg`` (copy engines with the prefer-overlap flag), ``dma_any`` (copy
 engines, source access order "any"); each layer's cache is one allocation ``[2, blocks, ...]``, as vLLM's
-FLASH_ATTN layer is. Every load is checked against the reference copy once. The default stream sleeps while a load
+FLASH_ATTN layer is; ``dma_step`` and ``kernel_step`` queue every layer's load as one `scatter_blocks_many` call
+in the background, as ESA's loads ahead are (copy engines; the copy-list kernel: one launch). Every load is
+checked against the reference copy once. The default stream sleeps while a load
 is queued, so the device times are the copies' own (queuing a layer's load costs host time that would otherwise
 bound them: ``issue_ms``).
 
@@ -46,7 +48,10 @@ LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
 #: method -> (host_copy, background_copy, background, copy engines' source access order)
 METHODS = {"kernel": ("zero_copy", "kernel", False, "stream"), "kernel_bg": ("zero_copy", "kernel", True, "stream"),
            "dma": ("dma", "dma", False, "stream"), "dma_bg": ("zero_copy", "dma", True, "stream"),
-           "dma_any": ("dma", "dma", False, "any")}
+           "dma_any": ("dma", "dma", False, "any"),
+           "dma_step": ("zero_copy", "dma", True, "stream"), "kernel_step": ("zero_copy", "kernel", True, "stream")}
+#: methods that queue all layers as one `scatter_blocks_many` call (as ESA's loads ahead are), not one call each
+STEP_METHODS = {"dma_step", "kernel_step"}
 #: small kernels the main thread launches while another thread queues a load (`launch_ms`)
 LAUNCHES = 256
 
@@ -77,9 +82,12 @@ def main() -> None:
         """Queue every layer's load; (host seconds it took, the handles)."""
         backend.host_copy, backend.background_copy, background, backend.dma_source_order = METHODS[method]
         started = time.perf_counter()
-        handles = [backend.scatter_blocks(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids, rows,
-                                          stream=side, background=background)
-                   for i, (ids, rows) in enumerate(loads)]
+        jobs = [(arena[:, i * layer_bytes : (i + 1) * layer_bytes], caches[i], ids, rows)
+                for i, (ids, rows) in enumerate(loads)]
+        if method in STEP_METHODS:
+            handles = [backend.scatter_blocks_many(jobs, stream=side, background=background)]
+        else:
+            handles = [backend.scatter_blocks(*job, stream=side, background=background) for job in jobs]
         return time.perf_counter() - started, handles
 
     # correctness of every method against the reference copy, on layer 0 (bytes: random bf16 bits hold NaNs)

@@ -2,6 +2,8 @@
 
 - `block_copy.copy_blocks`: batched block gather/scatter between paged caches and a block buffer, one launch for
   a whole list of blocks of every page tensor (device memory, or pinned host memory accessed zero-copy).
+- `copy_list.copy_list`: a list of (destination, source, bytes) copies in one launch (the background loads of a
+  whole step: host time per launch, where the driver's batched memcpy takes it per copy).
 - `block_means.block_means`: float32 mean of K per block and KV head.
 - `block_scores.block_scores`: GQA-reduced score of every candidate block of every request (optionally also
   counting the scores' key bins for `topk_masked`).

@@ -79,8 +79,10 @@ class CudaBackend(Backend):
     # DMA. Loads default to the copy engines: 1.6x the kernel's rate and no SMs taken from a forward they overlap
     # (bench/results/copy_overlap.md)
     host_copy: str = "dma"
-    # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" the kernel on
-    # BACKGROUND_PROGRAMS programs (one launch: no host time per copy); UCM_BACKGROUND_COPY in the environment sets it
+    # background loads: "dma" on the copy engines when they can take it (else the kernel), "kernel" every job of a
+    # load in one launch of the copy-list kernel on BACKGROUND_PROGRAMS programs (host time per launch, not per
+    # copy; it reads host memory from those SMs beside the engine's kernels); UCM_BACKGROUND_COPY in the
+    # environment sets it
     background_copy: str = "dma"
     # the copy engines' source access order (`batch_dma.SOURCE_ORDERS`): "stream", or "any" (the driver may read the
     # pinned rows at any time after the call: they do not change while a load is pending); UCM_DMA_SOURCE_ORDER in
@@ -95,6 +97,7 @@ class CudaBackend(Backend):
         self.dma_source_order = env_choice("UCM_DMA_SOURCE_ORDER", cls.dma_source_order, list(batch_dma.SOURCE_ORDERS))
         self.background_copy = env_choice("UCM_BACKGROUND_COPY", cls.background_copy, ["dma", "kernel"])
         self.background_programs = background_programs()
+        self._copy_tables = None  # pinned tables of the copy-list kernel, made at its first launch
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -169,13 +172,38 @@ class CudaBackend(Backend):
         self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
     ) -> None:
         """Every job on the copy engines together (batched-memcpy calls of at most `batch_dma.MAX_COPIES_PER_CALL`
-        copies) when each of them can go there, else one by one."""
+        copies) when each of them can go there; background loads that ``background_copy`` "kernel" sends to the
+        copy kernel in one launch of the copy-list kernel (host cost per launch, not per copy); else one by one."""
         if jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows, background)
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
             return batch_dma.scatter_many(jobs, background, self.dma_source_order)
+        if jobs and background and self.background_copy == "kernel" and all(
+                _on_cuda(*pages) and src.device.type == "cpu" and src.is_pinned() and ids.device.type == "cpu"
+                and (rows is None or rows.device.type == "cpu") for src, pages, ids, rows in jobs):
+            return self._scatter_listed(jobs)
         return super()._scatter_many(jobs, background)
+
+    def _scatter_listed(
+        self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]]
+    ) -> None:
+        """The jobs' copies (one per block and page) as one copy-list launch on `background_programs` programs."""
+        from ucm.backends.cuda import batch_dma
+        from ucm.kernels.copy_list import copy_list, table_entries
+
+        dsts, srcs, sizes = batch_dma.copy_list_of(jobs)
+        if not dsts.size:
+            return
+        if self._copy_tables is None:
+            from ucm.backends.cuda.copy_tables import CopyTables
+
+            self._copy_tables = CopyTables()
+        table = self._copy_tables.take(table_entries(dsts.size))
+        try:
+            copy_list(jobs[0][1][0], dsts, srcs, sizes, table, max_programs=self.background_programs)
+        finally:  # a launch that failed before queuing anything leaves the table free once the stream gets here
+            self._copy_tables.give_back(table, self.record_event())
 
     # ------------------------------------------------------------------ 5-7. top-k, representations, scoring
     def topk_masked(

@@ -130,15 +130,11 @@ def scatter_many(
     fn, reason = _resolve()
     if fn is None:
         raise RuntimeError(reason)
-    checked = [(job, _job_ids(*job)) for job in jobs]
-    checked = [(job, ids) for job, ids in checked if ids is not None]
-    if not checked:
+    dst_all, src_all, size_all = copy_list_of(jobs)
+    if not dst_all.size:
         return
     stream = ctypes.c_void_p(torch.cuda.current_stream(jobs[0][1][0].device).cuda_stream)
     flags = _FLAG_PREFER_OVERLAP if background else 0
-    pieces = [descriptors(job[0], job[1], ids, rows) for job, (ids, rows) in checked]
-    dst_all, src_all, size_all = (np.ascontiguousarray(np.concatenate(a)) if len(pieces) > 1 else a[0]
-                                  for a in zip(*pieces, strict=True))
     attrs = _CopyAttributes(src_access_order=SOURCE_ORDERS[source_order], flags=flags)
     attr_index, fail_index = ctypes.c_size_t(0), ctypes.c_size_t(0)
     global calls
@@ -153,6 +149,21 @@ def scatter_many(
                 f"cuMemcpyBatchAsync failed: CUresult {err} at copy {start + fail_index.value} of {dst_all.size}")
 
 
+def copy_list_of(
+    jobs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], torch.Tensor, torch.Tensor | None]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (destination, source, bytes) `descriptors` of every job of a `scatter_many` call, concatenated, after
+    every job's checks (pinned source, host ids and rows in range): what the copy engines or the copy-list kernel
+    (`ucm.kernels.copy_list`) are given."""
+    checked = [(job, _job_ids(*job)) for job in jobs]
+    pieces = [descriptors(job[0], job[1], ids, rows) for job, (ids, rows) in checked if ids is not None]
+    if not pieces:
+        return tuple(np.zeros(0, dtype=np.uint64) for _ in range(3))
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(np.ascontiguousarray(np.concatenate(a)) for a in zip(*pieces, strict=True))
+
+
 def _job_ids(
     src: torch.Tensor, pages: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: torch.Tensor | None
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -164,8 +175,8 @@ def _job_ids(
         raise UcmConfigError("rows", f"{src_rows.size} entries", f"one row per block id ({n})")
     min_rows = n if src_rows is None else (int(src_rows.max()) + 1 if n else 0)
     reference.check_block_buffer(src, pages, min_rows, "scatter_blocks src")
-    if not src.is_pinned():
-        raise UcmConfigError("scatter_blocks src", "pageable host memory", "pinned host memory for a copy-engine load")
+    if pages[0].device.type != "cpu" and not src.is_pinned():  # a GPU reads only pinned host memory by address
+        raise UcmConfigError("scatter_blocks src", "pageable host memory", "pinned host memory for a GPU load")
     if not n:
         return None
     limit = min(p.shape[0] for p in pages)

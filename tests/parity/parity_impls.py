@@ -35,6 +35,17 @@ class TritonInterpretBackend(CpuBackend):
 
         copy_blocks(pages, block_ids, src, rows, to_buffer=False, max_programs=3 if background else None)
 
+    def _scatter_many(self, jobs, background):  # noqa: ANN001
+        """As `CudaBackend._scatter_listed` for background loads (its "kernel" choice): one copy-list launch."""
+        if not background:
+            return super()._scatter_many(jobs, background)
+        from ucm.backends.cuda.batch_dma import copy_list_of
+        from ucm.kernels.copy_list import copy_list, table_entries
+
+        dsts, srcs, sizes = copy_list_of(jobs)
+        table = torch.empty(table_entries(dsts.size), dtype=torch.int64)
+        copy_list(jobs[0][1][0], dsts, srcs, sizes, table, max_programs=3)
+
     def topk_masked(self, scores, k, lengths=None, exclude=None):  # noqa: ANN001
         from ucm.kernels.topk_masked import topk_masked
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity_impls import host_buffer, random_tensor
+from parity_impls import INTERPRET, host_buffer, random_tensor
 
 from ucm.device import reference
 from ucm.device.backend import Backend
@@ -216,6 +216,44 @@ def test_scatter_many_loads_each_layer_its_own_blocks(
     for layer, want in enumerate(expected):
         got = page_bytes(reference.as_page_tensors(layers[layer]))
         assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), layer
+
+
+@pytest.mark.parametrize("layout", ["kv_tuple", "kv_halves"])
+def test_background_loads_on_the_copy_kernel_are_one_copy_list_launch(impl: Backend, layout: str):
+    """Loads ahead with the CUDA backend's ``background_copy`` "kernel": every layer's blocks (each layer its own
+    ids, rows and sub-range of whole-model rows) in one copy-list launch, no copy-engine call, the reference's
+    bytes; its pinned table is reused once the launch that read it is done (three loads, at most one table made)."""
+    if impl.name == "cuda":
+        previous, impl.background_copy = impl.background_copy, "kernel"
+        tables = impl._copy_tables.made if impl._copy_tables is not None else 0
+    elif impl.name != INTERPRET:
+        pytest.skip(f"{impl.name} has no copy kernel")
+    try:
+        layers = [make_cache(layout, (10, 2, 16, 64), torch.bfloat16, impl.device) for _ in range(3)]
+        layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
+        stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
+        for round_ in range(3):
+            stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
+            plan = {0: ([7, 2], [11, 3 + round_]), 1: ([0, 9, 4], [1, 0, 6]), 2: ([5 + round_], [8])}
+            jobs, expected = [], []
+            for layer, (ids, rows) in plan.items():
+                src = stored[:, layer * layer_bytes : (layer + 1) * layer_bytes]
+                want = [p.cpu().clone() for p in reference.as_page_tensors(layers[layer])]
+                reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
+                expected.append(want)
+                jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
+            before = copy_engine_calls() if impl.name == "cuda" else 0
+            impl.scatter_blocks_many(jobs, stream=impl.new_stream(), background=True).wait()
+            for layer, want in enumerate(expected):
+                got = page_bytes(reference.as_page_tensors(layers[layer]))
+                assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), (round_, layer)
+            if impl.name == "cuda":
+                assert copy_engine_calls() == before
+        if impl.name == "cuda":
+            assert impl._copy_tables.made - tables <= 1
+    finally:
+        if impl.name == "cuda":
+            impl.background_copy = previous
 
 
 def test_move_blocks_within_a_cache(impl: Backend):
