@@ -282,6 +282,9 @@ class Esa(UcmSparseBase):
                 for where in (slots, slots.to(device)):
                     self.backend.scatter_blocks(buf, scratch, where, rows=rows, stream=self.retriever.stream,
                                                 background=background).wait()
+            # loads ahead go as one call for all their layers (on CUDA the copy engines or the copy-list kernel)
+            self.backend.scatter_blocks_many([(buf, scratch, slots, rows)], stream=self.retriever.stream,
+                                             background=True).wait()
             staging = torch.empty(n, nbytes, dtype=torch.uint8, device=device)
             self.backend.gather_blocks(scratch, slots.to(device), staging).wait()
             self.backend.scatter_blocks(staging, scratch, slots.to(device)).wait()
