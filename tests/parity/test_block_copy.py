@@ -184,6 +184,27 @@ def test_copy_engine_load_of_one_layer_of_stored_rows(impl: Backend):
         stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
 
 
+def layer_loads(layers: list, stored: torch.Tensor, plan: dict[int, tuple[list[int], list[int]]]) -> tuple[list, list]:
+    """A step's loads of several layers from whole-model rows: layer ``l`` takes block ids ``plan[l][0]`` from rows
+    ``plan[l][1]`` of its own column range of ``stored``. Returns the `scatter_blocks_many` jobs and, per layer, its
+    page tensors as the reference scatter leaves them."""
+    layer_bytes = stored.shape[1] // len(layers)
+    jobs, expected = [], []
+    for layer, (ids, rows) in plan.items():
+        src = stored[:, layer * layer_bytes : (layer + 1) * layer_bytes]
+        want = [p.cpu().clone() for p in reference.as_page_tensors(layers[layer])]
+        reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
+        expected.append(want)
+        jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
+    return jobs, expected
+
+
+def assert_layers_hold(layers: list, expected: list, where: object = None) -> None:
+    for layer, want in enumerate(expected):
+        got = page_bytes(reference.as_page_tensors(layers[layer]))
+        assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), (where, layer)
+
+
 @pytest.mark.parametrize("layout", ["kv_tuple", "kv_halves"])
 @pytest.mark.parametrize("source_order", ["stream", "any"])
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
@@ -201,21 +222,12 @@ def test_scatter_many_loads_each_layer_its_own_blocks(
     layer_bytes = reference.bytes_per_block(reference.as_page_tensors(layers[0]))
     stored = host_buffer(impl, "pinned", 12, 3 * layer_bytes)
     stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
-    plan = {0: ([7, 2], [11, 3]), 1: ([0, 9, 4], [1, 0, 6]), 2: ([5], [8])}
-    jobs, expected = [], []
-    for layer, (ids, rows) in plan.items():
-        src = stored[:, layer * layer_bytes : (layer + 1) * layer_bytes]
-        want = [p.cpu().clone() for p in reference.as_page_tensors(layers[layer])]
-        reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
-        expected.append(want)
-        jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
+    jobs, expected = layer_loads(layers, stored, {0: ([7, 2], [11, 3]), 1: ([0, 9, 4], [1, 0, 6]), 2: ([5], [8])})
     before = copy_engine_calls()
     impl.scatter_blocks_many(jobs, stream=impl.new_stream(), background=background).wait()
     if impl.device.type == "cuda":
         assert copy_engine_calls() == before + 1
-    for layer, want in enumerate(expected):
-        got = page_bytes(reference.as_page_tensors(layers[layer]))
-        assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), layer
+    assert_layers_hold(layers, expected)
 
 
 @pytest.mark.parametrize("layout", ["kv_tuple", "kv_halves"])
@@ -235,18 +247,10 @@ def test_background_loads_on_the_copy_kernel_are_one_copy_list_launch(impl: Back
         for round_ in range(3):
             stored.copy_(torch.randint(0, 256, stored.shape, dtype=torch.uint8))
             plan = {0: ([7, 2], [11, 3 + round_]), 1: ([0, 9, 4], [1, 0, 6]), 2: ([5 + round_], [8])}
-            jobs, expected = [], []
-            for layer, (ids, rows) in plan.items():
-                src = stored[:, layer * layer_bytes : (layer + 1) * layer_bytes]
-                want = [p.cpu().clone() for p in reference.as_page_tensors(layers[layer])]
-                reference.scatter_blocks(src.cpu().contiguous(), want, torch.tensor(ids), torch.tensor(rows))
-                expected.append(want)
-                jobs.append((src, layers[layer], torch.tensor(ids), torch.tensor(rows)))
+            jobs, expected = layer_loads(layers, stored, plan)
             before = copy_engine_calls() if impl.name == "cuda" else 0
             impl.scatter_blocks_many(jobs, stream=impl.new_stream(), background=True).wait()
-            for layer, want in enumerate(expected):
-                got = page_bytes(reference.as_page_tensors(layers[layer]))
-                assert all(torch.equal(a, b) for a, b in zip(got, page_bytes(want), strict=True)), (round_, layer)
+            assert_layers_hold(layers, expected, round_)
             if impl.name == "cuda":
                 assert copy_engine_calls() == before
         if impl.name == "cuda":
