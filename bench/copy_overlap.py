@@ -22,9 +22,8 @@ Methods: ``kernel`` (full grid, the consume step's loads), ``kernel_bg`` (16 pro
 engines, source access order "any"); each layer's cache is one allocation ``[2, blocks, ...]``, as vLLM's
 FLASH_ATTN layer is; ``dma_step`` and ``kernel_step`` queue every layer's load as one `scatter_blocks_many` call
 in the background, as ESA's loads ahead are (copy engines; the copy-list kernel: one launch). Every load is
-checked against the reference copy once. The default stream sleeps while a load
-is queued, so the device times are the copies' own (queuing a layer's load costs host time that would otherwise
-bound them: ``issue_ms``).
+checked against the reference copy once. The default stream sleeps while a load is queued, so the device times are
+the copies' own (queuing a layer's load costs host time that would otherwise bound them: ``issue_ms``).
 
     python bench/copy_overlap.py --out-dir bench/results        # needs a CUDA GPU and an installed checkout
 """

@@ -23,11 +23,7 @@ import torch
 from ucm.errors import UcmConfigError
 
 from ._triton import cdiv, tl, triton
-
-_CHUNK_BYTES = 8192  # bytes one program moves per step: enough loads in flight to hide PCIe latency
-_NUM_WARPS = 4
-_MAX_CHUNK_PROGRAMS = 65535  # grid limit of axis 1
-_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+from .block_copy import _CHUNK_BYTES, _MAX_CHUNK_PROGRAMS, _NUM_WARPS, _anchor
 
 
 @triton.jit(do_not_specialize=["table", "num_copies"])
@@ -49,14 +45,6 @@ def _copy_list_kernel(
             idx = start + offsets
             mask = idx < words
             tl.store(dst + idx, tl.load(src + idx, mask=mask), mask=mask)
-
-
-def _anchor(t: torch.Tensor, word: int) -> torch.Tensor:
-    """A one-word tensor aliasing `t`'s storage at `t`'s first byte rounded down to a multiple of ``word``: the
-    base pointer offsets are taken from."""
-    anchor = torch.empty(0, dtype=_WORD_DTYPES[word], device=t.device)
-    anchor.set_(t.untyped_storage(), t.storage_offset() * t.element_size() // word, (1,), (1,))
-    return anchor
 
 
 def table_entries(count: int) -> int:
@@ -87,7 +75,8 @@ def copy_list(
     if n == 0:
         return
     # the widest alignment shared by every address and size and by base (the data's anchor): 8-byte words,
-    # 16-byte vectors; the table's anchor is base's first byte rounded down to 8 (allocations are aligned to more)
+    # 16-byte vectors; the table's anchor is base's first byte rounded down to 8 (`_anchor`; allocations are
+    # aligned to more)
     align = math.gcd(16, base.data_ptr(), np.bitwise_or.reduce(np.concatenate([dsts, srcs, sizes])).item())
     word = min(align, 8)
     table_anchor, anchor = _anchor(base, 8), _anchor(base, word)

@@ -36,6 +36,13 @@ def _on_cuda(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
+def _by_address(src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None) -> bool:
+    """A load the host can describe as address lists (copy engines, copy-list kernel): a pinned host source with
+    host ids and rows (device-resident ones would have to be read back first: that waits for the device)."""
+    return (src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
+            and (rows is None or rows.device.type == "cpu"))
+
+
 #: programs along the (block, page) axis of a background copy kernel, used when the copy engines cannot take the
 #: load (each also splits a page in 8 KiB chunks): on an H100 / H200 (132 SMs) a few of the SMs;
 #: UCM_BACKGROUND_PROGRAMS in the environment sets it, for comparing widths in an engine
@@ -121,12 +128,10 @@ class CudaBackend(Backend):
         self, src: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor | None, background: bool
     ) -> bool:
         """Whether a load goes to the copy engines: asked for (``background_copy`` for loads ahead, else
-        ``host_copy``) and possible: a pinned source, host ids and rows (device-resident ids would have to be read
-        back first: that waits for the device), a driver that has the batched memcpy and a stream other than the
+        ``host_copy``) and possible: `_by_address`, a driver that has the batched memcpy and a stream other than the
         legacy default one (which the batched memcpy refuses)."""
         wanted = (self.background_copy if background else self.host_copy) == "dma"
-        return (wanted and src.device.type == "cpu" and src.is_pinned() and block_ids.device.type == "cpu"
-                and (rows is None or rows.device.type == "cpu") and _dma_reason() is None
+        return (wanted and _by_address(src, block_ids, rows) and _dma_reason() is None
                 and torch.cuda.current_stream().cuda_stream != 0)
 
     def _gather(
@@ -172,16 +177,15 @@ class CudaBackend(Backend):
         self, jobs: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]], background: bool
     ) -> None:
         """Every job on the copy engines together (batched-memcpy calls of at most `batch_dma.MAX_COPIES_PER_CALL`
-        copies) when each of them can go there; background loads that ``background_copy`` "kernel" sends to the
-        copy kernel in one launch of the copy-list kernel (host cost per launch, not per copy); else one by one."""
+        copies) when each of them can go there; background loads, where ``background_copy`` is "kernel", as one
+        launch of the copy-list kernel (host cost per launch, not per copy); else one by one."""
         if jobs and all(_on_cuda(*pages) and self._copy_engines(src, ids, rows, background)
                         for src, pages, ids, rows in jobs):
             from ucm.backends.cuda import batch_dma
 
             return batch_dma.scatter_many(jobs, background, self.dma_source_order)
         if jobs and background and self.background_copy == "kernel" and all(
-                _on_cuda(*pages) and src.device.type == "cpu" and src.is_pinned() and ids.device.type == "cpu"
-                and (rows is None or rows.device.type == "cpu") for src, pages, ids, rows in jobs):
+                _on_cuda(*pages) and _by_address(src, ids, rows) for src, pages, ids, rows in jobs):
             return self._scatter_listed(jobs)
         return super()._scatter_many(jobs, background)
 
