@@ -10,6 +10,8 @@ tokens are decoded greedily under each decode mode below, every mode starting fr
   prompt queries, attended until the first later retrieval lands; later retrievals score the candidates with the
   query of decode step 2, 12, 22 against 16-token slice means (a block scores its best slice), attended from step
   11, 21, 31 (`ucm.sparse.esa.schedule`, stride 10, layer hooks);
+- ``esa-keep<F>``: as ``esa``, but each later retrieval keeps the initial selection's best int(F x k) blocks and
+  fills the rest of k by the representations' ranking;
 - ``initial``: the initial selection kept for all 32 tokens (no later retrieval);
 - ``oracle@R``: at every decode step and layer, the blocks the step's own query pays the most attention to
   (exact softmax over the prompt keys, summed over heads), top int(candidates x R). No selection made ahead of
@@ -54,6 +56,17 @@ class CeilingEmulation(EsaEmulation):
         super().start_decode()
         self.pending = {}
 
+    def later_selection(self, layer: int, reps: torch.Tensor) -> torch.Tensor:
+        """Scores whose top-k a later retrieval attends: the representations' ranking ("esa"), or with
+        "esa-keep<F>" the initial selection's best int(F x k) blocks first and the rest by the representations."""
+        share = float(self.mode[len("esa-keep"):]) if self.mode.startswith("esa-keep") else 0.0
+        keep = int(share * self.kept(self.prompt_len))
+        if not keep:
+            return reps
+        scores = reps.clone()
+        scores[torch.topk(self.prefill_scores[layer], keep).indices] = float("inf")
+        return scores
+
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -68,10 +81,10 @@ class CeilingEmulation(EsaEmulation):
         q, prompt_keys = query[0, :, -1].float(), key[0, :, :n].float()
         if self.mode.startswith("oracle@"):
             self.scores[layer] = block_scores(q, prompt_keys, bs, "oracle")[cands]
-        elif self.mode == "esa":
+        elif self.mode.startswith("esa"):
             due = self.pending.get(layer)
             if due and step >= due[0]:
-                self.scores[layer] = due[1]
+                self.scores[layer] = self.later_selection(layer, due[1])
             if step in SUBMITS:
                 self.pending[layer] = (step + LAG, block_scores(q, prompt_keys, bs, "sub16max")[cands])
         mask = self.allowed(layer, key.shape[2])
@@ -119,8 +132,10 @@ def main() -> None:
     args = p.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in ("dense", "esa", "initial") and not (m.startswith("oracle@") and _is_ratio(m[7:])):
-            p.error(f"--modes: unknown mode {m!r}; expected dense, esa, initial or oracle@<ratio in (0, 1]>")
+        if m not in ("dense", "esa", "initial") and not (m.startswith("oracle@") and _is_ratio(m[7:])) \
+                and not (m.startswith("esa-keep") and _is_ratio(m[8:])):
+            p.error(f"--modes: unknown mode {m!r}; expected dense, esa, esa-keep<share in (0, 1]>, initial or "
+                    "oracle@<ratio in (0, 1]>")
     if "dense" not in modes:
         modes.insert(0, "dense")
     model_path = args.model or ensure_smollm2()
