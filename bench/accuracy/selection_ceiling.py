@@ -106,7 +106,27 @@ def summarize(rows: list[dict], modes: list[str], gen: int) -> list[str]:
         late = sum(1 for p in pre if 12 <= p * gen < gen)
         out.append(f"| {mode} | {sum(m['correct'] for m in rs)} / {len(rs)} | {kept} / {sum(dense_ok)} "
                    f"| {100 * sum(pre) / len(pre):.1f}% | {sum(p == 1 for p in pre)} | {early} | {late} |")
+    out += ["", "Answers the dense decode gives and a mode loses:", ""]
+    for mode in modes[1:]:
+        lost = [r["case_id"] for r in rows if r["modes"]["dense"]["correct"] and not r["modes"][mode]["correct"]]
+        out.append(f"- **{mode}** ({len(lost)}): {', '.join(lost) or 'none'}")
     return out
+
+
+def write_report(out: Path, rows: list[dict], args: argparse.Namespace, modes: list[str]) -> None:
+    """The markdown beside the JSON: command, summary per mode, the lost answers, and ``args.note`` if given."""
+    cmd = (f"python bench/accuracy/selection_ceiling.py --tasks {args.tasks} --contexts {args.contexts} "
+           f"--depths {args.depths} --samples {args.samples} --block-size {args.block_size} --ratio {args.ratio:g} "
+           f"--modes {args.modes}" + (f" --only {args.only}" if args.only else "") + f" --out {args.out}")
+    lines = ["# Block selection against its ceiling: answers and token agreement (emulated)", "",
+             f"- Command: `{cmd}`",
+             f"- SmolLM2-135M-Instruct in transformers, float32, CPU; block {args.block_size}, init 1, local 2; "
+             f"{len(rows)} prompts; {args.gen_tokens} tokens decoded greedily per mode from one dense prefill; "
+             "agreement = common prefix with `dense` / 32.", ""]
+    lines += summarize(rows, modes, args.gen_tokens)
+    if args.note:
+        lines += ["", Path(args.note).read_text().rstrip()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -129,7 +149,14 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=32, help="the harness's value: prompt length and tokens decoded")
     p.add_argument("--only", default="", help="comma-separated case ids of the grid to run (default: all)")
     p.add_argument("--out", default="bench/results/accuracy_selection_ceiling")
+    p.add_argument("--note", default=None, help="markdown file appended to the report (analysis of the results)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the markdown from the JSON at --out")
     args = p.parse_args()
+    if args.report_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        run = argparse.Namespace(**{**saved["meta"]["args"], "note": args.note})
+        write_report(Path(args.out), saved["rows"], run, list(saved["rows"][0]["modes"]))
+        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in ("dense", "esa", "initial") and not (m.startswith("oracle@") and _is_ratio(m[7:])) \
@@ -180,16 +207,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_path, "seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    cmd = (f"python bench/accuracy/selection_ceiling.py --tasks {args.tasks} --contexts {args.contexts} "
-           f"--depths {args.depths} --samples {args.samples} --block-size {args.block_size} --ratio {args.ratio:g} "
-           f"--modes {args.modes}" + (f" --only {args.only}" if args.only else "") + f" --out {args.out}")
-    lines = ["# Block selection against its ceiling: answers and token agreement (emulated)", "",
-             f"- Command: `{cmd}`",
-             f"- SmolLM2-135M-Instruct in transformers, float32, CPU; block {args.block_size}, init 1, local 2; "
-             f"{len(rows)} prompts; {args.gen_tokens} tokens decoded greedily per mode from one dense prefill; "
-             "agreement = common prefix with `dense` / 32.", ""]
-    lines += summarize(rows, modes, args.gen_tokens)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(out, rows, args, modes)
     print(out.with_suffix(".json"), out.with_suffix(".md"))
 
 
