@@ -29,7 +29,11 @@ from .block_copy import _CHUNK_BYTES, _MAX_CHUNK_PROGRAMS, _NUM_WARPS, _anchor
 @triton.jit(do_not_specialize=["table", "num_copies"])
 def _copy_list_kernel(
     table_anchor,  # int64 pointer the table's offset is expressed from
-    table,  # the table's first entry, in int64 words from table_anchor: [num_copies, 3] (dst, src, words)
+    # the table's first entry, in int64 words from table_anchor: [num_copies, 3] (dst, src, words). Typed int64 by
+    # hand: Triton types an unannotated int by its value (i32 below 2**31, do_not_specialize or not), and the
+    # distance from the pinned table to the device anchor can cross that between the warm-up's small buffers and
+    # a large KV cache, so decode would compile a second variant (vLLM's JIT monitor saw one on an H100)
+    table: tl.int64,
     anchor,  # word pointer every copy's addresses are expressed from
     num_copies,
     VEC: tl.constexpr,  # every offset and size is a multiple of VEC words
