@@ -208,12 +208,27 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str, per
     return share.view(kvh, groups, nb).sum(1) if per_head else share.sum(0)
 
 
+def grid_cases(p: argparse.ArgumentParser, args: argparse.Namespace, tok) -> list:
+    """The harness's prompts for ``args``' grid (plain text, as `python -m ucm.eval` builds them by default, its
+    --chat-template off), narrowed to ``args.only``'s case ids; an id not in the grid is a parser error."""
+    from ucm.eval.__main__ import _contexts, _depths, _tasks
+    from ucm.eval.tasks import build_cases
+
+    grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
+    cases = build_cases(tok, *grid, args.gen_tokens, samples=args.samples, use_chat_template=False)
+    if args.only:
+        wanted = [c.strip() for c in args.only.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - {c.case_id for c in cases})
+        if unknown:
+            p.error(f"--only: {unknown} are not cases of this grid (task/context/depth/sample ids)")
+        cases = [c for c in cases if c.case_id in wanted]
+    return cases
+
+
 def main() -> None:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from ucm.eval.__main__ import _contexts, _depths, _tasks
     from ucm.eval.models import ensure_smollm2
-    from ucm.eval.tasks import build_cases
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -247,15 +262,7 @@ def main() -> None:
     AttentionInterface.register("esa_emulation", emu)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="esa_emulation")
     model.eval()
-    # Plain-text prompts, as the harness builds them by default (its --chat-template off).
-    grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
-    cases = build_cases(tok, *grid, args.gen_tokens, samples=args.samples, use_chat_template=False)
-    if args.only:
-        wanted = [c.strip() for c in args.only.split(",") if c.strip()]
-        unknown = sorted(set(wanted) - {c.case_id for c in cases})
-        if unknown:
-            p.error(f"--only: {unknown} are not cases of this grid (task/context/depth/sample ids)")
-        cases = [c for c in cases if c.case_id in wanted]
+    cases = grid_cases(p, args, tok)
     ratios = [float(r) for r in args.ratios.split(",")]
     engine: dict[tuple[str, str], bool] = {}
     if args.log:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from esa_reference_decode import EsaEmulation, block_scores  # noqa: E402
+from esa_reference_decode import EsaEmulation, block_scores, grid_cases  # noqa: E402
 
 STRIDE = 10  # ESA's default retrieval_stride
 SUBMITS = (2, 12, 22)  # decode steps whose query scores a later retrieval (schedule: d >= 2, (d - 2) % stride == 0)
@@ -132,10 +132,8 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace, modes: l
 def main() -> None:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from ucm.eval.__main__ import _contexts, _depths, _tasks
     from ucm.eval.models import ensure_smollm2
     from ucm.eval.report import common_prefix
-    from ucm.eval.tasks import build_cases
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -172,11 +170,7 @@ def main() -> None:
     AttentionInterface.register("esa_ceiling", emu)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="esa_ceiling")
     model.eval()
-    grid = (_tasks(args.tasks), _contexts(args.contexts), _depths(args.depths))
-    cases = build_cases(tok, *grid, args.gen_tokens, samples=args.samples, use_chat_template=False)
-    if args.only:
-        wanted = {c.strip() for c in args.only.split(",") if c.strip()}
-        cases = [c for c in cases if c.case_id in wanted]
+    cases = grid_cases(p, args, tok)
     rows, t0 = [], time.perf_counter()
     with torch.no_grad():
         for case in cases:

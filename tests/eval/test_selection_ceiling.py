@@ -50,3 +50,11 @@ def test_a_misspelt_mode_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "--modes: unknown mode 'oracle@2'" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_case_id_outside_the_grid_is_one_clear_error(smollm2_path, tmp_path):
+    proc = _run("--model", smollm2_path, "--tasks", "needle", "--contexts", "2K", "--depths", "0.5", "--samples", "1",
+                "--only", "needle/2048/0.3000/0", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert "--only: ['needle/2048/0.3000/0'] are not cases of this grid" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
