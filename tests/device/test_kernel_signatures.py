@@ -36,8 +36,8 @@ def _variants(kernel, device: int) -> int:
 
 def test_copy_lists_near_and_far_from_their_table_share_one_compiled_kernel():
     """On a GPU: one launch next to small buffers (as ESA's warm-up), one whose anchor is a large allocation (as a
-    KV cache); both copy right and the second compiles nothing new, whichever side of 2**31 words their table
-    offsets fall."""
+    KV cache), their table offsets on both sides of 2**31 words; both copy right and the second compiles nothing
+    new."""
     import numpy as np
     import torch
 
