@@ -208,6 +208,20 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, bs: int, scoring: str, per
     return share.view(kvh, groups, nb).sum(1) if per_head else share.sum(0)
 
 
+def greedy_decode(model, tok, emu: EsaEmulation, pre, first: torch.Tensor, count: int) -> tuple[list[int], str]:
+    """``count`` greedy tokens from a prefill's output ``pre`` (its cache copied, so later decodes start from the
+    same prefill) whose first token is ``first``, with ``emu``'s decode selection: the tokens and the text up to
+    the first EOS."""
+    cache = copy.deepcopy(pre.past_key_values)
+    emu.start_decode()
+    tokens, nxt = [int(first)], first.view(1, 1)
+    for _ in range(count - 1):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
+        tokens.append(int(nxt))
+    eos = tok.eos_token_id
+    return tokens, tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+
+
 def grid_cases(p: argparse.ArgumentParser, args: argparse.Namespace, tok) -> list:
     """The harness's prompts for ``args``' grid (plain text, as `python -m ucm.eval` builds them by default, its
     --chat-template off), narrowed to ``args.only``'s case ids; an id not in the grid is a parser error."""
@@ -284,15 +298,7 @@ def main() -> None:
                     emu.scoring = scoring
                     pre = model(ids, use_cache=True)
                     first = pre.logits[0, -1].argmax()
-                cache = copy.deepcopy(pre.past_key_values)
-                emu.start_decode()
-                tokens, nxt = [int(first)], first.view(1, 1)
-                for _ in range(args.decode_tokens - 1):
-                    out = model(nxt, past_key_values=cache, use_cache=True)
-                    nxt = out.logits[0, -1].argmax().view(1, 1)
-                    tokens.append(int(nxt))
-                eos = tok.eos_token_id
-                text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+                tokens, text = greedy_decode(model, tok, emu, pre, first, args.decode_tokens)
                 setting = args.engine_setting or f"esa-r{ratio:g}-s10"
                 k = emu.kept(len(case.prompt_token_ids))
                 ranks = [emu.needle_ranks.get(i) for i in range(len(emu.needle_ranks))]

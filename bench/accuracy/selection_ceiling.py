@@ -28,7 +28,6 @@ measure). Writes JSON + markdown.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -37,11 +36,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from esa_reference_decode import EsaEmulation, block_scores, grid_cases  # noqa: E402
+from esa_reference_decode import EsaEmulation, block_scores, greedy_decode, grid_cases  # noqa: E402
 
-STRIDE = 10  # ESA's default retrieval_stride
-SUBMITS = (2, 12, 22)  # decode steps whose query scores a later retrieval (schedule: d >= 2, (d - 2) % stride == 0)
-LAG = 9  # submit -> attended: consume at submit + (stride - 2), waited and attended one step later
+from ucm.sparse.esa.schedule import EsaSchedule  # noqa: E402
+
+# ESA's retrieval schedule at its default stride: a later retrieval scores with the query of a submit step and is
+# attended from the step after its consume step (layer hooks)
+SCHEDULE = EsaSchedule(10)
 
 
 class CeilingEmulation(EsaEmulation):
@@ -85,8 +86,8 @@ class CeilingEmulation(EsaEmulation):
             due = self.pending.get(layer)
             if due and step >= due[0]:
                 self.scores[layer] = self.later_selection(layer, due[1])
-            if step in SUBMITS:
-                self.pending[layer] = (step + LAG, block_scores(q, prompt_keys, bs, "sub16max")[cands])
+            if SCHEDULE.is_submit(step):
+                self.pending[layer] = (step + SCHEDULE.lag + 1, block_scores(q, prompt_keys, bs, "sub16max")[cands])
         mask = self.allowed(layer, key.shape[2])
         bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype)
         bias[..., ~mask] = float("-inf")
@@ -182,14 +183,7 @@ def main() -> None:
             for mode in modes:
                 emu.mode = mode
                 emu.ratio = float(mode[7:]) if mode.startswith("oracle@") else args.ratio
-                cache = copy.deepcopy(pre.past_key_values)
-                emu.start_decode()
-                tokens, nxt = [int(first)], first.view(1, 1)
-                for _ in range(args.gen_tokens - 1):
-                    nxt = model(nxt, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
-                    tokens.append(int(nxt))
-                eos = tok.eos_token_id
-                text = tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+                tokens, text = greedy_decode(model, tok, emu, pre, first, args.gen_tokens)
                 per_mode[mode] = {"tokens": tokens, "text": text, "correct": case.correct(text)}
             for m in per_mode.values():
                 m["prefix"] = common_prefix(m["tokens"], per_mode["dense"]["tokens"]) / args.gen_tokens
